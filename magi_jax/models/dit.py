@@ -1,0 +1,208 @@
+"""The MAGI-1 video DiT (spec §1): one forward call over a few chunks of latent video.
+
+Layout: latents are (N, C, T, H, W) like the official code; inside, tokens are (N, S, D) with
+S ordered T-major, then H, then W, so chunk j owns tokens [j·tok, (j+1)·tok).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from einops import rearrange
+from flax import nnx
+
+from magi_jax.attention import ChunkMask, caption_ranges
+from magi_jax.configs import ModelConfig
+from magi_jax.models.block import TransformerLayer
+from magi_jax.models.embedders import CaptionEmbedder, TimestepEmbedder
+from magi_jax.models.kv_cache import KVCache
+from magi_jax.models.layers import LayerNorm, Linear
+from magi_jax.models.precision import Precision
+from magi_jax.models.rope import default_bands, rope_table
+
+F32 = jnp.float32
+
+
+class InputError(ValueError):
+  """A forward-call input has the wrong shape or an impossible value."""
+
+
+@dataclasses.dataclass
+class DiTOutput:
+  velocity: jax.Array                     # (N, C_lat, T, H, W) float32
+  kv: KVCache | None = None               # this call's keys/values, when return_kv
+  activations: dict[str, Any] | None = None
+
+
+jax.tree_util.register_dataclass(DiTOutput, data_fields=["velocity", "kv", "activations"],
+                                 meta_fields=[])
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+class VideoDiT(nnx.Module):
+  """MAGI-1 DiT. `distill` adds the shortcut step-size embedding of the distilled models."""
+
+  def __init__(self, cfg: ModelConfig, *, precision: Precision = Precision.fp32(),
+               distill: bool = False, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.precision = precision
+    self.distill = distill
+    D, Dc = cfg.hidden_size, cfg.cond_hidden_dim
+    patch_in = cfg.in_channels * cfg.t_patch_size * cfg.patch_size ** 2
+    self.x_embedder = Linear(patch_in, D, use_bias=False, dtype=F32, rngs=rngs)
+    self.t_embedder = TimestepEmbedder(Dc, rngs=rngs)
+    self.y_embedder = CaptionEmbedder(cfg.caption_channels, cfg.caption_max_length, D, Dc,
+                                      rngs=rngs)
+    self.rope_bands = nnx.Param(default_bands(cfg.rope_head_dim // 8))
+    self.layers = nnx.List([TransformerLayer(cfg, precision, rngs=rngs)
+                            for _ in range(cfg.num_layers)])
+    self.final_norm = LayerNorm(D, eps=cfg.layernorm_epsilon, one_plus=True, dtype=F32, rngs=rngs)
+    self.final_linear = Linear(D, cfg.patch_dim, use_bias=False, dtype=F32, rngs=rngs)
+
+  # -------------------------------------------------------------------------------------------
+  def _check(self, x, t, y, xattn_mask, kv_range, chunk_width):
+    cfg = self.cfg
+    if x.ndim != 5:
+      raise InputError(f"x must be (N, C, T, H, W), got shape {x.shape}")
+    N, C, T, H, W = x.shape
+    if C != cfg.latent_channels:
+      raise InputError(f"x has {C} channels; this model takes {cfg.latent_channels}")
+    p, pt = cfg.patch_size, cfg.t_patch_size
+    if H % p or W % p:
+      raise InputError(f"latent height/width ({H}x{W}) must be divisible by patch_size {p}")
+    if t.ndim != 2 or t.shape[0] != N:
+      raise InputError(f"t must be (N, chunks) = ({N}, chunks), got {t.shape}")
+    drn = t.shape[1]
+    if T % (drn * pt):
+      raise InputError(f"{T} latent frames cannot be split into {drn} equal chunks")
+    if chunk_width is not None and chunk_width * drn != T:
+      raise InputError(f"chunk_width {chunk_width} x {drn} chunks != {T} latent frames")
+    if y.shape[0] != N * drn or y.shape[-1] != cfg.caption_channels:
+      raise InputError(f"y must have N*chunks = {N * drn} rows of {cfg.caption_channels} "
+                       f"channels, got {y.shape}")
+    if xattn_mask.shape[0] != N * drn or xattn_mask.shape[-1] != y.shape[-2]:
+      raise InputError(f"xattn_mask {xattn_mask.shape} does not match y {y.shape}")
+    if kv_range.shape != (N * drn, 2):
+      raise InputError(f"kv_range must be (N*chunks, 2) = ({N * drn}, 2), got {kv_range.shape}")
+
+  def __call__(self, x, t, y, xattn_mask, kv_range, caption_dropout_mask=None, *,
+               slice_point=0, chunk_width: int | None = None, step_size=None,
+               cache: KVCache | None = None, backend: str = "reference",
+               return_kv: bool = False, return_activations: bool = False) -> DiTOutput:
+    """One official `VideoDiTModel.forward`.
+
+    Args:
+      x: (N, C_lat, T, H, W) latents of the call's chunks.
+      t: (N, chunks) timesteps, 0 = noise, 1 = clean.
+      y: (N*chunks, [1,] L, C) caption rows; xattn_mask (N*chunks, [1,] L) valid tokens.
+      kv_range: (N*chunks, 2) official key-token ranges: absolute positions from the start
+        of the video, element-major for N > 1 (element b's keys start at b·range_num·tok).
+      caption_dropout_mask: (N,) or (1,) bool; picks the adaLN null row (default False).
+      slice_point: index of the call's first chunk (earlier chunks come from `cache`).
+      step_size: the distilled model's step-size value (`distill_step_size`).
+      cache: keys/values of the chunks right before `slice_point`, all layers.
+      backend: attention backend name (see `magi_jax.attention.backends()`).
+    """
+    cfg, policy = self.cfg, self.precision
+    if y.ndim == 4:
+      y = y[:, 0]
+    if xattn_mask.ndim == 3:
+      xattn_mask = xattn_mask[:, 0]
+    kv_range = jnp.asarray(kv_range) if _is_concrete(kv_range) else kv_range
+    self._check(x, t, y, xattn_mask, kv_range, chunk_width)
+    if self.distill and step_size is None:
+      raise InputError("a distilled model needs step_size (see distill_step_size)")
+    N, _, T, H, W = x.shape
+    drn = t.shape[1]
+    p, pt = cfg.patch_size, cfg.t_patch_size
+    Tt, Ht, Wt = T // pt, H // p, W // p
+    S = Tt * Ht * Wt
+    tok = S // drn
+    cw = chunk_width if chunk_width is not None else T // drn
+    acts = {} if return_activations else None
+
+    # Patch embedding, float32.
+    x = x * jnp.asarray(cfg.x_rescale_factor, x.dtype)
+    if cfg.half_channel_vae:
+      x = jnp.concatenate([x, x], axis=1)
+    patches = rearrange(x.astype(F32), "n c (t a) (h b) (w e) -> n (t h w) (c a b e)",
+                        a=pt, b=p, e=p)
+    h = self.x_embedder(patches, out_dtype=F32, precision=policy.matmul)
+    if acts is not None:
+      acts["x_embedder"] = rearrange(h, "n (t h w) d -> n d t h w", t=Tt, h=Ht)
+    h = policy.low(h)
+
+    # Conditioning: per-chunk timestep embedding + the adaLN null-caption row.
+    temb = self.t_embedder(t.reshape(-1), policy)
+    if acts is not None:
+      acts["t_embedder"] = temb
+    if self.distill:
+      dt = jnp.broadcast_to(jnp.asarray(step_size, F32), (N * drn,))
+      temb = temb + self.t_embedder(dt, policy)
+    if caption_dropout_mask is None:
+      caption_dropout_mask = jnp.zeros((1,), bool)
+    drop = jnp.broadcast_to(jnp.asarray(caption_dropout_mask).astype(bool).reshape(-1), (N,))
+    ya = self.y_embedder.adaln(drop, policy)
+    cond = policy.low(temb.reshape(N, drn, -1) + ya[:, None, :])
+
+    # Caption features: valid tokens first (the official code packs them), one row per chunk.
+    feats = self.y_embedder.xattn_features(y, policy)
+    if acts is not None:
+      acts["y_embedder.0"] = feats[:, None]
+      acts["y_embedder.1"] = ya[:, None]
+    valid = xattn_mask.astype(bool)
+    order = jnp.argsort(~valid, axis=1, stable=True)
+    feats = policy.low(jnp.take_along_axis(feats, order[:, :, None], axis=1))
+    xmask = ChunkMask(caption_ranges(valid.sum(axis=1)), q_block=tok)
+
+    # Self-attention mask: official absolute ranges -> ranges in each element's own keys.
+    n_cache = 0 if cache is None else cache.num_tokens
+    elem = jnp.arange(N * drn) // drn
+    base = slice_point * tok - n_cache                       # absolute position of key 0
+    local = kv_range - (elem * (slice_point * tok + S))[:, None] - base
+    if _is_concrete(local) and _is_concrete(base):
+      lo, hi = int(np.min(local)), int(np.max(local))
+      if lo < 0 or hi > n_cache + S:
+        raise InputError(f"kv_range reaches keys outside [cache; current] (local range "
+                         f"[{lo}, {hi}) vs {n_cache} cached + {S} current tokens): pass a "
+                         "cache that covers the chunks the ranges need")
+    self_mask = ChunkMask(jnp.clip(local, 0, n_cache + S).reshape(N, drn, 2).astype(jnp.int32),
+                          q_block=tok)
+
+    rope = rope_table(self.rope_bands[...], Tt, Ht, Wt, frame_offset=slice_point * cw // pt)
+
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+      h, (k, v) = layer(h, cond, rope, self_mask, layer_cache, feats, xmask, policy, backend)
+      if return_kv:
+        new_k.append(k)
+        new_v.append(v)
+      if acts is not None:
+        acts[f"videodit_blocks.layers.{i}"] = h
+
+    hf = self.final_norm(h, out_dtype=F32)
+    out = self.final_linear(hf, out_dtype=F32, precision=policy.matmul)
+    if acts is not None:
+      acts["videodit_blocks.final_layernorm"] = hf
+      acts["final_linear"] = out
+    out = rearrange(out, "n (t h w) (a b e c) -> n c (t a) (h b) (w e)",
+                    t=Tt, h=Ht, a=pt, b=p, e=p)
+    out = out[:, :cfg.output_channels] / jnp.asarray(cfg.x_rescale_factor, F32)
+    kv = KVCache(jnp.stack(new_k), jnp.stack(new_v)) if return_kv else None
+    return DiTOutput(out, kv, acts)
+
+
+def rope_for_call(model: VideoDiT, frames: int, height: int, width: int, slice_point: int,
+                  chunk_width: int):
+  """The official `rope.get_embed` table ([sin | cos], (S, 6·nb)) for a call; a debug aid."""
+  sin, cos = rope_table(model.rope_bands[...], frames, height, width,
+                        frame_offset=slice_point * chunk_width)
+  return jnp.concatenate([sin, cos], axis=-1)

@@ -1,0 +1,69 @@
+"""MAGI-1's learnable 3D rotary embedding (spec §1.5), as pure functions.
+
+`nb = (hidden_size // heads) // 8` learned bands serve three axes (T, H, W), so 6·nb = 3/4 of
+that head width rotates, in non-interleaved halves: dim m pairs with dim m + 3·nb.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+def default_bands(num_bands: int):
+  """The official initial value 1 / 10000^(k / nb); checkpoints carry trained values."""
+  return (1.0 / (10000.0 ** (jnp.arange(num_bands, dtype=F32) / num_bands))).astype(F32)
+
+
+def _axis_positions(n: int, ref: float, centred: bool):
+  p = jnp.arange(n, dtype=F32)
+  if centred:
+    p = p - jnp.asarray((n - 1) / 2, F32)
+  if n == 1:
+    return p
+  # Division first, then the multiplication, both in float32 (spec §1.5).
+  return (p / jnp.asarray(n - 1, F32)) * jnp.asarray(ref - 1, F32)
+
+
+def _rescale(p, n, ref):
+  """Map coordinates of an axis of n entries onto a reference axis of `ref` entries."""
+  # Division first, then the multiplication, both in float32 (spec §1.5). n may be traced.
+  n = jnp.asarray(n, F32)
+  ref = jnp.asarray(ref, F32)
+  return jnp.where(n == 1, p, (p / (n - 1)) * (ref - 1))
+
+
+def rope_positions(frames: int, height: int, width: int, frame_offset=0):
+  """(frames·H·W, 3) float32 (t, h, w) coordinates for frames [offset, offset + frames).
+
+  Time is absolute from the start of the video (the earlier frames live in the KV cache),
+  and its float32 rescale depends on the total length offset + frames, which may be traced.
+  H and W are centred and rescaled to a grid with the area of 16x16 tokens.
+  """
+  rescale = math.sqrt(height * width / 256)
+  total = jnp.asarray(frame_offset, F32) + frames
+  pt = _rescale(jnp.asarray(frame_offset, F32) + jnp.arange(frames, dtype=F32), total, total)
+  ph = _rescale(jnp.arange(height, dtype=F32) - jnp.asarray((height - 1) / 2, F32), height,
+                height / rescale)
+  pw = _rescale(jnp.arange(width, dtype=F32) - jnp.asarray((width - 1) / 2, F32), width,
+                width / rescale)
+  grid = jnp.stack(jnp.meshgrid(pt, ph, pw, indexing="ij"), axis=-1)
+  return grid.reshape(-1, 3)
+
+
+def rope_table(bands, frames: int, height: int, width: int, *, frame_offset=0):
+  """sin and cos, each (frames·H·W, 3·nb), for the tokens of the current call."""
+  pos = rope_positions(frames, height, width, frame_offset)
+  ang = (pos[:, :, None] * bands.astype(F32)[None, None, :]).reshape(pos.shape[0], -1)
+  return jnp.sin(ang), jnp.cos(ang)
+
+
+def apply_rope(x, sin, cos):
+  """x (..., S, heads, hd) float32; rotates the first 2·sin.shape[-1] dims (NeoX halves)."""
+  r = sin.shape[-1]
+  s, c = sin[:, None, :], cos[:, None, :]
+  u1, u2, rest = x[..., :r], x[..., r:2 * r], x[..., 2 * r:]
+  return jnp.concatenate([u1 * c - u2 * s, u2 * c + u1 * s, rest], axis=-1)

@@ -1,0 +1,1 @@
+"""Parity checks of the port against dumps of the official implementation."""
