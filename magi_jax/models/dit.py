@@ -46,6 +46,24 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+def tok_per_chunk(T, H, W, drn, p, pt) -> int:
+  return (T // pt) * (H // p) * (W // p) // drn
+
+
+def _local_ranges(kv_range, N: int, drn: int, S: int, slice_point, n_cache: int):
+  """Official kv ranges -> ranges inside each element's own [cache; current] key sequence.
+
+  Official ranges are absolute token positions from the start of the video (the official cache
+  starts at chunk 0), and for N > 1 element b's keys start at b·(slice_point·tok + S). Our key
+  sequence starts at slice_point·tok - n_cache (the cache holds only the chunks needed).
+  """
+  tok = S // drn
+  elem = np.arange(N * drn) // drn
+  xp = np if isinstance(kv_range, np.ndarray) else jnp
+  per_elem = slice_point * tok + S
+  return kv_range - (xp.asarray(elem) * per_elem)[:, None] - (slice_point * tok - n_cache)
+
+
 class VideoDiT(nnx.Module):
   """MAGI-1 DiT. `distill` adds the shortcut step-size embedding of the distilled models."""
 
@@ -67,8 +85,14 @@ class VideoDiT(nnx.Module):
     self.final_linear = Linear(D, cfg.patch_dim, use_bias=False, dtype=F32, rngs=rngs)
 
   # -------------------------------------------------------------------------------------------
-  def _check(self, x, t, y, xattn_mask, kv_range, chunk_width):
+  def check_inputs(self, x, t, y, xattn_mask, kv_range, caption_dropout_mask=None, *,
+                   slice_point=0, chunk_width=None, cache: KVCache | None = None):
+    """Raises InputError naming the problem; kv ranges are checked when they are concrete."""
     cfg = self.cfg
+    if y.ndim == 4:
+      y = y[:, 0]
+    if xattn_mask.ndim == 3:
+      xattn_mask = xattn_mask[:, 0]
     if x.ndim != 5:
       raise InputError(f"x must be (N, C, T, H, W), got shape {x.shape}")
     N, C, T, H, W = x.shape
@@ -89,8 +113,31 @@ class VideoDiT(nnx.Module):
                        f"channels, got {y.shape}")
     if xattn_mask.shape[0] != N * drn or xattn_mask.shape[-1] != y.shape[-2]:
       raise InputError(f"xattn_mask {xattn_mask.shape} does not match y {y.shape}")
-    if kv_range.shape != (N * drn, 2):
+    if tuple(kv_range.shape) != (N * drn, 2):
       raise InputError(f"kv_range must be (N*chunks, 2) = ({N * drn}, 2), got {kv_range.shape}")
+    if cache is not None:
+      want = (cfg.num_layers, N, None, cfg.num_query_groups, cfg.head_dim)
+      for name, arr in (("k", cache.k), ("v", cache.v)):
+        if arr.ndim != 5 or any(w is not None and a != w for a, w in zip(arr.shape, want)):
+          raise InputError(f"cache.{name} has shape {tuple(arr.shape)}; this call needs "
+                           f"(layers={cfg.num_layers}, N={N}, tokens, kv_groups="
+                           f"{cfg.num_query_groups}, head_dim={cfg.head_dim})")
+      if cache.num_tokens % tok_per_chunk(T, H, W, drn, p, pt):
+        raise InputError(f"cache holds {cache.num_tokens} tokens, not a whole number of "
+                         f"{tok_per_chunk(T, H, W, drn, p, pt)}-token chunks")
+    if caption_dropout_mask is not None and np.size(caption_dropout_mask) not in (1, N):
+      raise InputError(f"caption_dropout_mask must have 1 or N={N} entries, got shape "
+                       f"{np.shape(caption_dropout_mask)}")
+    S = (T // pt) * (H // p) * (W // p)
+    n_cache = 0 if cache is None else cache.num_tokens
+    if all(_is_concrete(a) for a in (kv_range, slice_point)):
+      local = _local_ranges(np.asarray(kv_range), N, drn, S, int(slice_point), n_cache)
+      lo, hi = int(local.min()), int(local.max())
+      if lo < 0 or hi > n_cache + S or np.any(local[:, 0] > local[:, 1]):
+        raise InputError(
+            f"kv_range {np.asarray(kv_range).tolist()} reaches keys outside [cache; current] "
+            f"(in local units [{lo}, {hi}) vs {n_cache} cached + {S} current tokens, "
+            f"slice_point {int(slice_point)}): pass a cache that covers the chunks the ranges need")
 
   def __call__(self, x, t, y, xattn_mask, kv_range, caption_dropout_mask=None, *,
                slice_point=0, chunk_width: int | None = None, step_size=None,
@@ -116,7 +163,8 @@ class VideoDiT(nnx.Module):
     if xattn_mask.ndim == 3:
       xattn_mask = xattn_mask[:, 0]
     kv_range = jnp.asarray(kv_range) if _is_concrete(kv_range) else kv_range
-    self._check(x, t, y, xattn_mask, kv_range, chunk_width)
+    self.check_inputs(x, t, y, xattn_mask, kv_range, caption_dropout_mask,
+                      slice_point=slice_point, chunk_width=chunk_width, cache=cache)
     if self.distill and step_size is None:
       raise InputError("a distilled model needs step_size (see distill_step_size)")
     N, _, T, H, W = x.shape
@@ -164,15 +212,7 @@ class VideoDiT(nnx.Module):
 
     # Self-attention mask: official absolute ranges -> ranges in each element's own keys.
     n_cache = 0 if cache is None else cache.num_tokens
-    elem = jnp.arange(N * drn) // drn
-    base = slice_point * tok - n_cache                       # absolute position of key 0
-    local = kv_range - (elem * (slice_point * tok + S))[:, None] - base
-    if _is_concrete(local) and _is_concrete(base):
-      lo, hi = int(np.min(local)), int(np.max(local))
-      if lo < 0 or hi > n_cache + S:
-        raise InputError(f"kv_range reaches keys outside [cache; current] (local range "
-                         f"[{lo}, {hi}) vs {n_cache} cached + {S} current tokens): pass a "
-                         "cache that covers the chunks the ranges need")
+    local = _local_ranges(kv_range, N, drn, S, slice_point, n_cache)
     self_mask = ChunkMask(jnp.clip(local, 0, n_cache + S).reshape(N, drn, 2).astype(jnp.int32),
                           q_block=tok)
 

@@ -1,0 +1,41 @@
+"""Shared test set-up: CPU only, float32 matmuls exact, small helpers."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from magi_jax.configs import tiny_config  # noqa: E402
+from magi_jax.models import Precision, VideoDiT  # noqa: E402
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def randomize(model, seed: int = 0, scale: float = 0.1):
+  """Gives every parameter random values (1p norms and biases start at zero otherwise)."""
+  state = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree_util.tree_flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  new = []
+  for k, leaf in zip(keys, leaves):
+    fan_in = leaf.shape[0] if leaf.ndim == 2 else 1
+    std = (fan_in ** -0.5) if leaf.ndim == 2 else scale
+    new.append((jax.random.normal(k, leaf.shape, jnp.float32) * std).astype(leaf.dtype))
+  nnx.update(model, jax.tree_util.tree_unflatten(treedef, new))
+  return model
+
+
+def make_model(precision=None, distill=False, seed=0, **model_kw):
+  cfg = tiny_config(**model_kw).model
+  m = VideoDiT(cfg, precision=precision or Precision.fp32(), distill=distill, rngs=nnx.Rngs(seed))
+  return randomize(m, seed)
+
+
+@pytest.fixture
+def fixtures_dir():
+  return FIXTURES

@@ -1,0 +1,45 @@
+"""`python -m magi_jax.parity` on the official fixtures: passes, and fails when it should."""
+
+import os
+import shutil
+
+import numpy as np
+from conftest import FIXTURES
+
+from magi_jax.convert.safetensors_io import SafetensorsFile, save_safetensors
+from magi_jax.parity.__main__ import main
+
+
+def test_dit_forward_parity_passes_with_activations(capsys):
+  assert main([FIXTURES, "--only", "dit_forward", "--activations"]) == 0
+  out = capsys.readouterr().out
+  assert "PASS  dit_forward " in out and "FAIL" not in out
+  assert "dit_forward/videodit_blocks.layers.1" in out and "dit_forward/rope" in out
+
+
+def test_blockwise_backend_also_passes(capsys):
+  assert main([FIXTURES, "--only", "dit_forward", "--backend", "blockwise"]) == 0
+
+
+def test_a_wrong_weight_fails_and_activations_localise_it(tmp_path, capsys):
+  d = tmp_path / "fx"
+  shutil.copytree(FIXTURES, d)
+  os.chmod(d / "dit_weights.safetensors", 0o644)
+  f = SafetensorsFile(str(d / "dit_weights.safetensors"))
+  sd = {k: np.array(f.get(k)) for k in f.keys()}
+  del f
+  # A per-feature bias error (a scaled fc2 or a uniform shift would be normalised away).
+  key = "videodit_blocks.layers.1.mlp_post_norm.bias"
+  sd[key] += 0.05 * np.random.default_rng(0).normal(size=sd[key].shape).astype(np.float32)
+  save_safetensors(sd, str(d / "dit_weights.safetensors"))
+  assert main([str(d), "--only", "dit_forward", "--activations"]) == 1
+  out = capsys.readouterr().out
+  assert "FAIL  dit_forward " in out
+  assert "PASS  dit_forward/videodit_blocks.layers.0" in out      # layer 0 is still right
+  assert "FAIL  dit_forward/videodit_blocks.layers.1" in out
+
+
+def test_missing_fixture_and_unknown_check(tmp_path, capsys):
+  assert main([str(tmp_path), "--only", "dit_forward"]) == 1
+  assert "not found" in capsys.readouterr().out
+  assert main([FIXTURES, "--only", "nope"]) == 2
