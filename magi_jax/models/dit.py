@@ -141,7 +141,7 @@ class VideoDiT(nnx.Module):
 
   def __call__(self, x, t, y, xattn_mask, kv_range, caption_dropout_mask=None, *,
                slice_point=0, chunk_width: int | None = None, step_size=None,
-               cache: KVCache | None = None, backend: str = "reference",
+               cache: KVCache | None = None, backend: str = "blockwise",
                return_kv: bool = False, return_activations: bool = False) -> DiTOutput:
     """One official `VideoDiTModel.forward`.
 
