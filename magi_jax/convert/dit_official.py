@@ -130,8 +130,7 @@ def load_official_dit(checkpoint, cfg: ModelConfig, *, precision: Precision = Pr
     outs = e.to_model(*[reader.get(k) for k in e.official])
     for path, arr in zip(e.paths, outs):
       tgt = targets[path]
-      values[path] = jnp.asarray(np.asarray(arr, np.float32) if np.dtype(arr.dtype) in _FP8
-                                 else arr, dtype=tgt.dtype)
+      values[path] = jnp.asarray(arr, dtype=tgt.dtype)
   unexpected = sorted(file_keys - reader.used)
   if unexpected:
     raise CheckpointMismatchError(_report([], unexpected, []))

@@ -244,5 +244,5 @@ def rope_for_call(model: VideoDiT, frames: int, height: int, width: int, slice_p
                   chunk_width: int):
   """The official `rope.get_embed` table ([sin | cos], (S, 6·nb)) for a call; a debug aid."""
   sin, cos = rope_table(model.rope_bands[...], frames, height, width,
-                        frame_offset=slice_point * chunk_width)
+                        frame_offset=slice_point * chunk_width // model.cfg.t_patch_size)
   return jnp.concatenate([sin, cos], axis=-1)

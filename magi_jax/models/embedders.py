@@ -71,9 +71,3 @@ class CaptionEmbedder(nnx.Module):
     rows = self.null_caption_embedding[...][-2:]                     # [kept, dropped]
     table = self.y_proj_adaln(rows, out_dtype=F32, precision=policy.matmul)
     return table[caption_dropout.astype(jnp.int32)]
-
-  def null_rows(self, n: int, num_valid: int = 50):
-    """n null caption rows (n, L, C) and their mask (first `num_valid` tokens valid)."""
-    emb = self.null_caption_embedding[...]
-    mask = (jnp.arange(emb.shape[0]) < num_valid).astype(jnp.int32)
-    return jnp.broadcast_to(emb, (n,) + emb.shape), jnp.broadcast_to(mask, (n, emb.shape[0]))

@@ -12,10 +12,8 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("JAX_ENABLE_X64", "0")
-
-from magi_jax.parity import dit_forward  # noqa: E402
-from magi_jax.parity.compare import failure  # noqa: E402
+from magi_jax.parity import dit_forward
+from magi_jax.parity.compare import failure
 
 CHECKS = {
     "dit_forward": (dit_forward.FILE, dit_forward.run),
