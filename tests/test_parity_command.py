@@ -43,3 +43,9 @@ def test_missing_fixture_and_unknown_check(tmp_path, capsys):
   assert main([str(tmp_path), "--only", "dit_forward"]) == 1
   assert "not found" in capsys.readouterr().out
   assert main([FIXTURES, "--only", "nope"]) == 2
+
+
+def test_vae_io_parity_passes(capsys):
+  assert main([FIXTURES, "--only", "vae_io"]) == 0
+  out = capsys.readouterr().out
+  assert "PASS  vae_io/decode_resized_pos" in out and "FAIL" not in out

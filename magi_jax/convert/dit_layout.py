@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -70,7 +69,7 @@ def kv_xattn_to_model(w, groups: int):
 def kv_xattn_to_official(k, v, groups: int):
   d_in = k.shape[0]
   hd = k.shape[1] // groups
-  # jnp so that jax.eval_shape can trace it (official_shapes); plain arrays work too.
+  # jnp so that jax.eval_shape can trace it (strict.expected_shapes); plain arrays work too.
   kv = jnp.stack([k.T.reshape(groups, hd, d_in), v.T.reshape(groups, hd, d_in)], axis=1)
   return (kv.reshape(2 * groups * hd, d_in),)
 
@@ -131,18 +130,3 @@ def layout(cfg: ModelConfig) -> list[Entry]:
     entries += [linear(o + "mlp.linear_fc1.weight", L + ("fc1", "kernel")),
                 linear(o + "mlp.linear_fc2.weight", L + ("fc2", "kernel"))]
   return entries
-
-
-def official_shapes(cfg: ModelConfig, entries=None) -> dict[str, tuple]:
-  """Expected official tensor shapes, traced from the model's parameter shapes (no memory)."""
-  from flax import nnx
-  from magi_jax.models import VideoDiT
-  abstract = nnx.eval_shape(lambda: VideoDiT(cfg, rngs=nnx.Rngs(0)))
-  flat = dict(nnx.to_flat_state(nnx.state(abstract)))
-  shapes = {}
-  for e in entries if entries is not None else layout(cfg):
-    structs = [jax.ShapeDtypeStruct(flat[p].shape, jnp.float32) for p in e.paths]
-    outs = jax.eval_shape(lambda *a, e=e: e.to_official(*a), *structs)
-    for key, out in zip(e.official, outs):
-      shapes[key] = tuple(out.shape)
-  return shapes

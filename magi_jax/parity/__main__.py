@@ -12,11 +12,12 @@ import argparse
 import os
 import sys
 
-from magi_jax.parity import dit_forward
+from magi_jax.parity import dit_forward, vae_io
 from magi_jax.parity.compare import failure
 
 CHECKS = {
     "dit_forward": (dit_forward.FILE, dit_forward.run),
+    "vae_io": (vae_io.FILE, vae_io.run),
 }
 
 
