@@ -195,7 +195,8 @@ class ViTEncoder(nnx.Module):
     tokens = self.patch_embed(patches.astype(policy.compute_dtype), out_dtype=policy.compute_dtype,
                               precision=policy.matmul)
     h = self.trunk(tokens, grid, policy)
-    out = self.last_layer(h, out_dtype=F32, precision=policy.matmul)
+    # Moments come out in the compute dtype (bf16 in the official pipeline).
+    out = self.last_layer(h, out_dtype=policy.compute_dtype, precision=policy.matmul)
     return rearrange(out, "b (t h w) c -> b c t h w", t=grid[0], h=grid[1])
 
 
@@ -224,7 +225,8 @@ class ViTDecoder(nnx.Module):
     y = jax.lax.conv_general_dilated(x, w, (1, 1, 1), [(1, 1)] * 3,
                                      dimension_numbers=("NCDHW", "OIDHW", "NCDHW"),
                                      precision=policy.matmul, preferred_element_type=F32)
-    return (y + self.last_layer_bias[...].astype(F32)[None, :, None, None, None]).astype(F32)
+    y = y + self.last_layer_bias[...].astype(F32)[None, :, None, None, None]
+    return y.astype(policy.compute_dtype)
 
 
 class ViTVAE(nnx.Module):
