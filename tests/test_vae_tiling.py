@@ -85,3 +85,15 @@ def test_tiled_decode_blends_against_raw_neighbours(shape):
   want = reference(fake_decode, z, (2, 4, 4), (2, 3, 3), (0, 8, 8), (8, 24, 24), in_place=False)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   assert got.shape[2:] == (4 * shape[0], 8 * shape[1], 8 * shape[2])
+
+
+def test_without_spatial_tiling_only_time_is_tiled():
+  tc = TileConfig(32, 32, 8, 0.25, 0.0, allow_spatial_tiling=False)
+  z = np.random.default_rng(2).normal(size=(1, 2, 4, 6, 5)).astype(np.float32)
+  got = np.asarray(tiled_decode(Vae(None, fake_decode), z, tc))
+  want = np.concatenate([fake_decode(z[:, :, :2]), fake_decode(z[:, :, 2:])], axis=2)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  x = np.random.default_rng(3).normal(size=(1, 3, 16, 48, 40)).astype(np.float32)
+  got = np.asarray(tiled_encode(Vae(fake_encode, None), x, tc))
+  want = np.concatenate([fake_encode(x[:, :, :8]), fake_encode(x[:, :, 8:])], axis=2)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

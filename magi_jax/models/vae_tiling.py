@@ -64,11 +64,10 @@ def _geometry(tc: TileConfig, size_thw, space: int, time: int, *, latent_in: boo
     lat = (tt // time, th // space, tw // space)
     extent = (int(lat[0] * tov), int(lat[1] * ov), int(lat[2] * ov))
     keep = (lat[0] - extent[0], lat[1] - extent[1], lat[2] - extent[2])
-  if not tc.allow_spatial_tiling:
-    tile, stride, extent = (tile[0], H, W), (stride[0], H, W), (extent[0], 0, 0)
-    keep = (keep[0], H * (space if latent_in else 1), W * (space if latent_in else 1))
-    if not latent_in:
-      keep = (keep[0], H // space, W // space)
+  if not tc.allow_spatial_tiling:    # one tile spans the whole frame: nothing to blend
+    out_hw = (H * space, W * space) if latent_in else (H // space, W // space)
+    tile, stride = (tile[0], H, W), (stride[0], H, W)
+    extent, keep = (extent[0], 0, 0), (keep[0],) + out_hw
   return tile, stride, extent, keep
 
 
