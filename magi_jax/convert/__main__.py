@@ -1,10 +1,12 @@
-"""python -m magi_jax.convert --src=DIR --dst=DIR [--config=PRESET|JSON] [--to=orbax|official]
+"""python -m magi_jax.convert --src=DIR --dst=DIR [--model=dit|vae] [--config=PRESET|JSON] [--to=orbax|official]
 
 official -> orbax (default): reads an official MAGI-1 DiT checkpoint directory
 (`inference_weight*`: model.safetensors or shards + index, optionally .zst), strictly, with
 fp8 weights dequantized, and writes a converted orbax checkpoint with its config.
 orbax -> official (`--to=official`): writes the official safetensors layout back
 (sharded above --shard_gb), e.g. to run the official code on weights trained here.
+`--model=vae` does the same for the VAE directory (`config.json` +
+`diffusion_pytorch_model.safetensors`; no --config needed).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ flags.DEFINE_string("src", None, "source checkpoint directory", required=True)
 flags.DEFINE_string("dst", None, "destination directory", required=True)
 flags.DEFINE_string("config", None, f"preset ({', '.join(PRESETS)}) or an official *_config.json; "
                     "required when --src is an official checkpoint")
+flags.DEFINE_enum("model", "dit", ["dit", "vae"], "which network the checkpoint holds")
 flags.DEFINE_enum("to", "orbax", ["orbax", "official"], "output format")
 flags.DEFINE_enum("precision", "bf16", ["bf16", "fp32"], "parameter precision of the converted model")
 flags.DEFINE_float("shard_gb", 5.0, "shard size for --to=official")
@@ -38,6 +41,17 @@ def main(argv):
   from magi_jax.convert.dit_official import load_official_dit, save_official_dit
   from magi_jax.convert.orbax_io import is_converted, load_converted, save_converted
   from magi_jax.models import Precision
+
+  if FLAGS.model == "vae":
+    from magi_jax.convert.orbax_io import load_converted_vae, save_converted_vae
+    from magi_jax.convert.vae_official import load_official_vae, save_official_vae
+    if FLAGS.to == "orbax":
+      vae = load_official_vae(FLAGS.src, precision=Precision.named(FLAGS.precision))
+      save_converted_vae(vae, FLAGS.dst, precision=FLAGS.precision)
+    else:
+      save_official_vae(load_converted_vae(FLAGS.src, precision=FLAGS.precision), FLAGS.dst)
+    print(f"wrote {FLAGS.dst} (VAE, {FLAGS.to})")
+    return
 
   if FLAGS.to == "orbax":
     if not FLAGS.config:

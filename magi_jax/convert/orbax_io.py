@@ -1,9 +1,11 @@
-"""Converted checkpoints: the DiT parameters in orbax, beside the MAGI-1 config.
+"""Converted checkpoints: DiT or VAE parameters in orbax, beside their official config.
 
-Layout of a converted directory:
+Layout of a converted DiT directory:
   magi_config.json   the official three-section config (any preset or official file)
   magi_jax.json      {"format": "magi_jax.dit", "distill": ..., "precision": ...}
   params/            orbax StandardCheckpointer tree of the VideoDiT parameters
+A converted VAE directory has the official VAE `config.json` instead of magi_config.json,
+and format "magi_jax.vae".
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -20,13 +21,14 @@ from magi_jax.convert.safetensors_io import CheckpointFormatError
 from magi_jax.models import Precision, VideoDiT
 
 FORMAT = "magi_jax.dit"
+VAE_FORMAT = "magi_jax.vae"
 
 
 def is_converted(directory: str) -> bool:
   return os.path.exists(os.path.join(directory, "magi_jax.json"))
 
 
-def save_converted(model: VideoDiT, cfg: MagiConfig, directory: str, *, precision: str) -> None:
+def _save_params(model, directory: str, meta: dict) -> str:
   directory = os.path.abspath(directory)
   params = os.path.join(directory, "params")
   if os.path.exists(params):
@@ -35,30 +37,63 @@ def save_converted(model: VideoDiT, cfg: MagiConfig, directory: str, *, precisio
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(params, nnx.state(model, nnx.Param))
   ckptr.wait_until_finished()
-  save_magi_config(cfg, os.path.join(directory, "magi_config.json"))
   with open(os.path.join(directory, "magi_jax.json"), "w") as f:
-    json.dump({"format": FORMAT, "distill": bool(model.distill), "precision": precision}, f)
+    json.dump(meta, f)
+  return directory
 
 
-def load_converted(directory: str, *, precision: str | None = None) -> tuple[VideoDiT, MagiConfig]:
-  """Restores a converted checkpoint; `precision` ('fp32'/'bf16') overrides the saved one."""
-  directory = os.path.abspath(directory)
+def _read_meta(directory: str, fmt: str) -> dict:
   meta_path = os.path.join(directory, "magi_jax.json")
   if not os.path.exists(meta_path):
     raise CheckpointFormatError(f"{directory}: not a converted magi_jax checkpoint (no magi_jax.json)")
   with open(meta_path) as f:
     meta = json.load(f)
-  if meta.get("format") != FORMAT:
-    raise CheckpointFormatError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+  if meta.get("format") != fmt:
+    raise CheckpointFormatError(f"{meta_path}: format {meta.get('format')!r}, expected {fmt!r}")
+  return meta
+
+
+def _restore_params(abstract, directory: str, config_name: str):
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  try:
+    restored = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), params)
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise CheckpointFormatError(f"{directory}/params does not match the config in "
+                                f"{config_name}: {e}") from None
+  return nnx.merge(graphdef, restored, rest)
+
+
+def save_converted(model: VideoDiT, cfg: MagiConfig, directory: str, *, precision: str) -> None:
+  directory = _save_params(model, directory, {"format": FORMAT, "distill": bool(model.distill),
+                                              "precision": precision})
+  save_magi_config(cfg, os.path.join(directory, "magi_config.json"))
+
+
+def load_converted(directory: str, *, precision: str | None = None) -> tuple[VideoDiT, MagiConfig]:
+  """Restores a converted DiT; `precision` ('fp32'/'bf16') overrides the saved one."""
+  directory = os.path.abspath(directory)
+  meta = _read_meta(directory, FORMAT)
   cfg = load_magi_config(os.path.join(directory, "magi_config.json"))
   policy = Precision.named(precision or meta["precision"])
   abstract = nnx.eval_shape(lambda: VideoDiT(cfg.model, precision=policy,
                                              distill=meta["distill"], rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  target = jax.tree_util.tree_map(lambda a: a, params)
-  try:
-    restored = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), target)
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    raise CheckpointFormatError(f"{directory}/params does not match the config in "
-                                f"magi_config.json: {e}") from None
-  return nnx.merge(graphdef, restored, rest), cfg
+  return _restore_params(abstract, directory, "magi_config.json"), cfg
+
+
+def save_converted_vae(model, directory: str, *, precision: str) -> None:
+  import dataclasses
+  directory = _save_params(model, directory, {"format": VAE_FORMAT, "precision": precision})
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump({"_class_name": "ViTVAE", "model_type": "vit",
+               "ddconfig": dataclasses.asdict(model.cfg)}, f, indent=2)
+
+
+def load_converted_vae(directory: str, *, precision: str | None = None):
+  """Restores a converted VAE; `precision` ('fp32'/'bf16') overrides the saved one."""
+  from magi_jax.models.vae import ViTVAE, load_vae_config
+  directory = os.path.abspath(directory)
+  meta = _read_meta(directory, VAE_FORMAT)
+  cfg = load_vae_config(directory)
+  policy = Precision.named(precision or meta["precision"])
+  abstract = nnx.eval_shape(lambda: ViTVAE(cfg, precision=policy, rngs=nnx.Rngs(0)))
+  return _restore_params(abstract, directory, "config.json")
