@@ -81,11 +81,9 @@ def load_converted(directory: str, *, precision: str | None = None) -> tuple[Vid
 
 
 def save_converted_vae(model, directory: str, *, precision: str) -> None:
-  import dataclasses
+  from magi_jax.models.vae import save_vae_config
   directory = _save_params(model, directory, {"format": VAE_FORMAT, "precision": precision})
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump({"_class_name": "ViTVAE", "model_type": "vit",
-               "ddconfig": dataclasses.asdict(model.cfg)}, f, indent=2)
+  save_vae_config(model.cfg, directory)
 
 
 def load_converted_vae(directory: str, *, precision: str | None = None):

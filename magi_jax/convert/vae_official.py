@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from flax import nnx
@@ -11,7 +10,7 @@ from magi_jax.convert import vae_layout
 from magi_jax.convert.safetensors_io import CheckpointFormatError, SafetensorsFile, save_safetensors
 from magi_jax.convert.strict import export_state_dict, load_strict
 from magi_jax.models import Precision
-from magi_jax.models.vae import VAEConfig, ViTVAE, load_vae_config
+from magi_jax.models.vae import VAEConfig, ViTVAE, load_vae_config, save_vae_config
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -24,11 +23,9 @@ def load_official_vae(checkpoint, cfg: VAEConfig | None = None, *,
     path = os.path.join(checkpoint, WEIGHTS)
     if not os.path.exists(path):
       raise CheckpointFormatError(f"{path}: VAE weights not found")
-    f = SafetensorsFile(path)
-    checkpoint = {k: f.get(k) for k in f.keys()}
+    checkpoint = SafetensorsFile(path)      # lazy: tensors are read one at a time
   elif isinstance(checkpoint, str):
-    f = SafetensorsFile(checkpoint)
-    checkpoint = {k: f.get(k) for k in f.keys()}
+    checkpoint = SafetensorsFile(checkpoint)
   if cfg is None:
     raise ValueError("a VAEConfig is needed when the checkpoint is not an official directory")
   abstract = nnx.eval_shape(lambda: ViTVAE(cfg, precision=precision, rngs=nnx.Rngs(0)))
@@ -36,10 +33,7 @@ def load_official_vae(checkpoint, cfg: VAEConfig | None = None, *,
 
 
 def save_official_vae(model: ViTVAE, directory: str, dtype=None) -> None:
-  import dataclasses
   os.makedirs(directory, exist_ok=True)
   save_safetensors(export_state_dict(model, vae_layout.layout(model.cfg), dtype),
                    os.path.join(directory, WEIGHTS))
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump({"_class_name": "ViTVAE", "model_type": "vit",
-               "ddconfig": dataclasses.asdict(model.cfg)}, f, indent=2)
+  save_vae_config(model.cfg, directory)

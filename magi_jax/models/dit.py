@@ -86,9 +86,12 @@ class VideoDiT(nnx.Module):
 
   # -------------------------------------------------------------------------------------------
   def check_inputs(self, x, t, y, xattn_mask, kv_range, caption_dropout_mask=None, *,
-                   slice_point=0, chunk_width=None, cache: KVCache | None = None):
+                   slice_point=0, chunk_width=None, step_size=None,
+                   cache: KVCache | None = None):
     """Raises InputError naming the problem; kv ranges are checked when they are concrete."""
     cfg = self.cfg
+    if self.distill and step_size is None:
+      raise InputError("a distilled model needs step_size (see distill_step_size)")
     if y.ndim == 4:
       y = y[:, 0]
     if xattn_mask.ndim == 3:
@@ -164,9 +167,8 @@ class VideoDiT(nnx.Module):
       xattn_mask = xattn_mask[:, 0]
     kv_range = jnp.asarray(kv_range) if _is_concrete(kv_range) else kv_range
     self.check_inputs(x, t, y, xattn_mask, kv_range, caption_dropout_mask,
-                      slice_point=slice_point, chunk_width=chunk_width, cache=cache)
-    if self.distill and step_size is None:
-      raise InputError("a distilled model needs step_size (see distill_step_size)")
+                      slice_point=slice_point, chunk_width=chunk_width, step_size=step_size,
+                      cache=cache)
     N, _, T, H, W = x.shape
     drn = t.shape[1]
     p, pt = cfg.patch_size, cfg.t_patch_size

@@ -35,10 +35,8 @@ def jit_forward(model: VideoDiT, *, backend: str = "blockwise", return_kv: bool 
               chunk_width=None, step_size=None, cache=None):
     """Validates the inputs; returns the argument tuple of `compiled`."""
     model.check_inputs(x, t, y, xattn_mask, kv_range, caption_dropout_mask,
-                       slice_point=slice_point, chunk_width=chunk_width, cache=cache)
-    if model.distill and step_size is None:
-      from magi_jax.models.dit import InputError
-      raise InputError("a distilled model needs step_size (see distill_step_size)")
+                       slice_point=slice_point, chunk_width=chunk_width,
+                       step_size=step_size, cache=cache)
     if caption_dropout_mask is None:
       caption_dropout_mask = jnp.zeros((1,), bool)
     step = None if step_size is None else jnp.asarray(step_size, jnp.float32)

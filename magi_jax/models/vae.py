@@ -110,6 +110,13 @@ def load_vae_config(path: str) -> VAEConfig:
     raise ConfigError(f"{path}: VAE config not found") from None
 
 
+def save_vae_config(cfg: VAEConfig, directory: str) -> None:
+  """Writes the official `config.json` (the inverse of `load_vae_config`)."""
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump({"_class_name": "ViTVAE", "model_type": "vit",
+               "ddconfig": dataclasses.asdict(cfg)}, f, indent=2)
+
+
 def head_norm(u):
   """(u - mean) / (population std + 1e-5) over the last axis; eps on the std, not the variance."""
   uf = u.astype(F32)
