@@ -27,6 +27,15 @@ setup(
         "ml_dtypes>=0.5.0",
         "numpy>=1.26",
         "tqdm>=4.66",
+        # Text path: the T5 tokenizer and the official caption cleaner (ftfy pinned as the
+        # official code pins it: its fixes change the cleaned prompt).
+        "sentencepiece>=0.2.0",
+        "ftfy==6.2.0",
+        "beautifulsoup4>=4.13.4",
+        # Video / image I/O: imageio-ffmpeg ships its own ffmpeg binary (no system ffmpeg).
+        "imageio>=2.34",
+        "imageio-ffmpeg>=0.5.1",
+        "pillow>=10.0",
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5"],

@@ -49,3 +49,24 @@ def test_vae_io_parity_passes(capsys):
   assert main([FIXTURES, "--only", "vae_io"]) == 0
   out = capsys.readouterr().out
   assert "PASS  vae_io/decode_resized_pos" in out and "FAIL" not in out
+
+
+def test_text_parity_passes(capsys):
+  assert main([FIXTURES, "--only", "text", "--activations"]) == 0
+  out = capsys.readouterr().out
+  for name in ("text/clean_caption (twice, as the pipeline)", "text/token_ids",
+               "text/t5_last_hidden_state", "text/act/block.1", "text/rows/t2v_10_chunks/y"):
+    assert f"PASS  {name}" in out
+  assert "FAIL" not in out
+
+
+def test_text_parity_catches_a_wrong_cleaner_pair(tmp_path, capsys):
+  import json
+  import shutil
+  shutil.copytree(os.path.join(FIXTURES, "text"), tmp_path / "text")
+  path = tmp_path / "text" / "clean_caption.json"
+  data = json.loads(path.read_text())
+  data["pairs"][0]["output"] += "!"
+  path.write_text(json.dumps(data))
+  assert main([str(tmp_path), "--only", "text"]) == 1
+  assert "FAIL  text/clean_caption (twice" in capsys.readouterr().out

@@ -6,7 +6,9 @@ fp8 weights dequantized, and writes a converted orbax checkpoint with its config
 orbax -> official (`--to=official`): writes the official safetensors layout back
 (sharded above --shard_gb), e.g. to run the official code on weights trained here.
 `--model=vae` does the same for the VAE directory (`config.json` +
-`diffusion_pytorch_model.safetensors`; no --config needed).
+`diffusion_pytorch_model.safetensors`; no --config needed). `--model=t5` reads a Hugging Face T5
+directory (config.json + safetensors, single or sharded; the encoder's tensors only) and
+writes orbax plus the tokenizer files, or back to the Hugging Face layout.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ flags.DEFINE_string("src", None, "source checkpoint directory", required=True)
 flags.DEFINE_string("dst", None, "destination directory", required=True)
 flags.DEFINE_string("config", None, f"preset ({', '.join(PRESETS)}) or an official *_config.json; "
                     "required when --src is an official checkpoint")
-flags.DEFINE_enum("model", "dit", ["dit", "vae"], "which network the checkpoint holds")
+flags.DEFINE_enum("model", "dit", ["dit", "vae", "t5"], "which network the checkpoint holds")
 flags.DEFINE_enum("to", "orbax", ["orbax", "official"], "output format")
 flags.DEFINE_enum("precision", "bf16", ["bf16", "fp32"], "parameter precision of the converted model")
 flags.DEFINE_float("shard_gb", 5.0, "shard size for --to=official")
@@ -41,6 +43,18 @@ def main(argv):
   from magi_jax.convert.dit_official import load_official_dit, save_official_dit
   from magi_jax.convert.orbax_io import is_converted, load_converted, save_converted
   from magi_jax.models import Precision
+
+  if FLAGS.model == "t5":
+    import jax.numpy as jnp
+    from magi_jax.convert.orbax_io import load_converted_t5, save_converted_t5
+    from magi_jax.convert.t5_official import load_t5, save_t5
+    if FLAGS.to == "orbax":
+      dtype = jnp.float32 if FLAGS.precision == "fp32" else jnp.bfloat16
+      save_converted_t5(load_t5(FLAGS.src, dtype=dtype), FLAGS.dst, tokenizer_dir=FLAGS.src)
+    else:
+      save_t5(load_converted_t5(FLAGS.src), FLAGS.dst, max_shard_bytes=int(FLAGS.shard_gb * 2 ** 30))
+    print(f"wrote {FLAGS.dst} (T5 encoder, {FLAGS.to})")
+    return
 
   if FLAGS.model == "vae":
     from magi_jax.convert.orbax_io import load_converted_vae, save_converted_vae

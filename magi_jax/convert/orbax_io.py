@@ -5,7 +5,8 @@ Layout of a converted DiT directory:
   magi_jax.json      {"format": "magi_jax.dit", "distill": ..., "precision": ...}
   params/            orbax StandardCheckpointer tree of the VideoDiT parameters
 A converted VAE directory has the official VAE `config.json` instead of magi_config.json,
-and format "magi_jax.vae".
+and format "magi_jax.vae"; a converted T5 encoder has the Hugging Face `config.json` and the
+tokenizer files, and format "magi_jax.t5".
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -94,4 +96,32 @@ def load_converted_vae(directory: str, *, precision: str | None = None):
   cfg = load_vae_config(directory)
   policy = Precision.named(precision or meta["precision"])
   abstract = nnx.eval_shape(lambda: ViTVAE(cfg, precision=policy, rngs=nnx.Rngs(0)))
+  return _restore_params(abstract, directory, "config.json")
+
+
+T5_FORMAT = "magi_jax.t5"
+
+
+def save_converted_t5(model, directory: str, *, tokenizer_dir: str | None = None) -> None:
+  """T5 encoder parameters in orbax + its HF config.json (+ the tokenizer files, copied)."""
+  import shutil
+  from magi_jax.text.t5 import t5_config_to_dict
+  directory = _save_params(model, directory, {"format": T5_FORMAT,
+                                              "dtype": str(jnp.dtype(model.dtype))})
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(t5_config_to_dict(model.cfg), f, indent=2)
+  if tokenizer_dir:
+    for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "added_tokens.json"):
+      if os.path.exists(os.path.join(tokenizer_dir, name)):
+        shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(directory, name))
+
+
+def load_converted_t5(directory: str):
+  from magi_jax.text.t5 import T5Encoder, load_t5_config
+  directory = os.path.abspath(directory)
+  meta = _read_meta(directory, T5_FORMAT)
+  cfg = load_t5_config(directory)
+  abstract = nnx.eval_shape(lambda: T5Encoder(cfg, dtype=jnp.dtype(meta["dtype"]),
+                                              rngs=nnx.Rngs(0)))
   return _restore_params(abstract, directory, "config.json")

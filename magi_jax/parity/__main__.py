@@ -12,12 +12,13 @@ import argparse
 import os
 import sys
 
-from magi_jax.parity import dit_forward, vae_io
+from magi_jax.parity import dit_forward, text, vae_io
 from magi_jax.parity.compare import failure
 
 CHECKS = {
     "dit_forward": (dit_forward.FILE, dit_forward.run),
     "vae_io": (vae_io.FILE, vae_io.run),
+    "text": (text.FILE, text.run),
 }
 
 

@@ -1,0 +1,116 @@
+"""Input pixels through the official ffmpeg filter graphs (spec VAE_T5_IO §3.2, §3.3, §5.14).
+
+ffmpeg's bicubic swscale, its yuv -> rgb conversion and its fps resampling define the input
+pixels, so they are not re-implemented: these functions run the ffmpeg binary shipped with
+imageio-ffmpeg and read raw rgb24 frames from its stdout.
+
+  image: ffmpeg -f image2pipe -i - -vf scale=W:H -frames:v 1 -f rawvideo -pix_fmt rgb24 -
+  video: ffmpeg -ss 0 -i FILE -vf fps=24,scale=W:H [-frames:v N] -f rawvideo -pix_fmt rgb24 -
+
+Differences from the official code: the video container is probed instead of forced to mp4
+(the decoded pixels are the same); an unknown aspect policy raises instead of falling back to
+"fit"; the first `max_frames` frames are kept (official: 32, hard-coded) and ffmpeg is told to
+stop there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+
+from magi_jax.media.errors import MediaError, ffmpeg_error, media_error
+from magi_jax.media.frames import validate_size
+
+POLICIES = ("fit", "crop", "pad")
+
+
+def _ffmpeg_exe() -> str:
+  import imageio_ffmpeg   # lazy: frame arithmetic must not need it
+  return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _check_file(path) -> None:
+  if not os.path.exists(path):
+    raise media_error(path, "no such file")
+  if not os.path.isfile(path):
+    raise media_error(path, "is not a regular file")
+  if os.path.getsize(path) == 0:
+    raise media_error(path, "file is empty (0 bytes)")
+
+
+def _scale_filter(height: int, width: int, policy: str) -> str:
+  """'fit' stretches to W x H; 'crop' covers then centre-crops; 'pad' fits inside, black bars."""
+  if policy == "fit":
+    return f"scale={width}:{height}"
+  if policy == "crop":
+    return f"scale={width}:{height}:force_original_aspect_ratio=increase,crop={width}:{height}"
+  if policy == "pad":
+    return (f"scale={width}:{height}:force_original_aspect_ratio=decrease,"
+            f"pad={width}:{height}:(ow-iw)/2:(oh-ih)/2:color=black")
+  raise MediaError(f"aspect policy {policy!r} is not one of {POLICIES}")
+
+
+def _run(args, path, what: str, stdin: bytes | None = None) -> bytes:
+  """Runs ffmpeg, returns its stdout; failures become MediaError naming `path`."""
+  cmd = [_ffmpeg_exe(), "-hide_banner", "-loglevel", "error"] + args
+  try:
+    res = subprocess.run(cmd, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=None if stdin is not None else subprocess.DEVNULL, check=False)
+  except OSError as e:
+    raise media_error(path, f"cannot run ffmpeg ({e})") from e
+  if res.returncode != 0:
+    err = res.stderr
+    if b"does not contain any stream" in err and b"no decoder" not in err:
+      if what == "video":
+        raise media_error(path, "video has 0 frames (no video stream)")
+      raise media_error(path, "cannot be decoded as an image (ffmpeg: no image stream found)")
+    raise ffmpeg_error(path, f"cannot be decoded as {'an' if what == 'image' else 'a'} {what}",
+                       err)
+  return res.stdout
+
+
+def read_image(path, height: int, width: int, policy: str = "fit") -> np.ndarray:
+  """The I2V conditioning image as uint8 [1, height, width, 3] (official `ffmpeg_i2v`).
+
+  policy: "fit" (official default: stretch, aspect ratio ignored), "crop" or "pad".
+  The file's bytes are piped to ffmpeg as image2pipe, exactly as the official code does.
+  """
+  _check_file(path)
+  validate_size(height, width)
+  vf = _scale_filter(height, width, policy)
+  with open(path, "rb") as f:
+    data = f.read()
+  out = _run(["-f", "image2pipe", "-i", "-", "-vf", vf, "-frames:v", "1",
+              "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], path, "image", stdin=data)
+  if len(out) != height * width * 3:
+    raise media_error(path, f"ffmpeg returned {len(out)} bytes instead of one "
+                            f"{width}x{height} rgb24 image")
+  return np.frombuffer(out, np.uint8).reshape(1, height, width, 3)
+
+
+def read_video(path, height: int, width: int, fps: int = 24,
+               max_frames: int | None = 32) -> np.ndarray:
+  """The first `max_frames` frames (None: all) of a video as uint8 [N, height, width, 3].
+
+  Official `ffmpeg_v2v` graph: seek to 0, resample to `fps` with ffmpeg's fps filter, then
+  stretch to width x height. The V2V prefix is the FIRST 32 frames (max_frames=32).
+  """
+  _check_file(path)
+  validate_size(height, width)
+  if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
+                                 or max_frames < 1):
+    raise MediaError(f"max_frames {max_frames!r} must be a positive integer or None")
+  if isinstance(fps, bool) or not isinstance(fps, int) or fps < 1:
+    raise MediaError(f"fps {fps!r} must be a positive integer")
+  stop = ["-frames:v", str(max_frames)] if max_frames is not None else []
+  out = _run(["-nostdin", "-ss", "0", "-i", "file:" + os.fspath(path),
+              "-vf", f"fps={fps},scale={width}:{height}"] + stop +
+             ["-f", "rawvideo", "-pix_fmt", "rgb24", "-"], path, "video")
+  frame_bytes = height * width * 3
+  n = len(out) // frame_bytes
+  if n == 0:
+    raise media_error(path, "video has 0 frames")
+  video = np.frombuffer(out, np.uint8, count=n * frame_bytes).reshape(n, height, width, 3)
+  return video[:max_frames] if max_frames is not None else video
