@@ -70,3 +70,24 @@ def test_text_parity_catches_a_wrong_cleaner_pair(tmp_path, capsys):
   path.write_text(json.dumps(data))
   assert main([str(tmp_path), "--only", "text"]) == 1
   assert "FAIL  text/clean_caption (twice" in capsys.readouterr().out
+
+
+def test_sampling_loop_parity_passes_for_both_guidance_modes(capsys):
+  assert main([FIXTURES, "--only", "dit_sample_cfg3,dit_sample_cfg1"]) == 0
+  out = capsys.readouterr().out
+  for name in ("dit_sample_cfg3/final_latent", "dit_sample_cfg1/final_latent",
+               "dit_sample_cfg3/per-call velocity", "dit_sample_cfg1/per-call kv_range"):
+    assert f"PASS  {name}" in out
+  assert "FAIL" not in out
+
+
+def test_sampling_loop_parity_fails_on_a_wrong_final_latent(tmp_path, capsys):
+  for name in ("dit_config.json", "dit_weights.safetensors"):
+    shutil.copy(os.path.join(FIXTURES, name), tmp_path / name)
+  f = SafetensorsFile(os.path.join(FIXTURES, "dit_sample_cfg1.safetensors"))
+  data = {k: f.get(k) for k in f.keys()}
+  data["out.final_latent"] = data["out.final_latent"].copy()
+  data["out.final_latent"][0, 0, -1] += 0.01       # the last chunk, off by 1e-2
+  save_safetensors(data, str(tmp_path / "dit_sample_cfg1.safetensors"), metadata=f.metadata)
+  assert main([str(tmp_path), "--only", "dit_sample_cfg1"]) == 1
+  assert "FAIL  dit_sample_cfg1/final_latent" in capsys.readouterr().out

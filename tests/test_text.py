@@ -132,9 +132,15 @@ def test_strict_loading_names_missing_and_misshaped_tensors(tmp_path):
     load_t5(str(tmp_path / "bad"))
 
 
-def test_bin_only_and_missing_directories_fail_clearly(tmp_path):
+def test_bad_bin_and_missing_directories_fail_clearly(tmp_path):
+  # .bin directories are read (tests/test_torch_bin.py); broken ones must say what is wrong.
+  with pytest.raises(CheckpointFormatError, match="no T5 weights"):
+    load_t5(str(tmp_path))
   (tmp_path / "pytorch_model-00001-of-00002.bin").write_bytes(b"x")
-  with pytest.raises(CheckpointFormatError, match="safetensors"):
+  with pytest.raises(CheckpointFormatError, match="no pytorch_model.bin.index.json"):
+    load_t5(str(tmp_path))
+  (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+  with pytest.raises(CheckpointFormatError, match="pytorch_model.bin: not a zip-based torch.save"):
     load_t5(str(tmp_path))
   with pytest.raises(CheckpointFormatError, match="not found"):
     load_t5(str(tmp_path / "nope"))

@@ -1,11 +1,12 @@
 """Hugging Face T5 checkpoint directory <-> `T5Encoder`.
 
 A directory holds `config.json` and `model.safetensors` or shards listed in
-`model.safetensors.index.json` (what `save_pretrained` writes). Loading is strict over the
-encoder's tensors; the decoder and LM head of a full encoder-decoder checkpoint are skipped
+`model.safetensors.index.json` (what `save_pretrained` writes), or else the old PyTorch layout
+of MAGI-1's `ckpt/t5/t5-v1_1-xxl` download: `pytorch_model.bin` or shards listed in
+`pytorch_model.bin.index.json`, read without torch by `torch_bin` (zip-format `torch.save`
+files only; pickled globals other than tensors and dicts are refused). Loading is strict over
+the encoder's tensors; the decoder and LM head of a full encoder-decoder checkpoint are skipped
 by name, and `encoder.embed_tokens.weight` is accepted as the tied copy of `shared.weight`.
-PyTorch `.bin` shards (the layout of MAGI-1's `ckpt/t5/t5-v1_1-xxl` download) are not read
-here: convert them once to safetensors (see the README) and point at the result.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from magi_jax.convert import t5_layout
-from magi_jax.convert.checkpoint_dir import INDEX, SINGLE, ShardedCheckpoint
+from magi_jax.convert.checkpoint_dir import (BIN_INDEX, BIN_SINGLE, INDEX, SINGLE,
+                                             ShardedCheckpoint)
 from magi_jax.convert.dit_official import save_sharded
 from magi_jax.convert.safetensors_io import CheckpointFormatError
 from magi_jax.convert.strict import CheckpointMismatchError, export_state_dict, load_strict
@@ -56,18 +58,17 @@ class _EncoderView:
 def _check_directory(directory: str) -> None:
   if not os.path.isdir(directory):
     raise CheckpointFormatError(f"{directory}: T5 checkpoint directory not found")
-  has_st = any(os.path.exists(os.path.join(directory, n)) for n in (SINGLE, INDEX, SINGLE + ".zst"))
-  if not has_st and glob.glob(os.path.join(directory, "pytorch_model*.bin")):
-    raise CheckpointFormatError(
-        f"{directory}: has PyTorch .bin weights only; convert them once to safetensors "
-        "(README: 'T5 weights') and pass that directory")
+  names = (SINGLE, INDEX, SINGLE + ".zst", BIN_SINGLE, BIN_INDEX)
+  if not any(os.path.exists(os.path.join(directory, n)) for n in names) and not glob.glob(
+      os.path.join(directory, "pytorch_model*.bin")):
+    raise CheckpointFormatError(f"{directory}: no T5 weights (expected one of {', '.join(names)})")
 
 
 def load_t5(directory: str, *, dtype=jnp.float32, cfg: T5Config | None = None) -> T5Encoder:
   """A `T5Encoder` with the weights of a Hugging Face T5 directory, loaded strictly."""
   _check_directory(directory)
-  cfg = cfg or load_t5_config(directory)
   source = _EncoderView(ShardedCheckpoint(directory))
+  cfg = cfg or load_t5_config(directory)
   abstract = nnx.eval_shape(lambda: T5Encoder(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
   try:
     return load_strict(source, t5_layout.layout(cfg), abstract)

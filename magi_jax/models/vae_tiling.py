@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
 F32 = jnp.float32
 
@@ -71,10 +72,11 @@ def _geometry(tc: TileConfig, size_thw, space: int, time: int, *, latent_in: boo
   return tile, stride, extent, keep
 
 
-def _tiled(fn, x, tc: TileConfig, space: int, time: int, *, latent_in: bool, in_place: bool):
+def _tiled_rows(fn, x, tc: TileConfig, space: int, time: int, *, latent_in: bool,
+                in_place: bool):
+  """Yields the output one temporal tile row at a time (blended, cropped)."""
   tile, stride, extent, keep = _geometry(tc, x.shape[2:], space, time, latent_in=latent_in)
   T, H, W = x.shape[2:]
-  rows_t = []
   for f in _starts(T, stride[0]):
     tiles = [[fn(x[:, :, f:f + tile[0], i:i + tile[1], j:j + tile[2]])
               for j in _starts(W, stride[2])] for i in _starts(H, stride[1])]
@@ -92,17 +94,41 @@ def _tiled(fn, x, tc: TileConfig, space: int, time: int, *, latent_in: bool, in_
           tiles[i][j] = t          # later tiles see this blended version
         out_row.append(t[:, :, :keep[0], :keep[1], :keep[2]])
       rows_h.append(jnp.concatenate(out_row, axis=4))
-    rows_t.append(jnp.concatenate(rows_h, axis=3))
-  return jnp.concatenate(rows_t, axis=2)
+    out = jnp.concatenate(rows_h, axis=3)
+    del tiles, raw, rows_h        # only one row of tiles is alive at a time
+    yield out
 
 
 def tiled_encode(vae, x, tc: TileConfig = TileConfig()):
   """Pixels (B, 3, T, H, W) -> posterior mean, tile by tile (official TileProcessor order)."""
-  return _tiled(vae.encode, x, tc, vae.cfg.patch_size, vae.cfg.patch_length, latent_in=False,
-                in_place=True)
+  rows = _tiled_rows(vae.encode, x, tc, vae.cfg.patch_size, vae.cfg.patch_length,
+                     latent_in=False, in_place=True)
+  return jnp.concatenate(list(rows), axis=2)     # latents are small: one concatenate
 
 
-def tiled_decode(vae, z, tc: TileConfig = TileConfig()):
-  """Latents (B, z, T', H', W') -> pixels, tile by tile (official TileProcessor order)."""
-  return _tiled(vae.decode, z, tc, vae.cfg.patch_size, vae.cfg.patch_length, latent_in=True,
-                in_place=False)
+def iter_tiled_decode(vae, z, tc: TileConfig = TileConfig()):
+  """Yields the decoded pixels one temporal tile (12 frames at 24 fps) at a time."""
+  yield from _tiled_rows(vae.decode, z, tc, vae.cfg.patch_size, vae.cfg.patch_length,
+                         latent_in=True, in_place=False)
+
+
+def tiled_decode(vae, z, tc: TileConfig = TileConfig()) -> np.ndarray:
+  """Latents (B, z, T', H', W') -> pixels (numpy), tile by tile (official TileProcessor order).
+
+  Rows are copied into one preallocated host array and freed as they land, so the peak is
+  the output plus one temporal tile row (a concatenate would hold the output twice).
+  """
+  out, f = None, 0
+  for row in iter_tiled_decode(vae, z, tc):
+    if out is None:
+      frames = _total_frames(z.shape[2], tc, vae.cfg.patch_length, row.shape[2])
+      out = np.empty(row.shape[:2] + (frames,) + row.shape[3:], np.dtype(row.dtype))
+    out[:, :, f:f + row.shape[2]] = np.asarray(row)
+    f += row.shape[2]
+    del row
+  return out[:, :, :f]
+
+
+def _total_frames(latent_frames: int, tc: TileConfig, patch_length: int, first_row: int) -> int:
+  """Upper bound of the decoded frame count (exact unless the last row is a 1-latent tile)."""
+  return max(first_row, latent_frames * patch_length)

@@ -12,11 +12,13 @@ import argparse
 import os
 import sys
 
-from magi_jax.parity import dit_forward, text, vae_io
+from magi_jax.parity import dit_forward, dit_sample, text, vae_io
 from magi_jax.parity.compare import failure
 
 CHECKS = {
     "dit_forward": (dit_forward.FILE, dit_forward.run),
+    "dit_sample_cfg3": ("dit_sample_cfg3.safetensors", dit_sample.run_cfg3),
+    "dit_sample_cfg1": ("dit_sample_cfg1.safetensors", dit_sample.run_cfg1),
     "vae_io": (vae_io.FILE, vae_io.run),
     "text": (text.FILE, text.run),
 }
@@ -27,7 +29,8 @@ def main(argv=None) -> int:
   ap.add_argument("directory", help="fixture directory (e.g. tests/fixtures)")
   ap.add_argument("--only", default="", help=f"comma-separated checks; available: {', '.join(CHECKS)}")
   ap.add_argument("--activations", action="store_true",
-                  help="also compare the intermediate activations (to localise an error)")
+                  help="also compare the intermediate activations / every sampler call "
+                       "(to localise an error)")
   ap.add_argument("--backend", default="reference", help="attention backend to run the port with")
   args = ap.parse_args(argv)
 

@@ -37,57 +37,104 @@ def prepend_tokens(emb: np.ndarray, mask: np.ndarray, tokens: Sequence[np.ndarra
   return emb, mask
 
 
+class ChunkTextRows:
+  """Per-chunk text rows, built on demand (so memory does not grow with the video length).
+
+  embs (k, L, D) / masks (k, L): T5 rows of k distinct prompts; `prompt_of_chunk` (n ints, or
+  None when k == 1) says which prompt each of the n = infer_chunk_num - clean_chunk_num noisy
+  chunks uses. `cond(c)` / `null()` give (row (L, D), mask (L,)) float32.
+  """
+
+  def __init__(self, embs, masks, null_caption, *, infer_chunk_num: int, clean_chunk_num: int = 0,
+               special: SpecialTokens | None = None, flags: TextFlags = TextFlags(),
+               prompt_of_chunk=None):
+    self.embs = np.asarray(embs, np.float32)
+    self.masks = np.asarray(masks, np.float32)
+    self.null_caption = np.asarray(null_caption, np.float32)
+    self.infer_chunk_num, self.clean_chunk_num = infer_chunk_num, clean_chunk_num
+    self.special, self.flags = special, flags
+    n = infer_chunk_num - clean_chunk_num
+    if clean_chunk_num < 0 or n < 1:
+      raise ValueError(f"need at least one noisy chunk: infer_chunk_num {infer_chunk_num}, "
+                       f"clean_chunk_num {clean_chunk_num}")
+    if self.embs.ndim != 3 or self.masks.shape != self.embs.shape[:2]:
+      raise ValueError(f"caption rows {self.embs.shape} / masks {self.masks.shape}: expected "
+                       "(k, L, D) / (k, L)")
+    k, length, dim = self.embs.shape
+    if prompt_of_chunk is None:
+      if k not in (1, n):
+        raise ValueError(f"{k} caption rows for {n} noisy chunks (infer_chunk_num "
+                         f"{infer_chunk_num} - clean_chunk_num {clean_chunk_num})")
+      prompt_of_chunk = [0] * n if k == 1 else list(range(n))
+    self.prompt_of_chunk = [int(i) for i in prompt_of_chunk]
+    if len(self.prompt_of_chunk) != n or not all(0 <= i < k for i in self.prompt_of_chunk):
+      raise ValueError(f"prompt_of_chunk must give one of {k} prompts for each of {n} chunks")
+    if self.null_caption.shape != (length, dim):
+      raise ValueError(f"null_caption {self.null_caption.shape} does not match the caption rows "
+                       f"({length}, {dim})")
+    if (flags.positive_keys() or flags.neg_prompt) and special is None:
+      raise ValueError(f"flags ask for special tokens {flags.positive_keys()} but no "
+                       "SpecialTokens were given (load special_tokens.npz or use TextFlags.none())")
+    if special is not None and special.dim != dim:
+      raise ValueError(f"special tokens have dim {special.dim}, the caption rows {dim}")
+    neg, length = self.null_caption, self.null_caption.shape[0]
+    if flags.neg_prompt:
+      neg, _ = prepend_tokens(neg, np.zeros(length, np.float32),
+                              [special.token(k) for k in NEGATIVE_KEYS])
+    neg_m = np.zeros(length, np.float32)
+    neg_m[:NULL_CAPTION_VALID] = 1
+    self._null = (neg, neg_m)
+
+  def null(self):
+    return self._null
+
+  def cond(self, chunk: int):
+    """Row and mask of absolute chunk `chunk` in the conditional half."""
+    if not 0 <= chunk < self.infer_chunk_num:
+      raise IndexError(f"chunk {chunk} outside [0, {self.infer_chunk_num})")
+    if chunk < self.clean_chunk_num:
+      return self.null_caption, np.zeros(self.null_caption.shape[0], np.float32)
+    n = self.infer_chunk_num - self.clean_chunk_num
+    i = chunk - self.clean_chunk_num
+    p = self.prompt_of_chunk[i]
+    e, m = self.embs[p], self.masks[p]
+    for key in self.flags.positive_keys():   # one prepend per key, in the official order
+      tok = self.special.duration(n - i) if key == "DURATION" else self.special.token(key)
+      e, m = prepend_tokens(e, m, [tok])
+    return e, m
+
+
+class ArrayTextRows:
+  """Text rows given as the official arrays y (2, C, L, D) and emb_masks (2, C, L)."""
+
+  def __init__(self, y, emb_masks):
+    self.y = np.asarray(y, np.float32)
+    self.emb_masks = np.asarray(emb_masks, np.float32)
+    if self.y.ndim != 4 or self.y.shape[0] != 2 or self.emb_masks.shape != self.y.shape[:3]:
+      raise ValueError(f"y {self.y.shape} / emb_masks {self.emb_masks.shape}: expected "
+                       "(2, chunks, L, D) / (2, chunks, L)")
+    self.infer_chunk_num = self.y.shape[1]
+
+  def cond(self, chunk: int):
+    return self.y[0, chunk], self.emb_masks[0, chunk]
+
+  def null(self):
+    return self.y[1, 0], self.emb_masks[1, 0]
+
+
 def build_text_rows(chunk_embs, chunk_masks, null_caption, *, infer_chunk_num: int,
-                    clean_chunk_num: int = 0, special: SpecialTokens | None = None, flags: TextFlags = TextFlags()):
-  """y (2, C, L, D) float32 and emb_masks (2, C, L) float32.
+                    clean_chunk_num: int = 0, special: SpecialTokens | None = None,
+                    flags: TextFlags = TextFlags()):
+  """y (2, C, L, D) float32 and emb_masks (2, C, L) float32, the official arrays.
 
   chunk_embs (n, L, D) / chunk_masks (n, L): the T5 rows and mask of the prompt of each of the
   n = infer_chunk_num - clean_chunk_num noisy chunks (a single row is used for all of them).
   null_caption (L, D): the DiT's `null_caption_embedding`.
   """
-  embs = np.asarray(chunk_embs, np.float32)
-  masks = np.asarray(chunk_masks, np.float32)
-  null = np.asarray(null_caption, np.float32)
-  if clean_chunk_num < 0 or infer_chunk_num <= clean_chunk_num:
-    raise ValueError(f"need at least one noisy chunk: infer_chunk_num {infer_chunk_num}, "
-                     f"clean_chunk_num {clean_chunk_num}")
-  if embs.ndim != 3 or masks.shape != embs.shape[:2]:
-    raise ValueError(f"chunk_embs {embs.shape} / chunk_masks {masks.shape}: expected (n, L, D) / (n, L)")
-  n = infer_chunk_num - clean_chunk_num
-  if embs.ndim == 3 and embs.shape[0] == 1 and n > 1:
-    embs = np.broadcast_to(embs, (n,) + embs.shape[1:])
-    masks = np.broadcast_to(masks, (n,) + masks.shape[1:])
-  if embs.ndim == 3 and embs.shape[0] != n:
-    raise ValueError(f"{embs.shape[0]} caption rows for {n} noisy chunks "
-                     f"(infer_chunk_num {infer_chunk_num} - clean_chunk_num {clean_chunk_num})")
-  _, length, dim = embs.shape
-  if null.shape != (length, dim):
-    raise ValueError(f"null_caption {null.shape} does not match the caption rows ({length}, {dim})")
-  keys = flags.positive_keys()
-  if (keys or flags.neg_prompt) and special is None:
-    raise ValueError(f"flags ask for special tokens {keys} but no SpecialTokens were given "
-                     "(load special_tokens.npz or use TextFlags.none())")
-  if special is not None and special.dim != dim:
-    raise ValueError(f"special tokens have dim {special.dim}, the caption rows {dim}")
-
-  cond_y, cond_m = [], []
-  for _ in range(clean_chunk_num):
-    cond_y.append(null)
-    cond_m.append(np.zeros(length, np.float32))
-  for i in range(n):
-    e, m = embs[i], masks[i]
-    for key in keys:   # one prepend per key, in the official order
-      tok = special.duration(n - i) if key == "DURATION" else special.token(key)
-      e, m = prepend_tokens(e, m, [tok])
-    cond_y.append(e)
-    cond_m.append(m)
-  chunks = clean_chunk_num + n
-  neg = null
-  if flags.neg_prompt:
-    neg, _ = prepend_tokens(null, np.zeros(length, np.float32),
-                            [special.token(k) for k in NEGATIVE_KEYS])
-  neg_m = np.zeros(length, np.float32)
-  neg_m[:NULL_CAPTION_VALID] = 1
-  y = np.stack([np.stack(cond_y), np.broadcast_to(neg, (chunks, length, dim))])
-  emb_masks = np.stack([np.stack(cond_m), np.broadcast_to(neg_m, (chunks, length))])
-  return y.astype(np.float32), emb_masks.astype(np.float32)
+  rows = ChunkTextRows(chunk_embs, chunk_masks, null_caption, infer_chunk_num=infer_chunk_num,
+                       clean_chunk_num=clean_chunk_num, special=special, flags=flags)
+  cond = [rows.cond(c) for c in range(infer_chunk_num)]
+  neg, neg_m = rows.null()
+  y = np.stack([np.stack([e for e, _ in cond]), np.broadcast_to(neg, (infer_chunk_num,) + neg.shape)])
+  m = np.stack([np.stack([k for _, k in cond]), np.broadcast_to(neg_m, (infer_chunk_num,) + neg_m.shape)])
+  return y.astype(np.float32), m.astype(np.float32)

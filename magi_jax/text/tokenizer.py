@@ -73,3 +73,21 @@ class T5Tokenizer:
       ids[row, :len(toks)] = toks
       mask[row, :len(toks)] = 1
     return ids, mask
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as tokens (id = byte + 3; 0 pad, 1 </s>, 2 unk), ByT5-style.
+
+  Needs no vocabulary file: the `tiny` preset's random text encoder uses it so that sampling
+  runs with no download. Same call convention as `T5Tokenizer`.
+  """
+
+  vocab_size = 259
+  eos_id, pad_id = 1, 0
+
+  def pieces(self, text: str) -> list[int]:
+    if not isinstance(text, str):
+      raise TypeError(f"prompts must be str, got {type(text).__name__}")
+    return [b + 3 for b in text.encode("utf-8")]
+
+  __call__ = T5Tokenizer.__call__

@@ -1,0 +1,43 @@
+"""Fields shared by every sampling config (`python -m experiments.sample --config=...`).
+
+Not a config file itself: the preset files call `sample_config(preset, **overrides)`.
+Every field can be overridden on the command line, e.g. `--config.prompt="a red fox"`.
+"""
+
+import ml_collections
+
+
+def sample_config(preset: str, **overrides) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.preset = preset               # magi_jax.configs preset (model / runtime / engine settings)
+  c.magi_config = ""              # optional official *_config.json instead of the preset
+  # Weights: converted orbax or official directories. Empty = random (tiny preset only).
+  c.dit_checkpoint = ""
+  c.vae_checkpoint = ""
+  c.t5_checkpoint = ""
+  c.special_tokens = ""           # special_tokens.npz (empty: random for tiny, else required)
+  c.special_token_flags = "hq,duration"   # official run.sh: PAD_HQ=1 PAD_DURATION=1
+  c.neg_prompt = False            # official NEG_PROMPT
+  c.text_cache_dir = "~/.cache/magi_jax/text"   # on-disk T5 embedding cache ("" = off)
+  c.precision = "bf16"            # bf16 (the official policy) | fp32
+  c.backend = "blockwise"         # attention backend
+  # What to generate.
+  c.mode = "t2v"                  # t2v | i2v | v2v
+  c.prompt = "A red ball bounces across a wooden floor."
+  c.prompt_file = ""              # per-chunk prompts (JSON list of {prompt, start, end})
+  c.image = ""                    # i2v input image
+  c.video = ""                    # v2v prefix video
+  c.prefix_frames = 32            # v2v: frames of the video used as prefix (official: 32)
+  c.height = 0                    # 0 = the preset's video_size_h
+  c.width = 0
+  c.num_frames = 0                # 0 = the preset's num_frames
+  c.num_steps = 0                 # 0 = the preset's num_steps
+  c.shortcut_mode = ""            # "" = preset; 12-step grid "8,16,16" | "16,16,8"
+  c.text_scales = ()              # () = preset (per cfg_t_range bucket)
+  c.prev_chunk_scales = ()
+  c.nearly_clean_weight = 0.7     # official env prev_chunks_scale (distilled models)
+  c.seed = 1234
+  c.output = "sample.mp4"         # .mp4 (H.264 yuv420p) or .gif
+  c.progress = True
+  c.update(overrides)
+  return c
