@@ -130,7 +130,7 @@ def child(mode, T):
   hw, tl = FLAGS.latent_hw, FLAGS.tile_frames // vae.cfg.patch_length
   rng = np.random.default_rng(0)
   warm = rng.normal(size=(1, vae.cfg.z_chans, tl, hw, hw)).astype(np.float32)
-  tiled_decode(vae, warm, tc).block_until_ready()
+  jax.block_until_ready(tiled_decode(vae, warm, tc))
   del warm
   z = rng.normal(size=(1, vae.cfg.z_chans, T, hw, hw)).astype(np.float32)
   base_cur, base_peak = _current_mib(), _peak_mib()
@@ -138,7 +138,7 @@ def child(mode, T):
   t0 = time.perf_counter()
   if mode == "tiled":
     out = tiled_decode(rec, z, tc)
-    out.block_until_ready()
+    jax.block_until_ready(out)
     frames, H, W = out.shape[2:]
   else:
     path = os.path.join(tempfile.mkdtemp(prefix="vae_mem_"), "clip.mp4")
