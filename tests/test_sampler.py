@@ -523,12 +523,27 @@ def test_per_chunk_prompts(sampler):
   assert not np.array_equal(two.cond(1)[0], two.cond(2)[0])
 
   rec = RecordingText(two)
-  asked_per_call = []
-  out2, _, _ = run(sampler, n, text=rec, on_call=lambda r: asked_per_call.append(
-      (r.plan, list(rec.asked[sum(len(a) for _, a in asked_per_call):]))))
-  # The cond rows of exactly the denoised chunks are used; the refresh chunk gets the null row.
-  for plan, asked in asked_per_call:
-    assert asked == list(range(plan.c0, plan.c1)), plan
+  given, plans = [], []
+  step = sampler._step
+
+  def recording_step(**kw):
+    given.append((np.asarray(kw["y_cond"]), np.asarray(kw["m_cond"])))
+    return step(**kw)
+
+  sampler._step = recording_step
+  try:
+    out2, _, _ = run(sampler, n, text=rec, on_call=lambda r: plans.append(r.plan))
+  finally:
+    sampler._step = step
+  # Each call gets the cond rows of exactly its denoised chunks; the refresh chunk gets the
+  # null row. Every chunk's row is built once, however many calls it takes part in.
+  null_y, null_m = two.null()
+  assert len(given) == len(plans)
+  for plan, (y, m) in zip(plans, given):
+    rows = ([(null_y, null_m)] if plan.refresh else []) + [two.cond(c) for c in range(plan.c0, plan.c1)]
+    np.testing.assert_array_equal(y, np.stack([r for r, _ in rows]), err_msg=str(plan))
+    np.testing.assert_array_equal(m, np.stack([k for _, k in rows]), err_msg=str(plan))
+  assert rec.asked == list(range(n))
   out1, _, _ = run(sampler, n, text=one)
   # Chunks 0 and 1 use prompt 0 in both runs and never attend to later chunks (block
   # causality; clean chunks enter the cache with null-text features, spec §2.2): identical.

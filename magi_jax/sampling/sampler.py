@@ -126,7 +126,13 @@ class Sampler:
     clean_w = rt.clean_chunk_kvrange
     store = KVCacheStore(max(1, cache_chunks_needed(plans, steps, rt.noise2clean_kvrange, clean_w)),
                          tok)
-    null_y, null_m = text.null()
+    null_y, null_m = (jnp.asarray(a)[None] for a in text.null())   # on the device once
+    rows: dict[int, tuple] = {}      # device text rows of the chunks in the call, built once each
+
+    def cond_row(c):
+      if c not in rows:
+        rows[c] = tuple(jnp.asarray(a) for a in text.cond(c))
+      return rows[c]
 
     def initial(c):
       if noise is not None:
@@ -153,19 +159,20 @@ class Sampler:
       widths = [clean_w] * plan.refresh + [kv_width(s, steps, rt.noise2clean_kvrange)
                                            for s in plan.sigmas]
       kv_range = np.array([chunk_kv_range(c, wd, tok) for c, wd in zip(chunks, widths)], np.int32)
-      rows = [text.null() if (plan.refresh and i == 0) else text.cond(c)
-              for i, c in enumerate(chunks)]
-      y_cond = np.stack([r for r, _ in rows])
-      m_cond = np.stack([k for _, k in rows])
+      call_rows = [(null_y[0], null_m[0]) if (plan.refresh and i == 0) else cond_row(c)
+                   for i, c in enumerate(chunks)]
+      y_cond = jnp.stack([r for r, _ in call_rows])
+      m_cond = jnp.stack([k for _, k in call_rows])
+      for c in [c for c in rows if c < plan.c0]:      # chunks that left the window
+        del rows[c]
       need = max(0, sp - int(kv_range[:, 0].min()) // tok)
       cache = store.read(sp, need)
       nearly = (rt.cfg_number == 1
                 and schedule.nearly_clean(t_den[0], self.cfg.engine.distill_nearly_clean_chunk_threshold))
       s_p, s_t = self._scales(t_den)
       x_next, v, kv = self._step(
-          x=x, t=jnp.asarray(t), dt=jnp.asarray(dt), y_cond=jnp.asarray(y_cond),
-          m_cond=jnp.asarray(m_cond), y_null=jnp.asarray(null_y)[None],
-          m_null=jnp.asarray(null_m)[None], kv_range=jnp.asarray(kv_range),
+          x=x, t=jnp.asarray(t), dt=jnp.asarray(dt), y_cond=y_cond, m_cond=m_cond,
+          y_null=null_y, m_null=null_m, kv_range=jnp.asarray(kv_range),
           slice_point=jnp.asarray(sp, jnp.int32), cache=cache, scale_prev=jnp.asarray(s_p),
           scale_text=jnp.asarray(s_t), blend=jnp.asarray(self.options.nearly_clean_weight, F32),
           step_size=self._step_size(plan.idx), cfg_number=rt.cfg_number, refresh=plan.refresh,
@@ -199,7 +206,7 @@ class Sampler:
     for c in range(n_clean):
       kv = self._prefill_fn(
           x=prefix[:, :, c * cw:(c + 1) * cw], t=jnp.asarray([rt.clean_t], F32),
-          y=jnp.asarray(null_y)[None], mask=jnp.asarray(null_m)[None],
+          y=null_y, mask=null_m,
           kv_range=jnp.asarray([[c * tok, (c + 1) * tok]], jnp.int32),
           slice_point=jnp.asarray(c, jnp.int32), step_size=self._step_size(0), chunk_width=cw,
           caption_dropout=rt.cfg_number == 3)         # the cache-writing pass of each mode
