@@ -19,7 +19,7 @@ from magi_jax.convert.t5_official import load_t5, save_t5, t5_state_dict
 from magi_jax.text import (NULL_CAPTION_VALID, PromptScheduleError, SpecialTokenError,
                            SpecialTokens, T5Config, T5Encoder, T5Tokenizer, TextEncoder,
                            TextFlags, TokenizerError, build_text_rows, prompts_per_chunk,
-                           text_inputs)
+                           chunk_text_rows)
 from magi_jax.text.t5 import T5ConfigError, relative_position_bucket, t5_config_from_dict
 
 T5_DIR = os.path.join(FIXTURES, "text", "t5_tiny")
@@ -279,13 +279,13 @@ def test_prompt_schedule_and_errors():
 def test_per_chunk_prompts_give_their_own_rows(tmp_path):
   enc = TextEncoder.from_pretrained(T5_DIR, max_length=24, cache_dir=str(tmp_path / "c"))
   null = np.zeros((24, 64), np.float32)
-  y, m = text_inputs(enc, [("a red ball falls", 0, 1), ("the blue cube rolls", 1, 2)], null,
-                     infer_chunk_num=2, clean_chunk_num=0, flags=TextFlags.none())
+  rows = chunk_text_rows(enc, [("a red ball falls", 0, 1), ("the blue cube rolls", 1, 2)],
+                         null, infer_chunk_num=2, clean_chunk_num=0, flags=TextFlags.none())
   a, ma = enc.encode(["a red ball falls"])
   b, _ = enc.encode(["the blue cube rolls"])
-  np.testing.assert_array_equal(y[0, 0], a[0])
-  np.testing.assert_array_equal(y[0, 1], b[0])
-  np.testing.assert_array_equal(m[0, 0], ma[0])
+  np.testing.assert_array_equal(rows.cond(0)[0], a[0])
+  np.testing.assert_array_equal(rows.cond(1)[0], b[0])
+  np.testing.assert_array_equal(rows.cond(0)[1], ma[0])
 
 
 # ---------------------------------------------------------------- encoder facade and cache

@@ -25,7 +25,7 @@ from magi_jax.media import (VideoWriter, plan_frames, prefix_latent_frames_for_v
 from magi_jax.models.vae_tiling import TileConfig, iter_tiled_decode, tiled_encode
 from magi_jax.sampling import SamplerOptions
 from magi_jax.text import ChunkTextRows, TextFlags
-from magi_jax.text.prompts import as_schedule, load_prompt_file, prompts_per_chunk
+from magi_jax.text.prompts import chunk_text_rows, load_prompt_file
 
 
 class JittedVAE:
@@ -76,15 +76,10 @@ def encode_prefix(comp: Components, req: Request, tiles: TileConfig):
 
 def text_rows(comp: Components, req: Request, flags: TextFlags, *, infer_chunk_num: int,
               clean_chunk_num: int) -> ChunkTextRows:
-  n = infer_chunk_num - clean_chunk_num
-  schedule = load_prompt_file(req.prompt_file) if req.prompt_file else as_schedule(req.prompt, n)
-  per_chunk = prompts_per_chunk(schedule, n)
-  unique = list(dict.fromkeys(per_chunk))
-  emb, mask = comp.text.encode(unique)
+  schedule = load_prompt_file(req.prompt_file) if req.prompt_file else req.prompt
   null = np.asarray(comp.dit.y_embedder.null_caption_embedding[...], np.float32)
-  return ChunkTextRows(emb, mask, null, infer_chunk_num=infer_chunk_num,
-                       clean_chunk_num=clean_chunk_num, special=comp.special, flags=flags,
-                       prompt_of_chunk=[unique.index(p) for p in per_chunk])
+  return chunk_text_rows(comp.text, schedule, null, infer_chunk_num=infer_chunk_num,
+                         clean_chunk_num=clean_chunk_num, special=comp.special, flags=flags)
 
 
 def generate(comp: Components, req: Request, *, flags: TextFlags = TextFlags(),

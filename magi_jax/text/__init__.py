@@ -2,7 +2,8 @@
 
 from magi_jax.text.cache import EmbeddingCache
 from magi_jax.text.encoder import TextEncoder
-from magi_jax.text.prompts import ChunkPrompt, PromptScheduleError, load_prompt_file, prompts_per_chunk, text_inputs
+from magi_jax.text.prompts import (ChunkPrompt, PromptScheduleError, chunk_text_rows,
+                                   load_prompt_file, prompts_per_chunk)
 from magi_jax.text.rows import NULL_CAPTION_VALID, ArrayTextRows, ChunkTextRows, build_text_rows
 from magi_jax.text.special_tokens import SpecialTokenError, SpecialTokens, TextFlags
 from magi_jax.text.t5 import T5_V1_1_XXL, T5Config, T5ConfigError, T5Encoder, load_t5_config

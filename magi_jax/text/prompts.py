@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Sequence
-
 
 class PromptScheduleError(ValueError):
   pass
@@ -81,13 +79,15 @@ def load_prompt_file(path: str) -> list[ChunkPrompt]:
   return as_schedule(data, 0)
 
 
-def text_inputs(encoder, prompts, null_caption, *, infer_chunk_num: int, clean_chunk_num: int,
-                special=None, flags=None):
-  """y (2, C, L, D), emb_masks (2, C, L) for a prompt or a per-chunk schedule."""
-  from magi_jax.text.rows import build_text_rows
+def chunk_text_rows(encoder, prompts, null_caption, *, infer_chunk_num: int,
+                    clean_chunk_num: int, special=None, flags=None):
+  """`ChunkTextRows` for a prompt or a per-chunk schedule; each distinct prompt encoded once."""
+  from magi_jax.text.rows import ChunkTextRows
   from magi_jax.text.special_tokens import TextFlags
-  per_chunk: Sequence[str] = prompts_per_chunk(prompts, infer_chunk_num - clean_chunk_num)
-  emb, mask = encoder.encode(list(per_chunk))
-  return build_text_rows(emb, mask, null_caption, infer_chunk_num=infer_chunk_num,
-                         clean_chunk_num=clean_chunk_num, special=special,
-                         flags=flags if flags is not None else TextFlags())
+  per_chunk = prompts_per_chunk(prompts, infer_chunk_num - clean_chunk_num)
+  unique = list(dict.fromkeys(per_chunk))
+  emb, mask = encoder.encode(unique)
+  return ChunkTextRows(emb, mask, null_caption, infer_chunk_num=infer_chunk_num,
+                       clean_chunk_num=clean_chunk_num, special=special,
+                       flags=flags if flags is not None else TextFlags(),
+                       prompt_of_chunk=[unique.index(p) for p in per_chunk])
