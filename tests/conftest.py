@@ -39,3 +39,24 @@ def make_model(precision=None, distill=False, seed=0, **model_kw):
 @pytest.fixture
 def fixtures_dir():
   return FIXTURES
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  """A persistent JAX compilation cache for the requesting module, shared by every module of
+  the session that asks for it (the sample-command and notebook runs have the same shapes);
+  the previous settings are restored afterwards."""
+  from jax.experimental.compilation_cache import compilation_cache
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  old = {n: getattr(jax.config, n) for n in names}
+  path = str(tmp_path_factory.getbasetemp() / "jax_compile_cache")
+  os.makedirs(path, exist_ok=True)
+  compilation_cache.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield path
+  for n, v in old.items():
+    jax.config.update(n, v)
+  compilation_cache.reset_cache()

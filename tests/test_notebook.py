@@ -10,10 +10,8 @@ tests/test_sample_command.py (same shapes: 16 frames, 2 steps, 64x64).
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from magi_jax.media import plan_frames, prefix_latent_frames_for_video, read_video
 
@@ -22,21 +20,7 @@ NOTEBOOK = os.path.join(REPO, "launch", "colab", "sample.ipynb")
 FAST = {"NUM_FRAMES": 16, "NUM_STEPS": 2, "PREFIX_FRAMES": 12, "PROGRESS": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {n: getattr(jax.config, n) for n in names}
-  path = str(tmp_path_factory.getbasetemp() / "jax_compile_cache")
-  os.makedirs(path, exist_ok=True)
-  compilation_cache.reset_cache()
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield path
-  for n, v in old.items():
-    jax.config.update(n, v)
-  compilation_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 def _load():

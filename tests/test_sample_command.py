@@ -16,11 +16,9 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 from absl import app
-from jax.experimental.compilation_cache import compilation_cache
 
 from experiments.configs import tiny
 from experiments.sample import build
@@ -37,24 +35,7 @@ NUM_FRAMES = 16             # 4 latent frames: 2 chunks
 NUM_STEPS = 2               # divisible by window_size 2 and len(noise2clean_kvrange) 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """A persistent compilation cache for this module (the previous settings are restored
-  afterwards). The directory is per session, shared with tests/test_notebook.py, whose runs
-  have the same shapes."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {n: getattr(jax.config, n) for n in names}
-  path = str(tmp_path_factory.getbasetemp() / "jax_compile_cache")
-  os.makedirs(path, exist_ok=True)
-  compilation_cache.reset_cache()
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield path
-  for n, v in old.items():
-    jax.config.update(n, v)
-  compilation_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 def _config(out_dir, name="out.mp4", **overrides):
