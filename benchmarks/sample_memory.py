@@ -42,12 +42,9 @@ chunks: ~0.02 s, its only timed chunk is the short last stage). The verdict line
 
 from __future__ import annotations
 
-import json
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +53,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from absl import app, flags  # noqa: E402
+from child_process import (MiB, current_mib, emit, peak_mib, run_child, status_mib,  # noqa: E402
+                           use_compile_cache)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("chunks", ["2", "4", "8", "16", "32"], "video lengths in chunks")
@@ -73,24 +72,7 @@ flags.DEFINE_bool("malloc_trim", True, "children return freed heap to the OS (gl
 flags.DEFINE_float("limit", 1.10, "flatness limit on max/min peak RSS")
 flags.DEFINE_integer("child", 0, "internal: sample this many chunks and print one JSON line")
 
-MiB = 2 ** 20
 CAPTION_VALID = 13
-
-
-def _peak_mib():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
-
-
-def _status_mib(field):
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1]) / 1024
-  return float("nan")
-
-
-def _current_mib():
-  return _status_mib("VmRSS")
 
 
 def _reset_hwm():
@@ -104,21 +86,13 @@ def _reset_hwm():
 
 
 def _random_model(seed=0):
-  """The tiny VideoDiT with every parameter random (as tests/conftest.py's make_model)."""
-  import jax
-  import jax.numpy as jnp
+  """The tiny VideoDiT with random weights (what the tiny sampling preset uses)."""
   from flax import nnx
   from magi_jax.configs import tiny_config
+  from magi_jax.generate.components import random_module
   from magi_jax.models import Precision, VideoDiT
-  m = VideoDiT(tiny_config().model, precision=Precision.fp32(), rngs=nnx.Rngs(seed))
-  state = nnx.state(m, nnx.Param)
-  leaves, treedef = jax.tree_util.tree_flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  new = [(jax.random.normal(k, x.shape, jnp.float32)
-          * ((x.shape[0] ** -0.5) if x.ndim == 2 else 0.1)).astype(x.dtype)
-         for k, x in zip(keys, leaves)]
-  nnx.update(m, jax.tree_util.tree_unflatten(treedef, new))
-  return m
+  return random_module(lambda: VideoDiT(tiny_config().model, precision=Precision.fp32(),
+                                        rngs=nnx.Rngs(seed)), seed)
 
 
 def _text_rows(model_cfg, n):
@@ -128,15 +102,7 @@ def _text_rows(model_cfg, n):
   emb = r.standard_normal((1, L, D)).astype(np.float32)
   mask = (np.arange(L) < CAPTION_VALID).astype(np.float32)[None]
   null = r.standard_normal((L, D)).astype(np.float32)
-  try:
-    from magi_jax.text import ChunkTextRows, TextFlags
-  except ImportError:                                  # older tree: the whole-video arrays
-    from magi_jax.text import ArrayTextRows
-    nm = np.zeros(L, np.float32)
-    nm[:50] = 1
-    y = np.stack([np.broadcast_to(emb[0], (n, L, D)), np.broadcast_to(null, (n, L, D))])
-    m = np.stack([np.broadcast_to(mask[0], (n, L)), np.broadcast_to(nm, (n, L))])
-    return ArrayTextRows(y, m)
+  from magi_jax.text import ChunkTextRows, TextFlags
   return ChunkTextRows(emb, mask, null, infer_chunk_num=n, flags=TextFlags.none())
 
 
@@ -149,10 +115,7 @@ def child(n):
   from magi_jax.sampling import Sampler, SamplerOptions
   from magi_jax.sampling import sampler as sampler_module
 
-  if FLAGS.cache_dir and FLAGS.cache_dir != "none":
-    jax.config.update("jax_compilation_cache_dir", FLAGS.cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  use_compile_cache(FLAGS.cache_dir)
   cfg = tiny_config()
   if FLAGS.num_steps:
     cfg = cfg.replace(runtime={"num_steps": FLAGS.num_steps})
@@ -200,8 +163,8 @@ def child(n):
   variants.clear()
   calls[0] = kv_max[0] = 0
   text = _text_rows(model.cfg, n)
-  peak_before = _peak_mib()                           # compilation high-water mark
-  base_rss = _current_mib()
+  peak_before = peak_mib()                           # compilation high-water mark
+  base_rss = current_mib()
   hwm_reset = _reset_hwm()
   checksum, per_chunk, rss_trace, emitted = 0.0, [], [], 0
   comp = warm_compilations
@@ -212,11 +175,11 @@ def child(n):
     if emitted >= 1 and c == comp:                    # the first chunk also fills the window
       per_chunk.append(now - last)
     comp, last, emitted = c, now, emitted + 1
-    rss_trace.append(round(_current_mib(), 1))
+    rss_trace.append(round(current_mib(), 1))
     del ch
   total = time.perf_counter() - t0
-  peak = max(peak_before, _peak_mib())
-  sample_peak = _status_mib("VmHWM") if hwm_reset else float("nan")
+  peak = max(peak_before, peak_mib())
+  sample_peak = status_mib("VmHWM") if hwm_reset else float("nan")
 
   # XLA memory analysis of every step variant called, from the recorded shapes (no arrays kept).
   _, state = __import__("flax").nnx.split(model)
@@ -235,20 +198,12 @@ def child(n):
              peak_rss=peak, sample_peak_rss=sample_peak, rss_trace=rss_trace,
              s_per_chunk=statistics.median(per_chunk) if per_chunk else float("nan"),
              timed_chunks=len(per_chunk), total_s=total, checksum=checksum)
-  print("RESULT " + json.dumps(res), flush=True)
+  emit(res)
 
 
 def _run_child(n, cache_dir):
-  argv = [sys.executable, os.path.abspath(__file__), f"--child={n}", f"--cache_dir={cache_dir}"]
-  for name in ("latent_hw", "num_steps", "backend", "warmup_chunks", "malloc_trim"):
-    argv.append(f"--{name}={FLAGS[name].value}")
-  env = dict(os.environ)
-  env.setdefault("JAX_PLATFORMS", "cpu")
-  p = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
-  lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-  if p.returncode != 0 or not lines:
-    sys.exit(f"child {n} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
-  return json.loads(lines[-1][len("RESULT "):])
+  names = ("latent_hw", "num_steps", "backend", "warmup_chunks", "malloc_trim")
+  return run_child(__file__, n, {k: FLAGS[k].value for k in names}, cache_dir)
 
 
 def _variant_key(v):

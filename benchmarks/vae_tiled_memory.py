@@ -25,19 +25,16 @@ Modes:
 
 Expected (the issue's bound): the per-tile temp is the same for every T (36.9 MiB here); tiled
 RSS growth tracks the output, ratio <= ~1; streaming RSS is flat (growth ~0 +- 15 MiB whatever
-T). Measured at the time of writing: per-tile temp flat and streaming flat as expected, but
-tiled ratio ~2.0: tiled_decode keeps every decoded temporal row in a list and then
-jnp.concatenate's them, so the rows (1x output) and the result (1x output) coexist at the peak.
-A full run takes ~2 min on 2 cores.
+T). Measured: tiled ratio 1.12 at T = 48 (151 MiB for 135 MiB of output), now that
+tiled_decode copies each temporal row into one preallocated output; the earlier version, which
+concatenated all rows at the end (rows and result alive together), gave 2.01. A full run
+takes ~1-2 min on 2 cores.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from absl import app, flags  # noqa: E402
+from child_process import MiB, current_mib, emit, peak_mib, run_child, use_compile_cache  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("T", ["3", "6", "12", "24", "48"], "latent frame counts")
@@ -61,19 +59,6 @@ flags.DEFINE_string("cache_dir", "", "persistent compilation cache (default: a t
 flags.DEFINE_string("child", "", "internal: 'mode:T' runs one measurement and prints JSON")
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-MiB = 2 ** 20
-
-
-def _peak_mib():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
-
-
-def _current_mib():
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) / 1024
-  return float("nan")
 
 
 class _Recording:
@@ -120,10 +105,7 @@ def child(mode, T):
   from magi_jax.models.vae import load_vae_config
   from magi_jax.models.vae_tiling import TileConfig, tiled_decode
 
-  if FLAGS.cache_dir:
-    jax.config.update("jax_compilation_cache_dir", FLAGS.cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  use_compile_cache(FLAGS.cache_dir)
   vae = load_official_vae(os.path.join(FIXTURES, "vae_weights.safetensors"),
                           load_vae_config(os.path.join(FIXTURES, "vae_config.json")))
   tc = TileConfig(FLAGS.tile_px, FLAGS.tile_px, FLAGS.tile_frames, 0.25, 0.0, True)
@@ -133,7 +115,7 @@ def child(mode, T):
   jax.block_until_ready(tiled_decode(vae, warm, tc))
   del warm
   z = rng.normal(size=(1, vae.cfg.z_chans, T, hw, hw)).astype(np.float32)
-  base_cur, base_peak = _current_mib(), _peak_mib()
+  base_cur, base_peak = current_mib(), peak_mib()
   rec = _Recording(vae)
   t0 = time.perf_counter()
   if mode == "tiled":
@@ -154,27 +136,18 @@ def child(mode, T):
     finally:
       shutil.rmtree(os.path.dirname(path), ignore_errors=True)
   sec = time.perf_counter() - t0
-  peak = _peak_mib()
+  peak = peak_mib()
   res = dict(mode=mode, T=T, frames=int(frames), H=int(H), W=int(W), seconds=sec,
              base_cur=base_cur, base_peak=base_peak, peak=peak, tile_shapes=len(rec.shapes),
              out_f32=frames * H * W * 3 * 4 / MiB, out_u8=frames * H * W * 3 / MiB)
   if mode == "tiled":
     res.update(_per_tile_analysis(vae, rec.shapes))
-  print("RESULT " + json.dumps(res), flush=True)
+  emit(res)
 
 
 def _run_child(spec, cache_dir):
-  argv = [sys.executable, os.path.abspath(__file__), f"--child={spec}", f"--cache_dir={cache_dir}"]
-  for name in ("latent_hw", "tile_px", "tile_frames", "chunk_latents", "preset",
-               "mmap_threshold_mib"):
-    argv.append(f"--{name}={FLAGS[name].value}")
-  env = dict(os.environ)
-  env.setdefault("JAX_PLATFORMS", "cpu")
-  p = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
-  lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-  if p.returncode != 0 or not lines:
-    sys.exit(f"child {spec} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
-  return json.loads(lines[-1][len("RESULT "):])
+  names = ("latent_hw", "tile_px", "tile_frames", "chunk_latents", "preset", "mmap_threshold_mib")
+  return run_child(__file__, spec, {k: FLAGS[k].value for k in names}, cache_dir)
 
 
 def _table(mode, rows):
