@@ -16,6 +16,8 @@ import json
 import os
 from typing import Any, Mapping
 
+from magi_jax.json_file import read_json
+
 _PARAMS_DTYPES = ("torch.bfloat16", "torch.float16", "torch.float32")
 _CP_STRATEGIES = ("none", "cp_ulysses", "cp_shuffle_overlap")
 _SHORTCUT_MODES = ("8,16,16", "16,16,8")
@@ -289,13 +291,7 @@ def load_magi_config(path: str | os.PathLike, *, allow_extra_sections: bool = Fa
   fixtures carry harness metadata there); the sections themselves are always strict.
   """
   path = os.fspath(path)
-  try:
-    with open(path) as f:
-      d = json.load(f)
-  except FileNotFoundError:
-    raise ConfigError(f"{path}: config file not found") from None
-  except json.JSONDecodeError as e:
-    raise ConfigError(f"{path}: not valid JSON ({e})") from None
+  d = read_json(path, ConfigError, "config file")
   return magi_config_from_dict(d, where=path, allow_extra_sections=allow_extra_sections)
 
 

@@ -11,8 +11,9 @@ must cover every generated chunk exactly once. A prompt file is JSON:
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+
+from magi_jax.json_file import read_json
+
 
 class PromptScheduleError(ValueError):
   pass
@@ -66,13 +67,7 @@ def prompts_per_chunk(prompts, num_chunks: int) -> list[str]:
 
 
 def load_prompt_file(path: str) -> list[ChunkPrompt]:
-  if not os.path.exists(path):
-    raise PromptScheduleError(f"{path}: prompt file not found")
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except json.JSONDecodeError as e:
-    raise PromptScheduleError(f"{path}: not valid JSON ({e})") from None
+  data = read_json(path, PromptScheduleError, "prompt file")
   if not isinstance(data, list) or not data:
     raise PromptScheduleError(f"{path}: expected a non-empty JSON list of "
                               '{"prompt", "start", "end"} entries')

@@ -16,7 +16,6 @@ are computed too (HF-faithful; MAGI reads only rows with mask 1).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from magi_jax.json_file import read_json
 from magi_jax.models.layers import Linear
 
 F32 = jnp.float32
@@ -97,14 +97,7 @@ def t5_config_from_dict(d: dict[str, Any], source: str = "config.json") -> T5Con
 
 def load_t5_config(directory: str) -> T5Config:
   path = os.path.join(directory, "config.json")
-  if not os.path.exists(path):
-    raise T5ConfigError(f"{path}: T5 config not found")
-  try:
-    with open(path) as f:
-      d = json.load(f)
-  except json.JSONDecodeError as e:
-    raise T5ConfigError(f"{path}: not valid JSON ({e})") from None
-  return t5_config_from_dict(d, path)
+  return t5_config_from_dict(read_json(path, T5ConfigError, "T5 config"), path)
 
 
 def t5_config_to_dict(cfg: T5Config) -> dict[str, Any]:
