@@ -23,7 +23,7 @@ from magi_jax.generate.request import Request
 from magi_jax.media import (VideoWriter, plan_frames, prefix_latent_frames_for_video,
                             read_image, read_video, to_uint8)
 from magi_jax.models.vae_tiling import TileConfig, iter_tiled_decode, tiled_encode
-from magi_jax.sampling import SamplerOptions
+from magi_jax.sampling import SamplerOptions, plan_steps
 from magi_jax.text import ChunkTextRows, TextFlags
 from magi_jax.text.prompts import chunk_text_rows, load_prompt_file
 
@@ -99,8 +99,8 @@ def generate(comp: Components, req: Request, *, flags: TextFlags = TextFlags(),
                    clean_chunk_num=plan.clean_chunk_num)
   sampler = comp.sampler(options)
   h, w = req.height // 8, req.width // 8
-  steps_total = rt.num_steps // rt.window_size * (
-      plan.infer_chunk_num + rt.window_size - 1 - plan.clean_chunk_num)
+  steps_total = len(plan_steps(plan.infer_chunk_num, plan.clean_chunk_num, rt.window_size,
+                              rt.num_steps))
   bar = None
   if progress:
     from tqdm import tqdm

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from magi_jax.configs import MagiConfig
+from magi_jax.media.frames import emitted_latent_range
 from magi_jax.models.embedders import distill_step_size
 from magi_jax.models.kv_cache import KVCacheStore
 from magi_jax.sampling import schedule
@@ -186,14 +187,8 @@ class Sampler:
         on_call(CallRecord(plan, np.asarray(x), t, kv_range, np.asarray(v)))
       if plan.emits is not None:
         c = plan.emits
-        lo, hi = c * cw, (c + 1) * cw
-        if P == 1 and c == 0:
-          start = lo                                  # I2V: chunk 0 is emitted whole
-        elif hi <= P:
-          continue
-        else:
-          start = max(lo, P)
-        yield Chunk(c, start, latents[c][:, :, start - lo:])
+        start, _ = emitted_latent_range(c, P, cw)     # I2V: chunk 0 whole; V2V: after P
+        yield Chunk(c, start, latents[c][:, :, start - c * cw:])
 
   def _prefill(self, prefix, n_clean, store, tok, null_y, null_m):
     """Writes the K/V of the whole prefix chunks: t = clean_t, null rows, each sees only itself.
