@@ -97,11 +97,9 @@ class ChunkTextRows:
     n = self.infer_chunk_num - self.clean_chunk_num
     i = chunk - self.clean_chunk_num
     p = self.prompt_of_chunk[i]
-    e, m = self.embs[p], self.masks[p]
-    for key in self.flags.positive_keys():   # one prepend per key, in the official order
-      tok = self.special.duration(n - i) if key == "DURATION" else self.special.token(key)
-      e, m = prepend_tokens(e, m, [tok])
-    return e, m
+    tokens = [self.special.duration(n - i) if key == "DURATION" else self.special.token(key)
+              for key in self.flags.positive_keys()]     # in the official order
+    return prepend_tokens(self.embs[p], self.masks[p], tokens)
 
 
 class ArrayTextRows:
