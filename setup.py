@@ -36,6 +36,9 @@ setup(
         "imageio>=2.34",
         "imageio-ffmpeg>=0.5.1",
         "pillow>=10.0",
+        # Training: TensorBoard event files without TensorFlow, and the loss-curve plot.
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5"],

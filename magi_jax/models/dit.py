@@ -22,7 +22,7 @@ from magi_jax.models.embedders import CaptionEmbedder, TimestepEmbedder
 from magi_jax.models.kv_cache import KVCache
 from magi_jax.models.layers import LayerNorm, Linear
 from magi_jax.models.precision import Precision
-from magi_jax.models.rope import default_bands, rope_table
+from magi_jax.models.rope import default_bands, packed_rope_table, rope_table
 
 F32 = jnp.float32
 
@@ -72,6 +72,9 @@ class VideoDiT(nnx.Module):
     self.cfg = cfg
     self.precision = precision
     self.distill = distill
+    # Recompute each layer's activations in the backward pass (training memory); set by the
+    # trainer, no effect on the forward values.
+    self.remat = False
     D, Dc = cfg.hidden_size, cfg.cond_hidden_dim
     patch_in = cfg.in_channels * cfg.t_patch_size * cfg.patch_size ** 2
     self.x_embedder = Linear(patch_in, D, use_bias=False, dtype=F32, rngs=rngs)
@@ -128,9 +131,11 @@ class VideoDiT(nnx.Module):
       if cache.num_tokens % tok_per_chunk(T, H, W, drn, p, pt):
         raise InputError(f"cache holds {cache.num_tokens} tokens, not a whole number of "
                          f"{tok_per_chunk(T, H, W, drn, p, pt)}-token chunks")
-    if caption_dropout_mask is not None and np.size(caption_dropout_mask) not in (1, N):
-      raise InputError(f"caption_dropout_mask must have 1 or N={N} entries, got shape "
-                       f"{np.shape(caption_dropout_mask)}")
+    if caption_dropout_mask is not None and not (
+        np.size(caption_dropout_mask) in (1, N)
+        or tuple(np.shape(caption_dropout_mask)) == (N, drn)):
+      raise InputError(f"caption_dropout_mask must have 1 or N={N} entries, or one per chunk "
+                       f"({N}, {drn}), got shape {np.shape(caption_dropout_mask)}")
     S = (T // pt) * (H // p) * (W // p)
     n_cache = 0 if cache is None else cache.num_tokens
     if all(_is_concrete(a) for a in (kv_range, slice_point)):
@@ -145,7 +150,8 @@ class VideoDiT(nnx.Module):
   def __call__(self, x, t, y, xattn_mask, kv_range, caption_dropout_mask=None, *,
                slice_point=0, chunk_width: int | None = None, step_size=None,
                cache: KVCache | None = None, backend: str = "blockwise",
-               return_kv: bool = False, return_activations: bool = False) -> DiTOutput:
+               return_kv: bool = False, return_activations: bool = False,
+               frame_index=None, frame_total=None) -> DiTOutput:
     """One official `VideoDiTModel.forward`.
 
     Args:
@@ -154,11 +160,15 @@ class VideoDiT(nnx.Module):
       y: (N*chunks, [1,] L, C) caption rows; xattn_mask (N*chunks, [1,] L) valid tokens.
       kv_range: (N*chunks, 2) official key-token ranges: absolute positions from the start
         of the video, element-major for N > 1 (element b's keys start at b·range_num·tok).
-      caption_dropout_mask: (N,) or (1,) bool; picks the adaLN null row (default False).
+      caption_dropout_mask: (N,) or (1,) bool, or (N, chunks) per chunk (packed training rows);
+        picks the adaLN null row (default False).
       slice_point: index of the call's first chunk (earlier chunks come from `cache`).
       step_size: the distilled model's step-size value (`distill_step_size`).
       cache: keys/values of the chunks right before `slice_point`, all layers.
       backend: attention backend name (see `magi_jax.attention.backends()`).
+      frame_index, frame_total: (N, token frames) for packed rows: each token frame's index
+        inside its own video and that video's length; RoPE time then restarts per video
+        (default: one video per row, time from `slice_point`).
     """
     cfg, policy = self.cfg, self.precision
     if y.ndim == 4:
@@ -198,15 +208,18 @@ class VideoDiT(nnx.Module):
       temb = temb + self.t_embedder(dt, policy)
     if caption_dropout_mask is None:
       caption_dropout_mask = jnp.zeros((1,), bool)
-    drop = jnp.broadcast_to(jnp.asarray(caption_dropout_mask).astype(bool).reshape(-1), (N,))
-    ya = self.y_embedder.adaln(drop, policy)
-    cond = policy.low(temb.reshape(N, drn, -1) + ya[:, None, :])
+    drop = jnp.asarray(caption_dropout_mask).astype(bool)
+    if drop.ndim == 2 and drop.shape == (N, drn):                 # one adaLN row per chunk
+      ya = self.y_embedder.adaln(drop.reshape(-1), policy).reshape(N, drn, -1)
+    else:
+      ya = self.y_embedder.adaln(jnp.broadcast_to(drop.reshape(-1), (N,)), policy)[:, None, :]
+    cond = policy.low(temb.reshape(N, drn, -1) + ya)
 
     # Caption features: valid tokens first (the official code packs them), one row per chunk.
     feats = self.y_embedder.xattn_features(y, policy)
     if acts is not None:
       acts["y_embedder.0"] = feats[:, None]
-      acts["y_embedder.1"] = ya[:, None]
+      acts["y_embedder.1"] = ya[:, :1]
     valid = xattn_mask.astype(bool)
     order = jnp.argsort(~valid, axis=1, stable=True)
     feats = policy.low(jnp.take_along_axis(feats, order[:, :, None], axis=1))
@@ -218,12 +231,18 @@ class VideoDiT(nnx.Module):
     self_mask = ChunkMask(jnp.clip(local, 0, n_cache + S).reshape(N, drn, 2).astype(jnp.int32),
                           q_block=tok)
 
-    rope = rope_table(self.rope_bands[...], Tt, Ht, Wt, frame_offset=slice_point * cw // pt)
+    if frame_index is None:
+      rope = rope_table(self.rope_bands[...], Tt, Ht, Wt, frame_offset=slice_point * cw // pt)
+    else:
+      rope = packed_rope_table(self.rope_bands[...], frame_index, frame_total, Ht, Wt)
 
+    run_layer = (nnx.remat(type(self.layers[0]).__call__, static_argnums=(8, 9))
+                 if self.remat else type(self.layers[0]).__call__)
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-      h, (k, v) = layer(h, cond, rope, self_mask, layer_cache, feats, xmask, policy, backend)
+      h, (k, v) = run_layer(layer, h, cond, rope, self_mask, layer_cache, feats, xmask, policy,
+                            backend)
       if return_kv:
         new_k.append(k)
         new_v.append(v)

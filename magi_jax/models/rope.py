@@ -54,16 +54,45 @@ def rope_positions(frames: int, height: int, width: int, frame_offset=0):
   return grid.reshape(-1, 3)
 
 
+def packed_rope_positions(frame_index, frame_total, height: int, width: int):
+  """(N, frames·H·W, 3) coordinates when each batch row packs several videos.
+
+  frame_index (N, frames): each latent-token frame's index inside its own video;
+  frame_total (N, frames): that video's length in token frames. A video placed anywhere in a
+  packed row gets exactly the coordinates it has alone (`rope_positions(len, H, W)`), so
+  packing does not change what a video's tokens see.
+  """
+  frame_index = jnp.asarray(frame_index, F32)
+  n, frames = frame_index.shape
+  pt = _rescale(frame_index, frame_total, frame_total)                      # (N, frames)
+  hw = rope_positions(1, height, width)[:, 1:]                              # (H·W, 2)
+  pt = jnp.broadcast_to(pt[:, :, None, None], (n, frames, height * width, 1))
+  hw = jnp.broadcast_to(hw[None, None], (n, frames, height * width, 2))
+  return jnp.concatenate([pt, hw], axis=-1).reshape(n, frames * height * width, 3)
+
+
+def _angles(pos, bands):
+  ang = pos[..., :, None] * bands.astype(F32)
+  return ang.reshape(pos.shape[:-1] + (-1,))
+
+
 def rope_table(bands, frames: int, height: int, width: int, *, frame_offset=0):
   """sin and cos, each (frames·H·W, 3·nb), for the tokens of the current call."""
-  pos = rope_positions(frames, height, width, frame_offset)
-  ang = (pos[:, :, None] * bands.astype(F32)[None, None, :]).reshape(pos.shape[0], -1)
+  ang = _angles(rope_positions(frames, height, width, frame_offset), bands)
+  return jnp.sin(ang), jnp.cos(ang)
+
+
+def packed_rope_table(bands, frame_index, frame_total, height: int, width: int):
+  """sin and cos, each (N, frames·H·W, 3·nb): per-row tables for packed sequences."""
+  ang = _angles(packed_rope_positions(frame_index, frame_total, height, width), bands)
   return jnp.sin(ang), jnp.cos(ang)
 
 
 def apply_rope(x, sin, cos):
-  """x (..., S, heads, hd) float32; rotates the first 2·sin.shape[-1] dims (NeoX halves)."""
+  """x (..., S, heads, hd) float32; sin/cos (S, r) or per row (N, S, r).
+
+  Rotates the first 2r dims (NeoX halves)."""
   r = sin.shape[-1]
-  s, c = sin[:, None, :], cos[:, None, :]
+  s, c = sin[..., None, :], cos[..., None, :]
   u1, u2, rest = x[..., :r], x[..., r:2 * r], x[..., 2 * r:]
   return jnp.concatenate([u1 * c - u2 * s, u2 * c + u1 * s, rest], axis=-1)

@@ -1,0 +1,96 @@
+"""Defaults shared by the training configs; each config file overrides what it changes.
+
+Every field is documented here once. Override any of them on the command line, e.g.
+`--config.total_steps=100 --config.optim.lr=3e-4`.
+"""
+
+import ml_collections
+
+
+def train_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.log_every = 50                 # metrics interval (TensorBoard, log line with ETA)
+  c.checkpoint_every = 500         # async orbax saves; also at the end and on SIGTERM
+  c.keep_checkpoints = 3
+  c.async_checkpoints = True
+  c.max_consecutive_nans = 10      # non-finite steps in a row before the run stops
+  c.tensorboard = True
+  c.sample_every = 0               # sample videos + frame strip every N steps (0: end only)
+  c.sample_at_end = True
+  c.ema_decay = 0.0                # 0 disables the EMA of the parameters
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "tiny"          # magi_jax.configs preset the architecture starts from
+  c.model.overrides = ml_collections.ConfigDict()   # ModelConfig fields to change
+  c.model.precision = "fp32"       # fp32 | bf16 (bf16 compute, fp32 master weights)
+  c.model.remat = False            # recompute layer activations in the backward pass
+  c.model.prediction = "velocity"  # velocity (official) | clean (see magi_jax/train/flow.py)
+  c.model.backend = "blockwise"    # attention backend
+
+  c.init = ml_collections.ConfigDict()
+  c.init.kind = "random"           # random | official (official DiT dir) | converted (orbax)
+  c.init.path = ""
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0                  # > 0: train only LoRA adapters on the DiT
+  c.lora.alpha = 8.0
+  c.lora.targets = ("q", "k", "v", "qx", "kx", "vx", "proj", "fc1", "fc2")
+
+  c.text = ml_collections.ConfigDict()
+  c.text.kind = "demo"             # demo (word encoder trained with the DiT) | precomputed (T5)
+  c.text.width = 64
+  c.text.layers = 1
+  c.text.heads = 2
+  c.text.max_length = 16
+  c.text.t5_path = ""              # precomputed: the T5 checkpoint that encodes the captions
+
+  c.data = ml_collections.ConfigDict()
+  c.data.kind = "bouncing"         # bouncing | video_folder
+  c.data.data_dir = ""             # TFDS data_dir ("" = <workdir>/tfds)
+  c.data.world = ml_collections.ConfigDict()        # magi_jax.data.bouncing.WorldConfig fields
+  c.data.train_episodes = 256
+  c.data.test_episodes = 64
+  c.data.video_dir = ""            # video_folder: folder of mp4 files + captions.json
+  c.data.clip_frames = 96
+  c.data.stride = 96
+  c.data.height = 256
+  c.data.width = 256
+  c.data.frames_per_chunk = 24     # video_folder: frames per chunk (MAGI-1: 24 = 1 s)
+  c.data.batch_size = 8
+  c.data.bin_chunks = 4            # chunks per packed training row
+  c.data.pack_window = 32          # examples per first-fit-decreasing packing window
+  c.data.shuffle_seed = 0
+  c.data.min_chunks = 1            # random sub-clips of min..max chunks (packing variety)
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.chunk_width = 4      # latent frames per chunk (pixel space: frames)
+  c.objective.p_v2v = 0.3
+  c.objective.p_i2v = 0.2
+  c.objective.clean_t_min = 0.95
+  c.objective.text_dropout = 0.1
+  c.objective.t_mean = 0.0
+  c.objective.t_std = 0.5
+  c.objective.t_shift = 1.0 / 3.0
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 1000
+  c.optim.schedule = "constant"    # constant | cosine | linear (decay to end_lr)
+  c.optim.end_lr = 1e-5
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.weight_decay = 0.1
+  c.optim.grad_clip = 1.0
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_videos = 4
+  c.sample.num_steps = 16
+  c.sample.window_size = 2
+  c.sample.text_scale = 3.0
+  c.sample.prev_scale = 1.0
+  c.sample.prefix_chunks = 1
+  c.sample.fps = 8
+  c.sample.formats = ("mp4", "gif")
+  return c

@@ -1,0 +1,45 @@
+"""Train or fine-tune: `python -m experiments.train --config=experiments/configs/<name>.py
+--workdir=DIR`.
+
+A thin absl entry point over `magi_jax.train.trainer.train`; running it again with the same
+workdir resumes from the latest checkpoint. The config files' docstrings give each command
+and its expected result.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/bouncing_tiny.py", "training config file (append :smoke "
+    "for a few-step run)")
+_WORKDIR = flags.DEFINE_string("workdir", "", "run directory: checkpoints, TensorBoard "
+                               "events, samples (default: runs/<config name>)")
+
+
+def default_workdir(config_path: str) -> str:
+  name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+  arg = config_path.split(":")[1] if ":" in config_path else ""
+  return os.path.join("runs", name + (f"_{arg}" if arg else ""))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from magi_jax.configs import ConfigError
+  from magi_jax.train.trainer import TrainingError, train
+  logging.set_verbosity(logging.WARNING)     # orbax logs every save at INFO
+  c = _CONFIG.value
+  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
+  print(f"workdir: {workdir}")
+  try:
+    train(c, workdir)
+  except (ConfigError, ValueError) as e:
+    raise app.UsageError(str(e)) from None
+  except TrainingError as e:
+    raise SystemExit(f"training stopped: {e}") from None
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Fine-tuning utilities for the MAGI-1 DiT."""

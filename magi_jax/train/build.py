@@ -1,0 +1,94 @@
+"""From a training config to the objects of a run: model, text path, objective, settings.
+
+Kept apart from the loop (trainer.py) so evaluation rebuilds exactly the model a run trained
+from the run description saved beside its checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+from flax import nnx
+
+from magi_jax.configs import ConfigError, ModelConfig, get_preset
+from magi_jax.data.bouncing import WorldConfig, vocabulary
+from magi_jax.generate.components import random_module
+from magi_jax.models import Precision, VideoDiT
+from magi_jax.text.demo_encoder import DemoTextEncoder, WordTokenizer
+from magi_jax.train.conditioning import ConditioningConfig
+from magi_jax.train.objective import Objective, TrainModel
+from magi_jax.train.samples import SampleSettings
+
+
+def _plain(c):
+  return c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c)
+
+
+def world_config(c) -> WorldConfig:
+  return WorldConfig(**_plain(c.data.world))
+
+
+def model_config(c) -> ModelConfig:
+  base = get_preset(c.model.preset).model
+  over = _plain(c.model.overrides)
+  unknown = [k for k in over if k not in {f.name for f in dataclasses.fields(ModelConfig)}]
+  if unknown:
+    raise ConfigError(f"config.model.overrides: unknown ModelConfig field(s) {unknown}")
+  if c.text.kind == "demo":
+    over.setdefault("caption_channels", c.text.width)
+    over.setdefault("caption_max_length", c.text.max_length)
+  return dataclasses.replace(base, **over)
+
+
+def tokenizer_for(c) -> WordTokenizer | None:
+  if c.text.kind != "demo":
+    return None
+  if c.data.kind != "bouncing":
+    raise ConfigError("text.kind='demo' needs the bouncing_shapes world's closed vocabulary; "
+                      "use text.kind='precomputed' (T5 rows in the dataset) for video_folder")
+  return WordTokenizer(vocabulary(world_config(c)), c.text.max_length)
+
+
+def objective(c) -> Objective:
+  o = c.objective
+  cond = ConditioningConfig(p_v2v=o.p_v2v, p_i2v=o.p_i2v, clean_t_min=o.clean_t_min,
+                            text_dropout=o.text_dropout, t_mean=o.t_mean, t_std=o.t_std,
+                            t_shift=o.t_shift)
+  return Objective(chunk_width=o.chunk_width, conditioning=cond, prediction=c.model.prediction,
+                   backend=c.model.backend)
+
+
+def sample_settings(c) -> SampleSettings:
+  s = c.sample
+  return SampleSettings(num_steps=s.num_steps, window_size=s.window_size,
+                        text_scale=s.text_scale, prev_scale=s.prev_scale)
+
+
+def build_model(c, tokenizer: WordTokenizer | None) -> TrainModel:
+  """A TrainModel with fresh random weights (the trainer loads checkpoints over it)."""
+  mcfg = model_config(c)
+  precision = Precision.named(c.model.precision)
+  if c.init.kind == "random":
+    dit = random_module(lambda: VideoDiT(mcfg, precision=precision, rngs=nnx.Rngs(c.seed)),
+                        c.seed)
+  elif c.init.kind == "official":
+    from magi_jax.convert.dit_official import load_official_dit
+    dit = load_official_dit(c.init.path, mcfg, precision=precision)
+  elif c.init.kind == "converted":
+    from magi_jax.convert.orbax_io import load_converted
+    dit, _ = load_converted(c.init.path, precision=c.model.precision)
+  else:
+    raise ConfigError(f"config.init.kind must be random | official | converted, got "
+                      f"{c.init.kind!r}")
+  dit.remat = bool(c.model.remat)
+  if c.lora.rank:
+    from magi_jax.train.lora import apply_lora
+    apply_lora(dit, rank=c.lora.rank, alpha=c.lora.alpha, targets=tuple(c.lora.targets),
+               rngs=nnx.Rngs(c.seed + 1))
+  text = None
+  if tokenizer is not None:
+    t = c.text
+    text = DemoTextEncoder(tokenizer.vocab_size, t.max_length, t.width, mcfg.caption_channels,
+                           num_layers=t.layers, num_heads=t.heads, rngs=nnx.Rngs(c.seed + 2))
+  return TrainModel(dit, text)

@@ -1,0 +1,125 @@
+"""The training loss of one batch of packed rows: conditioning, noising, one DiT call, loss.
+
+Inputs (a batch dict, as the trainer feeds it):
+  x1           (N, C, K·cw, h, w) float32  clean latents (or pixels in [-1, 1])
+  segment_ids  (N, K) int32                videos of each packed row, 0 = padding
+  text: either text_tokens (N, K, L) int32 + text_mask (N, K, L), encoded by the model's
+        `text_encoder`, or text_emb (N, K, L, C) float + text_mask (precomputed T5 rows).
+
+The whole row goes through the DiT in one call with block-causal attention per video, so
+clean chunks get gradients through the keys and values that later noisy chunks read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from magi_jax.text.rows import NULL_CAPTION_VALID
+from magi_jax.train import flow
+from magi_jax.train.conditioning import ConditioningConfig, sample_conditioning
+from magi_jax.train.segments import packed_frame_positions, packed_kv_range
+
+F32 = jnp.float32
+T_BUCKETS = (0.0, 0.1, 0.3, 0.6, 1.0)     # per-level loss in TensorBoard: [0, .1), [.1, .3), ...
+
+
+class TrainModel(nnx.Module):
+  """What the optimizer trains: the DiT and, for the demo, a small text encoder."""
+
+  def __init__(self, dit, text_encoder=None):
+    self.dit = dit
+    self.text_encoder = text_encoder
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  chunk_width: int                                   # latent frames per chunk
+  conditioning: ConditioningConfig = ConditioningConfig()
+  prediction: str = "velocity"
+  backend: str = "blockwise"
+
+  def __post_init__(self):
+    flow.check_prediction(self.prediction)
+
+
+def caption_rows(model: TrainModel, batch, cond):
+  """(N·K, L, C) rows and (N·K, L) masks: captions, or the null caption where text is off."""
+  if "text_tokens" in batch:
+    if model.text_encoder is None:
+      raise ValueError("the batch has text_tokens but the model has no text_encoder")
+    ids = batch["text_tokens"]
+    N, K, L = ids.shape
+    emb, mask = model.text_encoder(ids.reshape(N * K, L), batch["text_mask"].reshape(N * K, L))
+  else:
+    N, K, L, C = batch["text_emb"].shape
+    emb = batch["text_emb"].reshape(N * K, L, C).astype(F32)
+    mask = batch["text_mask"].reshape(N * K, L).astype(F32)
+  null = model.dit.y_embedder.null_caption_embedding[...].astype(F32)
+  if null.shape != emb.shape[1:]:
+    raise ValueError(f"caption rows {emb.shape[1:]} do not match the DiT's null caption "
+                     f"{null.shape} (caption_max_length, caption_channels)")
+  null_mask = (jnp.arange(L) < NULL_CAPTION_VALID).astype(F32)
+  off = cond.text_drop.reshape(-1)[:, None]
+  y = jnp.where(off[:, :, None], null[None], emb)
+  m = jnp.where(off, null_mask[None], mask)
+  return y, m
+
+
+def chunk_losses(per_frame, frame_weight, t, chunk_width: int):
+  """Per-level loss sums and counts over T_BUCKETS (noisy chunks only)."""
+  N, K = t.shape
+  sq = jnp.sum((per_frame * frame_weight).reshape(N, K, chunk_width), axis=2)
+  n = jnp.sum(frame_weight.reshape(N, K, chunk_width), axis=2)
+  edges = jnp.asarray(T_BUCKETS, F32)
+  b = jnp.clip(jnp.searchsorted(edges, t, side="right") - 1, 0, len(T_BUCKETS) - 2)
+  onehot = jax.nn.one_hot(b, len(T_BUCKETS) - 1) * (n > 0)[..., None]
+  sums = jnp.einsum("nk,nkb->b", sq / jnp.maximum(n, 1.0), onehot)
+  return sums, jnp.sum(onehot, axis=(0, 1))
+
+
+def training_loss(model: TrainModel, batch, key, obj: Objective):
+  """Returns (loss, aux): the flow-matching loss over the noisy frames of the batch."""
+  x1 = batch["x1"]
+  k_cond, k_noise = jax.random.split(key)
+  cond = sample_conditioning(k_cond, batch["segment_ids"], obj.chunk_width, obj.conditioning)
+  x0 = jax.random.normal(k_noise, x1.shape, F32)
+  return loss_given(model, batch, cond, x0, obj)
+
+
+def velocity_of_row(model: TrainModel, batch, cond, x0, obj: Objective):
+  """The DiT output for noised packed rows: (N, C, K·cw, h, w)."""
+  x1 = batch["x1"].astype(F32)
+  seg = batch["segment_ids"]
+  N, C, T, h, w = x1.shape
+  K = seg.shape[1]
+  cw = obj.chunk_width
+  if T != K * cw:
+    raise ValueError(f"x1 has {T} latent frames; {K} chunks of {cw} need {K * cw}")
+  dit = model.dit
+  p, pt = dit.cfg.patch_size, dit.cfg.t_patch_size
+  if cw % pt:
+    raise ValueError(f"chunk_width {cw} is not a multiple of t_patch_size {pt}")
+  tok = (cw // pt) * (h // p) * (w // p)
+  x_t = flow.interpolate(x0, x1, cond.frame_t)
+  y, m = caption_rows(model, batch, cond)
+  frame_index, frame_total = packed_frame_positions(seg, cw // pt)
+  out = dit(x_t, cond.t, y, m, packed_kv_range(seg, tok), cond.text_drop, chunk_width=cw,
+            backend=obj.backend, frame_index=frame_index, frame_total=frame_total).velocity
+  return out, tok
+
+
+def loss_given(model: TrainModel, batch, cond, x0, obj: Objective):
+  """The loss for given conditioning and noise (packed == unpacked is tested through this)."""
+  x1 = batch["x1"].astype(F32)
+  out, tok = velocity_of_row(model, batch, cond, x0, obj)
+  per_frame = flow.per_frame_sq_error(out, x0, x1, obj.prediction)
+  loss = flow.weighted_mean(per_frame, cond.frame_weight)
+  sums, counts = chunk_losses(per_frame, cond.frame_weight, cond.t, obj.chunk_width)
+  aux = {"bucket_loss_sum": sums, "bucket_count": counts,
+         "noisy_frames": jnp.sum(cond.frame_weight),
+         "tokens": jnp.sum(batch["segment_ids"] > 0) * tok}
+  return loss, aux

@@ -1,0 +1,115 @@
+"""Sampling from a model in training: the real MAGI sampler, the model's own text path.
+
+Used by the trainer (periodic sample videos and a PNG frame strip) and by
+`experiments.evaluate`. Pixel-space models sample "latents" that are frames in [-1, 1];
+latent models go through the VAE decoder given as `decode`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from magi_jax.configs import MagiConfig, _engine, _runtime
+from magi_jax.models.prediction import as_velocity_model
+from magi_jax.sampling.sampler import Sampler, SamplerOptions, final_latent
+from magi_jax.text.rows import ChunkTextRows
+from magi_jax.text.special_tokens import TextFlags
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+  num_steps: int = 16
+  window_size: int = 2              # chunks in flight (staggered noise levels)
+  text_scale: float = 3.0           # classifier-free guidance on the caption
+  prev_scale: float = 1.0           # guidance on the previous chunks (1 = none)
+  clean_t: float = 0.9999
+
+
+def sampler_config(model, chunk_width: int, s: SampleSettings) -> MagiConfig:
+  """A base-model (cfg 3) sampling config for a trained model; every chunk sees all earlier
+  chunks (training is block-causal over the whole video)."""
+  runtime = _runtime(cfg_number=3, cfg_t_range=(0.0,), prev_chunk_scales=(s.prev_scale,),
+                     text_scales=(s.text_scale,), noise2clean_kvrange=(), clean_chunk_kvrange=-1,
+                     clean_t=s.clean_t, num_steps=s.num_steps, window_size=s.window_size,
+                     chunk_width=chunk_width, num_frames=chunk_width, video_size_h=256,
+                     video_size_w=256)
+  return MagiConfig(model=model.cfg, runtime=runtime,
+                    engine=_engine(distributed_backend="gloo", distill=False))
+
+
+def frames_to_latent(frames):
+  """uint8 (T, H, W, 3) -> (1, 3, T, H, W) in [-1, 1]."""
+  x = jnp.asarray(frames, F32) / 127.5 - 1.0
+  return jnp.transpose(x, (3, 0, 1, 2))[None]
+
+
+def latent_to_frames(x) -> np.ndarray:
+  """(1, 3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3)."""
+  x = np.asarray(jnp.transpose(x[0], (1, 2, 3, 0)))
+  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+class VideoSampler:
+  """Generates videos from a trained TrainModel (DiT + demo text encoder + tokenizer)."""
+
+  def __init__(self, model, tokenizer, *, chunk_width: int, prediction: str,
+               settings: SampleSettings = SampleSettings(), backend: str = "blockwise",
+               encode: Callable | None = None, decode: Callable | None = None):
+    self.model, self.tokenizer = model, tokenizer
+    self.chunk_width = chunk_width
+    self.cfg = sampler_config(model.dit, chunk_width, settings)
+    self.sampler = Sampler(as_velocity_model(model.dit, prediction), self.cfg,
+                           options=SamplerOptions(backend=backend))
+    self.encode = encode or frames_to_latent
+    self.decode = decode or latent_to_frames
+    self._text = jax.jit(lambda ids, m: model.text_encoder(ids, m))
+
+  def text_rows(self, chunk_captions: Sequence[str], num_chunks: int, clean_chunks: int):
+    """Rows for the noisy chunks: caption i for noisy chunk i (the last one repeats)."""
+    n = num_chunks - clean_chunks
+    caps = list(chunk_captions)[clean_chunks:] or list(chunk_captions)[-1:]
+    caps = (caps + caps[-1:] * n)[:n]
+    ids, mask = self.tokenizer(caps)
+    emb, m = self._text(jnp.asarray(ids), jnp.asarray(mask))
+    null = np.asarray(self.model.dit.y_embedder.null_caption_embedding[...], np.float32)
+    return ChunkTextRows(np.asarray(emb), np.asarray(m), null, infer_chunk_num=num_chunks,
+                         clean_chunk_num=clean_chunks, flags=TextFlags.none())
+
+  def generate(self, chunk_captions: Sequence[str], *, num_chunks: int, height: int, width: int,
+               seed: int, prefix_frames: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (T, H, W, 3): the prefix (if any) followed by the generated frames."""
+    prefix = None if prefix_frames is None else self.encode(prefix_frames)
+    clean = 0 if prefix is None else int(prefix.shape[2]) // self.chunk_width
+    rows = self.text_rows(chunk_captions, num_chunks, clean)
+    chunks = list(self.sampler.sample(rows, latent_hw=(height, width), num_chunks=num_chunks,
+                                      key=jax.random.key(seed), prefix=prefix))
+    video = final_latent(chunks)
+    if prefix is not None:
+      video = jnp.concatenate([prefix[:, :, :chunks[0].start], video], axis=2)
+    return self.decode(video)
+
+
+def frame_strip(videos: Sequence[np.ndarray], *, scale: int = 4, gap: int = 2) -> np.ndarray:
+  """One row per video, one column per frame, nearest-neighbour upscaled: uint8 (H', W', 3).
+
+  Videos may differ in length and width (e.g. truth | sample side by side); all share H.
+  """
+  T = max(v.shape[0] for v in videos)
+  H = videos[0].shape[1]
+  Wmax = max(v.shape[2] for v in videos)
+  h, w = H * scale, Wmax * scale
+  out = np.full((len(videos) * (h + gap) - gap, T * (w + gap) - gap, 3), 64, np.uint8)
+  for r, v in enumerate(videos):
+    if v.shape[1] != H:
+      raise ValueError(f"video {r} has height {v.shape[1]}, the strip's rows are {H}")
+    for c in range(v.shape[0]):
+      img = np.repeat(np.repeat(v[c], scale, axis=0), scale, axis=1)
+      out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + img.shape[1]] = img
+  return out

@@ -1,0 +1,57 @@
+"""Packed training rows: what segment ids mean for the DiT (pure functions).
+
+A training row holds K chunks; `segment_ids` (N, K) gives each chunk's video, 1, 2, ... in
+order, runs contiguous, 0 for padding chunks at the end. Inside a video attention is
+block-causal, across videos there is none. With one chunk per query block that is exactly
+a key range per chunk, so the one mask description of the attention package covers packing:
+chunk c of a video that starts at chunk s sees keys [s·tok, (c + 1)·tok). RoPE time restarts
+per video (`frame_index` / `frame_total`), so a packed video computes what it computes alone.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from magi_jax.train.timesteps import same_segment
+
+
+def segment_layout(segment_ids):
+  """Per chunk: (index inside its video, the video's first chunk, the video's length).
+
+  Padding chunks are their own one-chunk "videos" (index 0, start = themselves, length 1).
+  """
+  seg = jnp.asarray(segment_ids, jnp.int32)
+  N, K = seg.shape
+  same = same_segment(seg)
+  pos = jnp.arange(K, dtype=jnp.int32)
+  earlier = pos[None, :] < pos[:, None]                                   # [i, j]: j < i
+  index = jnp.sum(same & earlier[None], axis=2).astype(jnp.int32)
+  length = jnp.maximum(jnp.sum(same, axis=2), 1).astype(jnp.int32)
+  start = pos[None, :] - index
+  return index, start, length
+
+
+def packed_kv_range(segment_ids, tokens_per_chunk: int):
+  """Official-format kv ranges (N·K, 2) for a DiT call over packed rows (slice_point 0).
+
+  Row b's keys start at b·K·tok (the official element-major layout), chunk c sees
+  [start·tok, (c + 1)·tok) of its row.
+  """
+  seg = jnp.asarray(segment_ids, jnp.int32)
+  N, K = seg.shape
+  _, start, _ = segment_layout(seg)
+  c = jnp.arange(K, dtype=jnp.int32)[None, :]
+  row = (jnp.arange(N, dtype=jnp.int32) * K * tokens_per_chunk)[:, None]
+  lo = row + start * tokens_per_chunk
+  hi = row + (c + 1) * tokens_per_chunk
+  return jnp.stack([lo, hi], axis=-1).reshape(N * K, 2)
+
+
+def packed_frame_positions(segment_ids, token_frames_per_chunk: int):
+  """(frame_index, frame_total), each (N, K·tf): RoPE time coordinates per token frame."""
+  index, _, length = segment_layout(segment_ids)
+  tf = token_frames_per_chunk
+  sub = jnp.arange(tf, dtype=jnp.int32)
+  frame_index = (index[:, :, None] * tf + sub).reshape(index.shape[0], -1)
+  frame_total = jnp.repeat(length * tf, tf, axis=1)
+  return frame_index, frame_total

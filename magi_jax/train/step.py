@@ -1,0 +1,100 @@
+"""The jitted train step: fp32 master weights, compute in the model's dtype, NaN-safe update.
+
+`TrainState` is a plain pytree (what orbax saves): step, trainable parameters (float32
+masters), optimizer state, optional EMA of the parameters, and the base PRNG key. Each step's
+randomness is `fold_in(rng, step)`, so a resumed run draws exactly what an uninterrupted one
+draws. Frozen variables (LoRA's base weights) travel separately and are never updated.
+
+A non-finite loss or gradient norm leaves parameters, optimizer state and EMA untouched (the
+step counter still advances, the batch is consumed) and reports `finite = 0`; the host loop
+counts consecutive failures and stops the run (magi_jax.train.trainer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from einops import rearrange
+from flax import nnx
+
+from magi_jax.train.objective import Objective, training_loss
+
+F32 = jnp.float32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema: Any
+  rng: jax.Array           # raw key data (uint32), so orbax saves it as a plain array
+
+
+def init_state(params, tx, *, seed: int, ema: bool) -> TrainState:
+  params = jax.tree.map(lambda x: jnp.asarray(x, F32), params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema=jax.tree.map(jnp.copy, params) if ema else None,
+                    rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def pixels_to_x1(frames):
+  """uint8 (N, T, H, W, 3) -> float32 (N, 3, T, H, W) in [-1, 1]: the pixel-space "latent"."""
+  x = frames.astype(F32) / 127.5 - 1.0
+  return rearrange(x, "n t h w c -> n c t h w")
+
+
+def model_batch(batch):
+  """The loss's inputs from a data batch: pixel frames or precomputed latents become x1."""
+  out = {k: v for k, v in batch.items() if k not in ("frames", "latents")}
+  if "latents" in batch:
+    out["x1"] = batch["latents"].astype(F32)
+  else:
+    out["x1"] = pixels_to_x1(batch["frames"])
+  return out
+
+
+def make_train_step(graphdef, obj: Objective, tx, schedule, *, compute_dtypes=None,
+                    ema_decay: float = 0.0):
+  """Returns `step(state, frozen, batch) -> (state, metrics)`, jitted, state donated.
+
+  compute_dtypes: a pytree like `params` giving the dtype each master weight is cast to in
+  the forward pass (bf16 weights with fp32 masters); None computes with the masters.
+  """
+
+  def loss_of(params, frozen, batch, key):
+    if compute_dtypes is not None:
+      params = jax.tree.map(lambda p, d: p.astype(d), params, compute_dtypes)
+    model = nnx.merge(graphdef, params, frozen)
+    return training_loss(model, batch, key, obj)
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step(state: TrainState, frozen, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    batch = model_batch(batch)
+    (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params, frozen, batch,
+                                                                   key)
+    gnorm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    params = keep(params, state.params)
+    opt_state = keep(opt_state, state.opt_state)
+    ema = state.ema
+    if ema is not None:
+      ema = keep(jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params),
+                 ema)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
+                     rng=state.rng)
+    metrics = {"loss": loss, "grad_norm": gnorm, "learning_rate": schedule(state.step),
+               "finite": finite.astype(jnp.int32), **aux}
+    return new, metrics
+
+  return step

@@ -1,0 +1,186 @@
+"""The training loop: data -> jitted step -> metrics, checkpoints, samples; resumable.
+
+`train(config, workdir)` runs a whole run or continues one: if `<workdir>/checkpoints` holds a
+checkpoint, the model, optimizer, EMA, step, key and data position are restored from it, so
+an interrupted run (SIGTERM, preemption, kill -9) resumes to the same parameters an
+uninterrupted run reaches. SIGTERM saves a checkpoint at the current step and returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+
+import jax
+from flax import nnx
+
+from magi_jax.train import build, optim
+from magi_jax.train.checkpoint import Checkpointer
+from magi_jax.train.metrics import MetricsLog, plot_loss_curve
+from magi_jax.train.step import TrainState, init_state, make_train_step
+
+
+class TrainingError(RuntimeError):
+  """The run cannot continue (e.g. repeated non-finite losses)."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  step: int
+  state: TrainState
+  model: object            # TrainModel with the trained (EMA if enabled) weights
+  stopped_by_signal: bool
+  last_metrics: dict
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after every step."""
+
+  def __init__(self):
+    self.received = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:          # not the main thread (e.g. a notebook worker): no handler
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def run_info(c) -> dict:
+  return {"config": c.to_json_best_effort() if hasattr(c, "to_json_best_effort") else str(c)}
+
+
+def trainable_filter(c):
+  return nnx.LoRAParam if c.lora.rank else nnx.Param
+
+
+def split_model(c, model):
+  """graphdef, trainable state, frozen state (LoRA's base weights; empty otherwise)."""
+  return nnx.split(model, trainable_filter(c), ...)
+
+
+def compute_dtypes(params):
+  return jax.tree.map(lambda x: x.dtype, params)
+
+
+def train(c, workdir: str, *, data=None, echo=print) -> RunResult:
+  """Trains (or resumes) the run of config `c` in `workdir`.
+
+  data: optional iterator of batches overriding the config's data (tests); it is not
+  checkpointed unless it has grain's get_state/set_state.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer = build.tokenizer_for(c)
+  model = build.build_model(c, tokenizer)
+  obj = build.objective(c)
+  graphdef, params, frozen = split_model(c, model)
+  dtypes = compute_dtypes(params)
+  schedule = optim.learning_rate(c.optim.lr, c.optim.warmup_steps, c.total_steps,
+                                 c.optim.schedule, c.optim.end_lr)
+  tx = optim.make_optimizer(schedule, b1=c.optim.b1, b2=c.optim.b2,
+                            weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip)
+  state = init_state(params, tx, seed=c.seed, ema=c.ema_decay > 0)
+  if data is None:
+    from magi_jax.train.data import train_iterator
+    data = train_iterator(c, tokenizer, workdir)
+  checkpointable = hasattr(data, "get_state")
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints,
+                      every=c.checkpoint_every, async_save=c.async_checkpoints)
+  start = ckpt.latest_step()
+  if start is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    state = ckpt.restore(abstract, data if checkpointable else None)
+    echo(f"resumed from {ckpt.directory}/{start} (step {int(state.step)})")
+  ckpt.write_run({"config": c.to_dict()})
+
+  use_bf16 = c.model.precision == "bf16"
+  step_fn = make_train_step(graphdef, obj, tx, schedule,
+                            compute_dtypes=dtypes if use_bf16 else None,
+                            ema_decay=float(c.ema_decay))
+  log = MetricsLog(workdir, total_steps=c.total_steps, enabled=c.tensorboard)
+  step = int(state.step)
+  first_step = step
+  nan_run, last = 0, {}
+  stopped = False
+  with _Preemption() as preempt:
+    while step < c.total_steps:
+      batch = next(data)
+      state, m = step_fn(state, frozen, batch)
+      step += 1
+      m = jax.device_get(m)
+      log.add(m)
+      if not int(m["finite"]):
+        nan_run += 1
+        echo(f"step {step}: non-finite loss ({float(m['loss'])}) or gradient norm "
+             f"({float(m['grad_norm'])}); update skipped ({nan_run} in a row)")
+        if nan_run >= c.max_consecutive_nans:
+          ckpt.wait()
+          good = ckpt.latest_step()
+          raise TrainingError(
+              f"{nan_run} consecutive non-finite steps (last at step {step}); stopping. The "
+              f"last good checkpoint is step {good} in {ckpt.directory}. Lower optim.lr, check "
+              "the data for NaN/inf, or raise max_consecutive_nans.")
+      else:
+        nan_run = 0
+      if step % c.log_every == 0 or step == c.total_steps:
+        last = log.flush(step)
+        echo(log.line(step, last, step - first_step))
+      ckpt.save(step, state, data if checkpointable else None)
+      if c.sample_every and step % c.sample_every == 0 and step < c.total_steps:
+        write_samples(c, graphdef, state, frozen, tokenizer, workdir, step, log, echo)
+      if preempt.received:
+        ckpt.save(step, state, data if checkpointable else None, force=True)
+        ckpt.wait()
+        echo(f"SIGTERM: saved checkpoint {step} in {ckpt.directory}; exiting")
+        stopped = True
+        break
+  if not stopped:
+    ckpt.save(step, state, data if checkpointable else None, force=True)
+  ckpt.wait()
+  ckpt.close()
+  log.close()
+  if not stopped:
+    plot_loss_curve(log.history_path, os.path.join(workdir, "loss.png"))
+  trained = nnx.merge(graphdef, final_params(state), frozen)
+  if not stopped and c.sample_at_end:
+    write_samples(c, graphdef, state, frozen, tokenizer, workdir, step, None, echo)
+  return RunResult(step, state, trained, stopped, last)
+
+
+def final_params(state: TrainState):
+  return state.ema if state.ema is not None else state.params
+
+
+def write_samples(c, graphdef, state, frozen, tokenizer, workdir, step, log, echo):
+  """Sample videos (mp4 + GIF) and a PNG frame strip of held-out prompts and prefixes."""
+  from magi_jax.train.samples import frame_strip
+  from magi_jax.train.evaluation import sample_set
+  t0 = time.time()
+  model = nnx.merge(graphdef, final_params(state), frozen)
+  videos, names = sample_set(c, model, tokenizer, num=c.sample.num_videos)
+  out = os.path.join(workdir, "samples")
+  os.makedirs(out, exist_ok=True)
+  from magi_jax.media.write import write_video
+  from PIL import Image
+  for v, name in zip(videos, names):
+    for ext in c.sample.formats:
+      write_video(os.path.join(out, f"step{step:06d}_{name}.{ext}"), v, fps=c.sample.fps)
+  strip = frame_strip(videos)
+  Image.fromarray(strip).save(os.path.join(out, f"step{step:06d}_strip.png"))
+  if log is not None:
+    log.add_image("samples/strip", strip, step)
+  echo(f"wrote {len(videos)} sample videos and a frame strip to {out} "
+       f"({time.time() - t0:.0f} s)")

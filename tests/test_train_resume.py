@@ -1,0 +1,139 @@
+"""Preemption and failure: kill -9 and resume is bitwise, SIGTERM saves, NaNs stop cleanly.
+
+The runs are the `:smoke` config of the demo (a 1-layer model on a tiny bouncing world)
+through the real command line, so they also cover `experiments.train` end to end.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments.configs import bouncing_tiny
+from magi_jax.train.trainer import TrainingError, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, EVERY = 12, 3
+
+pytestmark = pytest.mark.usefixtures("compile_cache")
+
+
+def _cmd(workdir, data_dir):
+  return [sys.executable, "-m", "experiments.train",
+          "--config=experiments/configs/bouncing_tiny.py:smoke", f"--workdir={workdir}",
+          f"--config.total_steps={STEPS}", f"--config.checkpoint_every={EVERY}",
+          "--config.log_every=1", f"--config.data.data_dir={data_dir}"]
+
+
+def _env(compile_cache):
+  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=compile_cache,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1")
+
+
+def _run_until(cmd, env, marker, sig):
+  """Runs cmd, sends `sig` when a stdout line starts with `marker`; returns (rc, output)."""
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  out = []
+  sent = False
+  for line in proc.stdout:
+    out.append(line)
+    if not sent and line.startswith(marker):
+      proc.send_signal(sig)
+      sent = True
+  proc.wait(timeout=300)
+  assert sent, "".join(out[-30:])
+  return proc.returncode, "".join(out)
+
+
+def _final_state(workdir):
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as m:
+    step = m.latest_step()
+    state = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  return step, state
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, compile_cache):
+  base = tmp_path_factory.mktemp("resume")
+  workdir, data_dir = base / "straight", base / "tfds"
+  proc = subprocess.run(_cmd(workdir, data_dir), cwd=REPO, env=_env(compile_cache),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert f"step {STEPS}/{STEPS}" in proc.stdout
+  return base, _final_state(workdir)
+
+
+def test_kill_9_mid_run_then_resume_is_bitwise_equal(uninterrupted, compile_cache):
+  base, (step, want) = uninterrupted
+  workdir = base / "killed"
+  rc, out = _run_until(_cmd(workdir, base / "tfds"), _env(compile_cache), "step 7/",
+                       signal.SIGKILL)
+  assert rc == -signal.SIGKILL, out[-2000:]                  # killed, not finished
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as m:
+    saved = m.latest_step()
+  assert saved is not None and 3 <= saved < STEPS, saved      # resumes mid-run
+  proc = subprocess.run(_cmd(workdir, base / "tfds"), cwd=REPO, env=_env(compile_cache),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "resumed from" in proc.stdout
+  got_step, got = _final_state(workdir)
+  assert got_step == step == STEPS
+  leaves_w = jax.tree_util.tree_leaves_with_path(want)
+  leaves_g = jax.tree_util.tree_leaves_with_path(got)
+  assert [p for p, _ in leaves_w] == [p for p, _ in leaves_g]
+  for (path, a), (_, b) in zip(leaves_w, leaves_g):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+
+
+def test_sigterm_saves_the_current_step_and_exits(uninterrupted, compile_cache):
+  base, _ = uninterrupted
+  workdir = base / "term"
+  rc, out = _run_until(_cmd(workdir, base / "tfds"), _env(compile_cache), "step 4/",
+                       signal.SIGTERM)
+  assert rc == 0, out[-2000:]
+  line = [l for l in out.splitlines() if l.startswith("SIGTERM: saved checkpoint")]
+  assert line, out[-2000:]
+  step = int(line[0].split()[3])
+  assert 4 <= step < STEPS
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as m:
+    assert m.latest_step() == step
+
+
+def test_repeated_nans_stop_with_the_last_good_checkpoint(tmp_path):
+  c = bouncing_tiny.get_config("smoke")
+  c.total_steps, c.checkpoint_every, c.max_consecutive_nans = 10, 2, 3
+  c.tensorboard = False
+  c.async_checkpoints = False
+  from magi_jax.train import build
+  tok = build.tokenizer_for(c)
+  world = build.world_config(c)
+  K, T = c.data.bin_chunks, c.data.bin_chunks * world.frames_per_chunk
+  ids, mask = tok(["a red ball; the red ball flies"] * (2 * K))
+  rng = np.random.default_rng(0)
+
+  def batches():
+    for i in range(100):
+      x = rng.normal(size=(2, 3, T, world.height, world.width)).astype(np.float32)
+      if i >= 2:
+        x[0, 0, 0, 0, 0] = np.nan                              # poisoned from step 3 on
+      yield {"latents": x, "segment_ids": np.ones((2, K), np.int32),
+             "text_tokens": ids.reshape(2, K, -1), "text_mask": mask.reshape(2, K, -1)}
+
+  lines = []
+  with pytest.raises(TrainingError, match="3 consecutive non-finite steps"):
+    train(c, str(tmp_path), data=batches(), echo=lines.append)
+  assert sum("update skipped" in l for l in lines) == 3
+  with ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints")) as m:
+    steps = m.all_steps()
+    s2 = m.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    s4 = m.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  assert 2 in steps and 4 in steps
+  for a, b in zip(jax.tree.leaves(s2["params"]), jax.tree.leaves(s4["params"])):
+    assert np.all(np.isfinite(a))
+    np.testing.assert_array_equal(a, b)                        # NaN steps changed nothing
