@@ -37,6 +37,7 @@ def train_config():
   c.lora.rank = 0                  # > 0: train only LoRA adapters on the DiT
   c.lora.alpha = 8.0
   c.lora.targets = ("q", "k", "v", "qx", "kx", "vx", "proj", "fc1", "fc2")
+  c.lora.export_merged = False     # also write base + adapters merged, official layout
 
   c.text = ml_collections.ConfigDict()
   c.text.kind = "demo"             # demo (word encoder trained with the DiT) | precomputed (T5)
@@ -63,6 +64,12 @@ def train_config():
   c.data.pack_window = 32          # examples per first-fit-decreasing packing window
   c.data.shuffle_seed = 0
   c.data.min_chunks = 1            # random sub-clips of min..max chunks (packing variety)
+
+  c.vae = ml_collections.ConfigDict()
+  c.vae.kind = "none"              # none (pixel space) | official | converted | random_tiny
+  c.vae.path = ""
+  c.vae.precision = "fp32"
+  c.vae.scale_factor = 0.18215     # official runtime_config.scale_factor
 
   c.objective = ml_collections.ConfigDict()
   c.objective.chunk_width = 4      # latent frames per chunk (pixel space: frames)

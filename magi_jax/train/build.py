@@ -92,3 +92,22 @@ def build_model(c, tokenizer: WordTokenizer | None) -> TrainModel:
     text = DemoTextEncoder(tokenizer.vocab_size, t.max_length, t.width, mcfg.caption_channels,
                            num_layers=t.layers, num_heads=t.heads, rngs=nnx.Rngs(c.seed + 2))
   return TrainModel(dit, text)
+
+
+def frame_encoder(c):
+  """The frozen VAE's per-chunk encoder for latent-space training, or None (pixel space)."""
+  if c.vae.kind == "none":
+    return None
+  from magi_jax.generate.components import load_vae
+  from magi_jax.train.step import vae_chunk_encoder
+  if c.vae.kind not in ("official", "converted", "random_tiny"):
+    raise ConfigError(f"config.vae.kind must be none | official | converted | random_tiny, got "
+                      f"{c.vae.kind!r}")
+  vae = load_vae("" if c.vae.kind == "random_tiny" else c.vae.path, c.vae.precision,
+                 random_ok=c.vae.kind == "random_tiny", seed=c.seed)
+  F = c.data.frames_per_chunk
+  if F % 4 or F // 4 != c.objective.chunk_width:
+    raise ConfigError(f"latent training: data.frames_per_chunk ({F}) must be 4 x "
+                      f"objective.chunk_width ({c.objective.chunk_width}) (the VAE compresses "
+                      "time 4x)")
+  return vae_chunk_encoder(vae, scale_factor=c.vae.scale_factor, frames_per_chunk=F)

@@ -84,8 +84,14 @@ def train_iterator(c, tokenizer, workdir: str, *, num_threads: int = 2):
     if c.text.kind != "precomputed":
       raise ConfigError("video_folder data trains on precomputed T5 rows: set "
                         "text.kind='precomputed' and text.t5_path")
+    fpc = d.frames_per_chunk
+    want = fpc if c.vae.kind == "none" else fpc // 4
+    if c.objective.chunk_width != want:
+      raise ConfigError(f"objective.chunk_width ({c.objective.chunk_width}) must be {want}: "
+                        f"data.frames_per_chunk {fpc}" + ("" if c.vae.kind == "none" else
+                                                          " over the VAE's 4x time compression"))
     from magi_jax.text.encoder import TextEncoder
-    encoder = TextEncoder.from_pretrained(c.text.t5_path)
+    encoder = TextEncoder.from_pretrained(c.text.t5_path, max_length=c.text.max_length)
     builder = make_builder(data_dir(c, workdir), d.video_dir, height=d.height, width=d.width,
                            clip_frames=d.clip_frames, frames_per_chunk=d.frames_per_chunk,
                            stride=d.stride, encoder=encoder, encoder_name=c.text.t5_path)

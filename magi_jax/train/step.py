@@ -50,22 +50,49 @@ def pixels_to_x1(frames):
   return rearrange(x, "n t h w c -> n c t h w")
 
 
-def model_batch(batch):
-  """The loss's inputs from a data batch: pixel frames or precomputed latents become x1."""
+def vae_chunk_encoder(vae, *, scale_factor: float, frames_per_chunk: int):
+  """frames uint8 (B, K·F, H, W, 3) -> scaled latents (B, C, K·F/4, h, w), inside the step.
+
+  Each chunk of F frames (24 for MAGI-1) is encoded on its own, like one temporal tile of the
+  official tiled encoder, so a chunk's latents do not depend on which video it was packed
+  next to. The VAE is frozen (no gradient).
+  """
+  graphdef, state = nnx.split(vae)
+  F = frames_per_chunk
+
+  def encode(frames):
+    B, T = frames.shape[:2]
+    if T % F:
+      raise ValueError(f"{T} frames are not whole chunks of {F}")
+    x = frames.astype(F32) / 127.5 - 1.0
+    x = rearrange(x, "b (k f) h w c -> (b k) c f h w", f=F)
+    m = nnx.merge(graphdef, state)
+    z = m.encode(x.astype(m.precision.compute_dtype)).astype(F32) * scale_factor
+    return jax.lax.stop_gradient(rearrange(z, "(b k) c t h w -> b c (k t) h w", b=B))
+
+  return encode
+
+
+def model_batch(batch, encode_frames=None):
+  """The loss's inputs from a data batch: frames (pixels, or VAE latents with
+  `encode_frames`) or precomputed latents become x1."""
   out = {k: v for k, v in batch.items() if k not in ("frames", "latents")}
   if "latents" in batch:
     out["x1"] = batch["latents"].astype(F32)
+  elif encode_frames is not None:
+    out["x1"] = encode_frames(batch["frames"])
   else:
     out["x1"] = pixels_to_x1(batch["frames"])
   return out
 
 
 def make_train_step(graphdef, obj: Objective, tx, schedule, *, compute_dtypes=None,
-                    ema_decay: float = 0.0):
+                    ema_decay: float = 0.0, encode_frames=None):
   """Returns `step(state, frozen, batch) -> (state, metrics)`, jitted, state donated.
 
   compute_dtypes: a pytree like `params` giving the dtype each master weight is cast to in
   the forward pass (bf16 weights with fp32 masters); None computes with the masters.
+  encode_frames: frames -> latents (`vae_chunk_encoder`); None trains in pixel space.
   """
 
   def loss_of(params, frozen, batch, key):
@@ -77,7 +104,7 @@ def make_train_step(graphdef, obj: Objective, tx, schedule, *, compute_dtypes=No
   @functools.partial(jax.jit, donate_argnums=(0,))
   def step(state: TrainState, frozen, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    batch = model_batch(batch)
+    batch = model_batch(batch, encode_frames)
     (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params, frozen, batch,
                                                                    key)
     gnorm = optax.tree.norm(grads)

@@ -109,7 +109,7 @@ def train(c, workdir: str, *, data=None, echo=print) -> RunResult:
   use_bf16 = c.model.precision == "bf16"
   step_fn = make_train_step(graphdef, obj, tx, schedule,
                             compute_dtypes=dtypes if use_bf16 else None,
-                            ema_decay=float(c.ema_decay))
+                            ema_decay=float(c.ema_decay), encode_frames=build.frame_encoder(c))
   log = MetricsLog(workdir, total_steps=c.total_steps, enabled=c.tensorboard)
   step = int(state.step)
   first_step = step
@@ -139,7 +139,8 @@ def train(c, workdir: str, *, data=None, echo=print) -> RunResult:
         last = log.flush(step)
         echo(log.line(step, last, step - first_step))
       ckpt.save(step, state, data if checkpointable else None)
-      if c.sample_every and step % c.sample_every == 0 and step < c.total_steps:
+      if (c.sample_every and step % c.sample_every == 0 and step < c.total_steps
+          and c.data.kind == "bouncing"):
         write_samples(c, graphdef, state, frozen, tokenizer, workdir, step, log, echo)
       if preempt.received:
         ckpt.save(step, state, data if checkpointable else None, force=True)
@@ -155,9 +156,25 @@ def train(c, workdir: str, *, data=None, echo=print) -> RunResult:
   if not stopped:
     plot_loss_curve(log.history_path, os.path.join(workdir, "loss.png"))
   trained = nnx.merge(graphdef, final_params(state), frozen)
-  if not stopped and c.sample_at_end:
+  if c.lora.rank and not stopped:
+    export_lora(c, trained, workdir, echo)
+  if not stopped and c.sample_at_end and c.data.kind == "bouncing":
     write_samples(c, graphdef, state, frozen, tokenizer, workdir, step, None, echo)
   return RunResult(step, state, trained, stopped, last)
+
+
+def export_lora(c, trained, workdir: str, echo) -> None:
+  """The adapters alone (`lora.safetensors`), and with `lora.export_merged` the merged model
+  in the official layout (`merged_dit/`), loadable by every official-checkpoint path."""
+  from magi_jax.train.lora import merge_lora, save_lora
+  path = os.path.join(workdir, "lora.safetensors")
+  save_lora(path, trained.dit)
+  echo(f"wrote LoRA adapters to {path}")
+  if c.lora.export_merged:
+    from magi_jax.convert.dit_official import save_official_dit
+    out = os.path.join(workdir, "merged_dit")
+    save_official_dit(merge_lora(trained.dit), out)
+    echo(f"wrote the merged DiT (official layout) to {out}")
 
 
 def final_params(state: TrainState):
@@ -184,3 +201,26 @@ def write_samples(c, graphdef, state, frozen, tokenizer, workdir, step, log, ech
     log.add_image("samples/strip", strip, step)
   echo(f"wrote {len(videos)} sample videos and a frame strip to {out} "
        f"({time.time() - t0:.0f} s)")
+
+
+def load_trained(workdir: str, *, step: int | None = None, use_ema: bool = True):
+  """(config, TrainModel, tokenizer, step) of a run directory's latest (or given) checkpoint."""
+  import ml_collections
+  ckdir = os.path.join(workdir, "checkpoints")
+  c = ml_collections.ConfigDict(Checkpointer.read_run(ckdir)["config"])
+  tokenizer = build.tokenizer_for(c)
+  model = build.build_model(c, tokenizer)
+  graphdef, params, frozen = split_model(c, model)
+  schedule = optim.learning_rate(c.optim.lr, c.optim.warmup_steps, c.total_steps,
+                                 c.optim.schedule, c.optim.end_lr)
+  tx = optim.make_optimizer(schedule, b1=c.optim.b1, b2=c.optim.b2,
+                            weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip)
+  abstract = jax.eval_shape(lambda p: init_state(p, tx, seed=c.seed, ema=c.ema_decay > 0), params)
+  ckpt = Checkpointer(ckdir, keep=c.keep_checkpoints, every=c.checkpoint_every)
+  try:
+    state = ckpt.restore(abstract, step=step)
+    step = int(state.step)
+  finally:
+    ckpt.close()
+  p = state.ema if (use_ema and state.ema is not None) else state.params
+  return c, nnx.merge(graphdef, p, frozen), tokenizer, step

@@ -1,0 +1,52 @@
+"""LoRA fine-tuning of an official MAGI-1 DiT checkpoint on your own videos.
+
+Command (a GPU/TPU job; the official 4.5B weights and T5 are downloaded separately):
+  python -m experiments.train --config=experiments/configs/finetune_lora.py \\
+    --config.init.path=ckpt/magi/4.5B_base/inference_weight \\
+    --config.text.t5_path=ckpt/t5 --config.vae.path=ckpt/vae \\
+    --config.data.video_dir=my_videos --workdir=runs/my_lora
+
+Expected result: only the adapters train (the optimizer state holds adapter-shaped moments
+only); `runs/my_lora/lora.safetensors` holds them, and with `--config.lora.export_merged=True`
+`runs/my_lora/merged_dit/` is the merged model in the official layout (loadable by
+`python -m experiments.sample --config.dit_checkpoint=...`). The tests run this path on tiny
+random "official" weights (tests/test_train_lora.py).
+
+Variants: `:tiny` trains adapters on a tiny random official checkpoint at --config.init.path
+with the bouncing world (used by the tests).
+"""
+
+from experiments.configs.train_common import train_config
+
+
+def get_config(arg=None):
+  c = train_config()
+  c.model.preset = "4.5B_base"
+  c.model.precision = "bf16"
+  c.model.remat = True
+  c.init.kind = "official"
+  c.lora.rank = 16
+  c.lora.alpha = 16.0
+  c.text.kind = "precomputed"
+  c.data.kind = "video_folder"
+  c.data.height, c.data.width = 480, 832
+  c.data.clip_frames, c.data.stride, c.data.frames_per_chunk = 96, 96, 24
+  c.objective.chunk_width = 6
+  c.vae.kind = "official"          # latent space: frames are encoded per chunk by the VAE
+  c.vae.precision = "bf16"
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 100
+  c.total_steps = 2000
+  c.sample_at_end = False
+  if arg == "tiny":
+    from experiments.configs.bouncing_tiny import get_config as demo
+    d = demo("smoke")
+    d.init.kind = "official"
+    d.lora.rank, d.lora.alpha = 4, 4.0
+    d.lora.export_merged = True
+    d.total_steps = 3
+    d.optim.lr = 1e-2
+    return d
+  if arg:
+    raise ValueError(f"unknown config variant {arg!r}; use ':tiny' or nothing")
+  return c
