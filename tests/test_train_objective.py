@@ -264,3 +264,13 @@ def test_clean_prediction_velocity_round_trip():
   np.testing.assert_allclose(np.asarray(v), np.asarray(x1 - x0), atol=1e-5)
   with pytest.raises(ValueError, match="prediction"):
     Objective(chunk_width=2, prediction="epsilon")
+
+
+def test_ema_decay_warms_up():
+  from magi_jax.train.step import ema_warmup_decay
+  d = [float(ema_warmup_decay(0.999, s)) for s in (0, 10, 100, 10_000)]
+  assert d[0] == pytest.approx(0.1) and d[1] == pytest.approx(11 / 20)
+  assert d[2] == pytest.approx(101 / 110) and d[3] == pytest.approx(0.999)
+  # After 1,400 steps the random initialisation keeps a negligible share of the average.
+  share = np.prod([float(ema_warmup_decay(0.999, s)) for s in range(1400)])
+  assert share < 1e-3

@@ -95,7 +95,8 @@ def train_config():
   c.sample.num_videos = 4
   c.sample.num_steps = 16
   c.sample.window_size = 2
-  c.sample.text_scale = 3.0
+  c.sample.text_scale = 3.0         # classifier-free guidance of caption-only (T2V) samples
+  c.sample.v2v_text_scale = 1.0     # ... and of continuations (1 = no text guidance)
   c.sample.prev_scale = 1.0
   c.sample.prefix_chunks = 1
   c.sample.fps = 8
