@@ -35,6 +35,16 @@ def current_mib() -> float:
   return status_mib("VmRSS")
 
 
+def reset_hwm() -> bool:
+  """Resets the kernel's RSS high-water mark (VmHWM) so it covers only what follows."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
 def use_compile_cache(path: str) -> None:
   """Every compiled executable is written to / read from `path` ("" or "none": off)."""
   if path and path != "none":

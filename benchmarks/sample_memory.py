@@ -53,8 +53,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from absl import app, flags  # noqa: E402
-from child_process import (MiB, current_mib, emit, peak_mib, run_child, status_mib,  # noqa: E402
-                           use_compile_cache)
+from child_process import (MiB, current_mib, emit, peak_mib, reset_hwm, run_child,  # noqa: E402
+                           status_mib, use_compile_cache)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("chunks", ["2", "4", "8", "16", "32"], "video lengths in chunks")
@@ -73,16 +73,6 @@ flags.DEFINE_float("limit", 1.10, "flatness limit on max/min peak RSS")
 flags.DEFINE_integer("child", 0, "internal: sample this many chunks and print one JSON line")
 
 CAPTION_VALID = 13
-
-
-def _reset_hwm():
-  """Resets the kernel's RSS high-water mark (VmHWM) so it covers only what follows."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
 
 
 def _random_model(seed=0):
@@ -165,7 +155,7 @@ def child(n):
   text = _text_rows(model.cfg, n)
   peak_before = peak_mib()                           # compilation high-water mark
   base_rss = current_mib()
-  hwm_reset = _reset_hwm()
+  hwm_reset = reset_hwm()
   checksum, per_chunk, rss_trace, emitted = 0.0, [], [], 0
   comp = warm_compilations
   t0 = last = time.perf_counter()

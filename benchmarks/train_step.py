@@ -68,8 +68,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from absl import app, flags  # noqa: E402
-from child_process import (MiB, current_mib, emit, peak_mib, run_child, status_mib,  # noqa: E402
-                           use_compile_cache)
+from child_process import (MiB, current_mib, emit, peak_mib, reset_hwm, run_child,  # noqa: E402
+                           status_mib, use_compile_cache)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["cpu_tiny", "gpu_4p5b_480p"], "cases to run")
@@ -201,16 +201,6 @@ def _demo_batch(c, tokenizer):
   return batch, B, K, tok
 
 
-def _reset_hwm() -> bool:
-  """Resets the kernel's RSS high-water mark (VmHWM) so it covers only what follows."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
-
-
 def tiny_child(variant: str):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
@@ -236,7 +226,7 @@ def tiny_child(variant: str):
   compile_peak = peak_mib()
   import ctypes
   ctypes.CDLL("libc.so.6").malloc_trim(0)       # the compiler's free lists do not set the base
-  hwm_reset = _reset_hwm()
+  hwm_reset = reset_hwm()
   state, sec, metrics = _time_steps(compiled, state, frozen, batch, FLAGS.steps, FLAGS.warmup)
   train_peak = status_mib("VmHWM") if hwm_reset else float("nan")
   emit(dict(variant=variant, compile_s=compile_s, step_s=sec, rows=B, chunks=K, tok=tok,

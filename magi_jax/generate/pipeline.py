@@ -20,8 +20,8 @@ from flax import nnx
 
 from magi_jax.generate.components import Components
 from magi_jax.generate.request import Request
-from magi_jax.media import (VideoWriter, plan_frames, prefix_latent_frames_for_video,
-                            read_image, read_video, to_uint8)
+from magi_jax.media import (VideoWriter, pixels_to_model, plan_frames,
+                            prefix_latent_frames_for_video, read_image, read_video, to_uint8)
 from magi_jax.models.vae_tiling import TileConfig, iter_tiled_decode, tiled_encode
 from magi_jax.sampling import SamplerOptions, plan_steps
 from magi_jax.text import ChunkTextRows, TextFlags
@@ -56,8 +56,7 @@ class Result:
 
 def _pixels_to_model(frames_uint8, dtype):
   """(T, H, W, 3) uint8 -> (1, 3, T, H, W) in [-1, 1]."""
-  x = jnp.asarray(frames_uint8, jnp.float32) / 127.5 - 1.0
-  return jnp.transpose(x, (3, 0, 1, 2))[None].astype(dtype)
+  return pixels_to_model(jnp.asarray(frames_uint8)[None]).astype(dtype)
 
 
 def encode_prefix(comp: Components, req: Request, tiles: TileConfig):

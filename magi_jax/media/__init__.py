@@ -5,9 +5,9 @@ from magi_jax.media.errors import MediaError
 from magi_jax.media.frames import (FramePlan, decoded_frames, emitted_latent_range, plan_frames,
                                    prefix_latent_frames_for_video, validate_num_frames,
                                    validate_size)
-from magi_jax.media.read import read_image, read_video
+from magi_jax.media.read import pixels_to_model, read_image, read_video
 from magi_jax.media.write import VideoWriter, to_uint8, write_video
 
 __all__ = ["FramePlan", "MediaError", "VideoWriter", "decoded_frames", "emitted_latent_range",
-           "plan_frames", "prefix_latent_frames_for_video", "read_image", "read_video",
+           "pixels_to_model", "plan_frames", "prefix_latent_frames_for_video", "read_image", "read_video",
            "to_uint8", "validate_num_frames", "validate_size", "write_video"]

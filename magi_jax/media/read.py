@@ -26,6 +26,15 @@ from magi_jax.media.frames import validate_size
 POLICIES = ("fit", "crop", "pad")
 
 
+def pixels_to_model(frames):
+  """uint8 (..., T, H, W, 3) -> float32 (..., 3, T, H, W) in [-1, 1], the layout and range
+  the VAE encoder (and a pixel-space DiT) takes; numpy in, numpy out; jax in (traced), jax
+  out. The inverse of `media.write.to_uint8`'s scaling."""
+  from einops import rearrange
+  x = frames.astype(np.float32) / 127.5 - 1.0
+  return rearrange(x, "... t h w c -> ... c t h w")
+
+
 def _ffmpeg_exe() -> str:
   import imageio_ffmpeg   # lazy: frame arithmetic must not need it
   return imageio_ffmpeg.get_ffmpeg_exe()

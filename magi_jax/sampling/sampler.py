@@ -16,6 +16,8 @@ the cache at clean_t with null rows, a partial last prefix chunk is padded like 
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 from typing import Callable, Iterator
 
@@ -72,10 +74,22 @@ class Sampler:
     if getattr(model, "distill", eng.distill) != eng.distill:
       raise SamplerError(f"the model was built with distill={model.distill} but "
                          f"engine_config.distill={eng.distill}")
-    self.ts = schedule.timesteps(rt.num_steps, eng.shortcut_mode)
-    self.intervals = schedule.distill_intervals(rt.num_steps, eng.shortcut_mode)
+    self._set_schedule()
     self._step = make_step(model, backend=options.backend)
     self._prefill_fn = make_prefill(model, backend=options.backend)
+
+  def _set_schedule(self):
+    rt, eng = self.cfg.runtime, self.cfg.engine
+    self.ts = schedule.timesteps(rt.num_steps, eng.shortcut_mode)
+    self.intervals = schedule.distill_intervals(rt.num_steps, eng.shortcut_mode)
+
+  def with_runtime(self, **fields) -> "Sampler":
+    """The same model and compiled steps under other runtime settings (guidance scales,
+    steps, ...): the step functions depend on the model only, scales and t are traced."""
+    other = copy.copy(self)
+    other.cfg = self.cfg.replace(runtime=fields)
+    other._set_schedule()
+    return other
 
   # ------------------------------------------------------------------ helpers
   def compilations(self) -> int:

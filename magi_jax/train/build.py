@@ -16,6 +16,7 @@ from magi_jax.data.bouncing import WorldConfig, vocabulary
 from magi_jax.generate.components import random_module
 from magi_jax.models import Precision, VideoDiT
 from magi_jax.text.demo_encoder import DemoTextEncoder, WordTokenizer
+from magi_jax.train import optim
 from magi_jax.train.conditioning import ConditioningConfig
 from magi_jax.train.objective import Objective, TrainModel
 from magi_jax.train.samples import SampleSettings
@@ -57,6 +58,15 @@ def objective(c) -> Objective:
                             t_shift=o.t_shift)
   return Objective(chunk_width=o.chunk_width, conditioning=cond, prediction=c.model.prediction,
                    backend=c.model.backend)
+
+
+def optimizer(c):
+  """(learning-rate schedule, optax transformation) of config `c`."""
+  o = c.optim
+  schedule = optim.learning_rate(o.lr, o.warmup_steps, c.total_steps, o.schedule, o.end_lr)
+  tx = optim.make_optimizer(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                            grad_clip=o.grad_clip)
+  return schedule, tx
 
 
 def sample_settings(c) -> SampleSettings:

@@ -13,8 +13,6 @@ are re-simulated from their seeds, which is what the TFDS test split stores.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from magi_jax.data.bouncing import simulate
@@ -30,21 +28,18 @@ def held_out(c, i: int):
   return simulate(build.world_config(c), split_seed("test", i))
 
 
-def make_sampler(c, model, tokenizer, *, continuation: bool = False) -> VideoSampler:
-  """T2V samples use `sample.text_scale`; continuations `sample.v2v_text_scale` (the prefix
-  already fixes the object, and strong text guidance on a tiny model adds speckle)."""
-  settings = build.sample_settings(c)
-  if continuation:
-    settings = dataclasses.replace(settings, text_scale=c.sample.v2v_text_scale)
+def make_sampler(c, model, tokenizer) -> VideoSampler:
+  """T2V samples use `sample.text_scale`; continuations pass `sample.v2v_text_scale` per call
+  (the prefix already fixes the object, and strong text guidance on a tiny model adds
+  speckle)."""
   return VideoSampler(model, tokenizer, chunk_width=c.objective.chunk_width,
-                      prediction=c.model.prediction, settings=settings,
+                      prediction=c.model.prediction, settings=build.sample_settings(c),
                       backend=c.model.backend)
 
 
 def sample_set(c, model, tokenizer, *, num: int):
   """Half continuations, half caption-only videos of held-out episodes (for the strips)."""
   sampler = make_sampler(c, model, tokenizer)
-  cont = make_sampler(c, model, tokenizer, continuation=True)
   world = build.world_config(c)
   F, K = world.frames_per_chunk, world.num_chunks
   videos, names = [], []
@@ -52,8 +47,9 @@ def sample_set(c, model, tokenizer, *, num: int):
     ep = held_out(c, i)
     if i % 2 == 0:
       P = c.sample.prefix_chunks * F
-      v = cont.generate(ep.chunk_captions, num_chunks=K, height=world.height,
-                        width=world.width, seed=i, prefix_frames=ep.frames[:P])
+      v = sampler.generate(ep.chunk_captions, num_chunks=K, height=world.height,
+                           width=world.width, seed=i, prefix_frames=ep.frames[:P],
+                           text_scale=c.sample.v2v_text_scale)
       names.append(f"v2v{i:02d}")
       videos.append(np.concatenate([ep.frames, v], axis=2))    # truth | sample side by side
     else:
@@ -68,14 +64,14 @@ def evaluate(c, model, tokenizer, *, num_continuations: int, num_text: int, echo
   world = build.world_config(c)
   palette = dict(world.colours)
   sampler = make_sampler(c, model, tokenizer)
-  cont = make_sampler(c, model, tokenizer, continuation=True)
   F, K = world.frames_per_chunk, world.num_chunks
   P = c.sample.prefix_chunks * F
   reports = []
   for i in range(num_continuations):
     ep = held_out(c, i)
-    v = cont.generate(ep.chunk_captions, num_chunks=K, height=world.height, width=world.width,
-                         seed=i, prefix_frames=ep.frames[:P])
+    v = sampler.generate(ep.chunk_captions, num_chunks=K, height=world.height,
+                         width=world.width, seed=i, prefix_frames=ep.frames[:P],
+                         text_scale=c.sample.v2v_text_scale)
     reports.append(bm.continuation_report(v[P:], ep.frames[P:], ep.frames[:P]))
   cont = {k: float(np.mean([r[k] for r in reports])) for k in reports[0]} if reports else {}
 

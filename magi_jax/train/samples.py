@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from magi_jax.configs import MagiConfig, _engine, _runtime
+from magi_jax.media.read import pixels_to_model
 from magi_jax.models.prediction import as_velocity_model
 from magi_jax.sampling.sampler import Sampler, SamplerOptions, final_latent
 from magi_jax.text.rows import ChunkTextRows
@@ -46,8 +47,7 @@ def sampler_config(model, chunk_width: int, s: SampleSettings) -> MagiConfig:
 
 def frames_to_latent(frames):
   """uint8 (T, H, W, 3) -> (1, 3, T, H, W) in [-1, 1]."""
-  x = jnp.asarray(frames, F32) / 127.5 - 1.0
-  return jnp.transpose(x, (3, 0, 1, 2))[None]
+  return pixels_to_model(jnp.asarray(frames)[None])
 
 
 def latent_to_frames(x) -> np.ndarray:
@@ -67,6 +67,7 @@ class VideoSampler:
     self.cfg = sampler_config(model.dit, chunk_width, settings)
     self.sampler = Sampler(as_velocity_model(model.dit, prediction), self.cfg,
                            options=SamplerOptions(backend=backend))
+    self._by_scale = {settings.text_scale: self.sampler}     # share the compiled steps
     self.encode = encode or frames_to_latent
     self.decode = decode or latent_to_frames
     self._text = jax.jit(lambda ids, m: model.text_encoder(ids, m))
@@ -82,14 +83,25 @@ class VideoSampler:
     return ChunkTextRows(np.asarray(emb), np.asarray(m), null, infer_chunk_num=num_chunks,
                          clean_chunk_num=clean_chunks, flags=TextFlags.none())
 
+  def _sampler(self, text_scale: float | None) -> Sampler:
+    if text_scale is None:
+      return self.sampler
+    if text_scale not in self._by_scale:
+      self._by_scale[text_scale] = self.sampler.with_runtime(text_scales=(text_scale,))
+    return self._by_scale[text_scale]
+
   def generate(self, chunk_captions: Sequence[str], *, num_chunks: int, height: int, width: int,
-               seed: int, prefix_frames: np.ndarray | None = None) -> np.ndarray:
-    """uint8 (T, H, W, 3): the prefix (if any) followed by the generated frames."""
+               seed: int, prefix_frames: np.ndarray | None = None,
+               text_scale: float | None = None) -> np.ndarray:
+    """uint8 (T, H, W, 3): the prefix (if any) followed by the generated frames.
+
+    text_scale: this call's caption guidance (default: the settings'); same compiled steps.
+    """
     prefix = None if prefix_frames is None else self.encode(prefix_frames)
     clean = 0 if prefix is None else int(prefix.shape[2]) // self.chunk_width
     rows = self.text_rows(chunk_captions, num_chunks, clean)
-    chunks = list(self.sampler.sample(rows, latent_hw=(height, width), num_chunks=num_chunks,
-                                      key=jax.random.key(seed), prefix=prefix))
+    chunks = list(self._sampler(text_scale).sample(rows, latent_hw=(height, width), num_chunks=num_chunks,
+                                                   key=jax.random.key(seed), prefix=prefix))
     video = final_latent(chunks)
     if prefix is not None:
       video = jnp.concatenate([prefix[:, :, :chunks[0].start], video], axis=2)

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from magi_jax.train.timesteps import same_segment
+
+def same_segment(segment_ids):
+  """(N, K, K) bool: chunk i and chunk j belong to the same (non-padding) video."""
+  s = jnp.asarray(segment_ids)
+  return (s[:, :, None] == s[:, None, :]) & (s[:, :, None] > 0)
 
 
 def segment_layout(segment_ids):

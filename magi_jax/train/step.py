@@ -23,6 +23,7 @@ import optax
 from einops import rearrange
 from flax import nnx
 
+from magi_jax.media.read import pixels_to_model
 from magi_jax.train.objective import Objective, training_loss
 
 F32 = jnp.float32
@@ -53,12 +54,6 @@ def init_state(params, tx, *, seed: int, ema: bool) -> TrainState:
                     rng=jax.random.key_data(jax.random.key(seed)))
 
 
-def pixels_to_x1(frames):
-  """uint8 (N, T, H, W, 3) -> float32 (N, 3, T, H, W) in [-1, 1]: the pixel-space "latent"."""
-  x = frames.astype(F32) / 127.5 - 1.0
-  return rearrange(x, "n t h w c -> n c t h w")
-
-
 def vae_chunk_encoder(vae, *, scale_factor: float, frames_per_chunk: int):
   """frames uint8 (B, K·F, H, W, 3) -> scaled latents (B, C, K·F/4, h, w), inside the step.
 
@@ -73,8 +68,7 @@ def vae_chunk_encoder(vae, *, scale_factor: float, frames_per_chunk: int):
     B, T = frames.shape[:2]
     if T % F:
       raise ValueError(f"{T} frames are not whole chunks of {F}")
-    x = frames.astype(F32) / 127.5 - 1.0
-    x = rearrange(x, "b (k f) h w c -> (b k) c f h w", f=F)
+    x = pixels_to_model(rearrange(frames, "b (k f) h w c -> (b k) f h w c", f=F))
     m = nnx.merge(graphdef, state)
     z = m.encode(x.astype(m.precision.compute_dtype)).astype(F32) * scale_factor
     return jax.lax.stop_gradient(rearrange(z, "(b k) c t h w -> b c (k t) h w", b=B))
@@ -91,7 +85,7 @@ def model_batch(batch, encode_frames=None):
   elif encode_frames is not None:
     out["x1"] = encode_frames(batch["frames"])
   else:
-    out["x1"] = pixels_to_x1(batch["frames"])
+    out["x1"] = pixels_to_model(batch["frames"])      # pixel space: the frames are x1
   return out
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from magi_jax.train.segments import same_segment
+
 F32 = jnp.float32
 
 
@@ -29,12 +31,6 @@ def sample_t(key, shape, *, mean: float = 0.0, std: float = 0.5, shift_w: float 
   """Independent logit-normal(mean, std) draws, shifted with w; values in (0, 1)."""
   n = mean + std * jax.random.normal(key, shape, F32)
   return shift(jax.nn.sigmoid(n), shift_w)
-
-
-def same_segment(segment_ids):
-  """(N, K, K) bool: chunk i and chunk j belong to the same (non-padding) video."""
-  s = jnp.asarray(segment_ids)
-  return (s[:, :, None] == s[:, None, :]) & (s[:, :, None] > 0)
 
 
 def sort_desc_within_segments(values, segment_ids):

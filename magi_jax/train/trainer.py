@@ -16,7 +16,7 @@ import time
 import jax
 from flax import nnx
 
-from magi_jax.train import build, optim
+from magi_jax.train import build
 from magi_jax.train.checkpoint import Checkpointer
 from magi_jax.train.metrics import MetricsLog, plot_loss_curve
 from magi_jax.train.step import TrainState, init_state, make_train_step
@@ -58,10 +58,6 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def run_info(c) -> dict:
-  return {"config": c.to_json_best_effort() if hasattr(c, "to_json_best_effort") else str(c)}
-
-
 def trainable_filter(c):
   return nnx.LoRAParam if c.lora.rank else nnx.Param
 
@@ -87,22 +83,19 @@ def train(c, workdir: str, *, data=None, echo=print) -> RunResult:
   obj = build.objective(c)
   graphdef, params, frozen = split_model(c, model)
   dtypes = compute_dtypes(params)
-  schedule = optim.learning_rate(c.optim.lr, c.optim.warmup_steps, c.total_steps,
-                                 c.optim.schedule, c.optim.end_lr)
-  tx = optim.make_optimizer(schedule, b1=c.optim.b1, b2=c.optim.b2,
-                            weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip)
+  schedule, tx = build.optimizer(c)
   state = init_state(params, tx, seed=c.seed, ema=c.ema_decay > 0)
   if data is None:
     from magi_jax.train.data import train_iterator
     data = train_iterator(c, tokenizer, workdir)
-  checkpointable = hasattr(data, "get_state")
+  ckpt_data = data if hasattr(data, "get_state") else None    # saved with the state
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints,
                       every=c.checkpoint_every, async_save=c.async_checkpoints)
   start = ckpt.latest_step()
   if start is not None:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    state = ckpt.restore(abstract, data if checkpointable else None)
+    state = ckpt.restore(abstract, ckpt_data)
     echo(f"resumed from {ckpt.directory}/{start} (step {int(state.step)})")
   ckpt.write_run({"config": c.to_dict()})
 
@@ -138,18 +131,19 @@ def train(c, workdir: str, *, data=None, echo=print) -> RunResult:
       if step % c.log_every == 0 or step == c.total_steps:
         last = log.flush(step)
         echo(log.line(step, last, step - first_step))
-      ckpt.save(step, state, data if checkpointable else None)
+      ckpt.save(step, state, ckpt_data)
       if (c.sample_every and step % c.sample_every == 0 and step < c.total_steps
           and c.data.kind == "bouncing"):
-        write_samples(c, graphdef, state, frozen, tokenizer, workdir, step, log, echo)
+        write_samples(c, nnx.merge(graphdef, final_params(state), frozen), tokenizer, workdir,
+                      step, log, echo)
       if preempt.received:
-        ckpt.save(step, state, data if checkpointable else None, force=True)
+        ckpt.save(step, state, ckpt_data, force=True)
         ckpt.wait()
         echo(f"SIGTERM: saved checkpoint {step} in {ckpt.directory}; exiting")
         stopped = True
         break
   if not stopped:
-    ckpt.save(step, state, data if checkpointable else None, force=True)
+    ckpt.save(step, state, ckpt_data, force=True)
   ckpt.wait()
   ckpt.close()
   log.close()
@@ -159,7 +153,7 @@ def train(c, workdir: str, *, data=None, echo=print) -> RunResult:
   if c.lora.rank and not stopped:
     export_lora(c, trained, workdir, echo)
   if not stopped and c.sample_at_end and c.data.kind == "bouncing":
-    write_samples(c, graphdef, state, frozen, tokenizer, workdir, step, None, echo)
+    write_samples(c, trained, tokenizer, workdir, step, None, echo)
   return RunResult(step, state, trained, stopped, last)
 
 
@@ -181,12 +175,11 @@ def final_params(state: TrainState):
   return state.ema if state.ema is not None else state.params
 
 
-def write_samples(c, graphdef, state, frozen, tokenizer, workdir, step, log, echo):
+def write_samples(c, model, tokenizer, workdir, step, log, echo):
   """Sample videos (mp4 + GIF) and a PNG frame strip of held-out prompts and prefixes."""
   from magi_jax.train.samples import frame_strip
   from magi_jax.train.evaluation import sample_set
   t0 = time.time()
-  model = nnx.merge(graphdef, final_params(state), frozen)
   videos, names = sample_set(c, model, tokenizer, num=c.sample.num_videos)
   out = os.path.join(workdir, "samples")
   os.makedirs(out, exist_ok=True)
@@ -211,10 +204,7 @@ def load_trained(workdir: str, *, step: int | None = None, use_ema: bool = True)
   tokenizer = build.tokenizer_for(c)
   model = build.build_model(c, tokenizer)
   graphdef, params, frozen = split_model(c, model)
-  schedule = optim.learning_rate(c.optim.lr, c.optim.warmup_steps, c.total_steps,
-                                 c.optim.schedule, c.optim.end_lr)
-  tx = optim.make_optimizer(schedule, b1=c.optim.b1, b2=c.optim.b2,
-                            weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip)
+  schedule, tx = build.optimizer(c)
   abstract = jax.eval_shape(lambda p: init_state(p, tx, seed=c.seed, ema=c.ema_decay > 0), params)
   ckpt = Checkpointer(ckdir, keep=c.keep_checkpoints, every=c.checkpoint_every)
   try:
@@ -222,5 +212,5 @@ def load_trained(workdir: str, *, step: int | None = None, use_ema: bool = True)
     step = int(state.step)
   finally:
     ckpt.close()
-  p = state.ema if (use_ema and state.ema is not None) else state.params
+  p = final_params(state) if use_ema else state.params
   return c, nnx.merge(graphdef, p, frozen), tokenizer, step
