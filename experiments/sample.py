@@ -7,6 +7,8 @@ validated before any weights are loaded; a bad field fails with a message naming
 from absl import app, logging
 from ml_collections import config_flags
 
+from magi_jax.parallel import distributed
+
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py",
                                           "sampling config file")
 
@@ -104,6 +106,10 @@ def user_errors():
 
 def main(argv):
   del argv
+  try:
+    distributed.initialize()   # before anything touches JAX devices
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   from magi_jax.generate import generate
 
   c = _CONFIG.value

@@ -11,6 +11,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from magi_jax.parallel import distributed
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/bouncing_tiny.py", "training config file (append :smoke "
     "for a few-step run)")
@@ -27,6 +29,13 @@ def default_workdir(config_path: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    info = distributed.initialize()   # before anything touches JAX devices
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if info["process_count"] > 1:
+    print(f"process {info['process_index']} of {info['process_count']} ({info['source']}): "
+          f"{info['local_device_count']} of {info['global_device_count']} devices")
   from magi_jax.configs import ConfigError
   from magi_jax.train.trainer import TrainingError, train
   logging.set_verbosity(logging.WARNING)     # orbax logs every save at INFO

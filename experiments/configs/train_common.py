@@ -27,7 +27,15 @@ def train_config():
   c.model.precision = "fp32"       # fp32 | bf16 (bf16 compute, fp32 master weights)
   c.model.remat = False            # recompute layer activations in the backward pass
   c.model.prediction = "velocity"  # velocity (official) | clean (see magi_jax/train/flow.py)
-  c.model.backend = "blockwise"    # attention backend
+  c.model.backend = "blockwise"    # attention backend: blockwise | reference | dot_product;
+                                   # ring | ulysses split the sequence over mesh.context
+
+  # The device mesh (magi_jax/parallel/mesh.py). -1 takes the devices the others leave; the
+  # global batch (data.batch_size) must divide by data x fsdp. dcn_data > 1: multi-slice.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1, dcn_data=1))
+  # Logical-axis rules (name -> mesh axes) and parameter-path rules (regex -> logical names
+  # per dim); the defaults live in magi_jax/parallel/rules.py. Set either to a list of pairs.
+  c.sharding = ml_collections.ConfigDict(dict(logical=(), params=()))
 
   c.init = ml_collections.ConfigDict()
   c.init.kind = "random"           # random | official (official DiT dir) | converted (orbax)

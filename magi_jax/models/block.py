@@ -16,9 +16,19 @@ from magi_jax.configs import ModelConfig
 from magi_jax.models.layers import LayerNorm, Linear
 from magi_jax.models.precision import Precision
 from magi_jax.models.rope import apply_rope
+from magi_jax.parallel.rules import constrain
 
 F32 = jnp.float32
 GATE_SOFTCAP = 1.0
+
+
+LOCAL_BACKENDS = ("reference", "dot_product", "blockwise")
+
+
+def cross_backend(backend: str) -> str:
+  """Cross-attention (each chunk against its ~800 caption tokens) is local to a device; the
+  sequence-parallel and splash backends are for self-attention, so it runs blockwise."""
+  return backend if backend in LOCAL_BACKENDS else "blockwise"
 
 
 def per_chunk(x, g, num_chunks: int):
@@ -84,6 +94,8 @@ class TransformerLayer(nnx.Module):
     if cache_kv is not None:
       k = jnp.concatenate([cache_kv[0].astype(cd), k], axis=1)
       v = jnp.concatenate([cache_kv[1].astype(cd), v], axis=1)
+    names = ("batch", "length", "act_heads", "head_dim")
+    q, k, v = (constrain(x, names) for x in (q, k, v))
     o_self = attention(q, k, v, self_mask, scale=scale, backend=backend)
 
     # Cross-attention: each chunk is its own row and sees only its caption tokens.
@@ -91,7 +103,7 @@ class TransformerLayer(nnx.Module):
     qx = rearrange(qx, "n (c s) h d -> (n c) s h d", c=drn)
     kx = self.kx_norm(heads(self.kx(y_feats, out_dtype=cd), nkv), out_dtype=cd)
     vx = heads(self.vx(y_feats, out_dtype=cd), nkv)
-    o_cross = attention(qx, kx, vx, xattn_mask, scale=scale, backend=backend)
+    o_cross = attention(qx, kx, vx, xattn_mask, scale=scale, backend=cross_backend(backend))
     o_cross = rearrange(o_cross, "(n c) s h d -> n (c s) h d", n=N)
 
     z = jnp.concatenate([rearrange(o_self, "b s h d -> b s (h d)"),

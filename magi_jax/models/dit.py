@@ -23,6 +23,7 @@ from magi_jax.models.kv_cache import KVCache
 from magi_jax.models.layers import LayerNorm, Linear
 from magi_jax.models.precision import Precision
 from magi_jax.models.rope import default_bands, packed_rope_table, rope_table
+from magi_jax.parallel.rules import constrain
 
 F32 = jnp.float32
 
@@ -197,7 +198,7 @@ class VideoDiT(nnx.Module):
     h = self.x_embedder(patches, out_dtype=F32, precision=policy.matmul)
     if acts is not None:
       acts["x_embedder"] = rearrange(h, "n (t h w) d -> n d t h w", t=Tt, h=Ht)
-    h = policy.low(h)
+    h = constrain(policy.low(h), ("batch", "length", "act_embed"))
 
     # Conditioning: per-chunk timestep embedding + the adaLN null-caption row.
     temb = self.t_embedder(t.reshape(-1), policy)
@@ -243,6 +244,7 @@ class VideoDiT(nnx.Module):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i])
       h, (k, v) = run_layer(layer, h, cond, rope, self_mask, layer_cache, feats, xmask, policy,
                             backend)
+      h = constrain(h, ("batch", "length", "act_embed"))
       if return_kv:
         new_k.append(k)
         new_v.append(v)

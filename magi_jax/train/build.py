@@ -69,6 +69,17 @@ def optimizer(c):
   return schedule, tx
 
 
+def mesh(c, devices=None):
+  """The run's device mesh from `config.mesh` (all devices of all processes by default)."""
+  from magi_jax.parallel.mesh import MeshConfig, make_mesh
+  return make_mesh(MeshConfig.from_config(c.get("mesh")), devices)
+
+
+def sharding_rules(c):
+  from magi_jax.parallel.rules import ShardingRules
+  return ShardingRules.from_config(c.get("sharding"))
+
+
 def sample_settings(c) -> SampleSettings:
   s = c.sample
   return SampleSettings(num_steps=s.num_steps, window_size=s.window_size,

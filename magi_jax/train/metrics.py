@@ -11,6 +11,7 @@ import json
 import os
 import time
 
+import jax
 import numpy as np
 
 from magi_jax.train.objective import T_BUCKETS
@@ -25,9 +26,11 @@ class MetricsLog:
 
   def __init__(self, workdir: str, *, total_steps: int, enabled: bool = True):
     self.workdir, self.total_steps = workdir, total_steps
+    # In a multi-host run every process computes the same (replicated) metrics; one writes.
+    self.primary = jax.process_index() == 0
     self.enabled = enabled
     self.writer = None
-    if enabled:
+    if enabled and self.primary:
       from tensorboardX import SummaryWriter
       self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     self.history_path = os.path.join(workdir, "metrics.jsonl")
@@ -73,8 +76,9 @@ class MetricsLog:
       for k, v in out.items():
         self.writer.add_scalar(k, v, step)
       self.writer.flush()
-    with open(self.history_path, "a") as f:
-      f.write(json.dumps({"step": step, **out}) + "\n")
+    if self.primary:
+      with open(self.history_path, "a") as f:
+        f.write(json.dumps({"step": step, **out}) + "\n")
     self._t_last = now
     self._reset()
     return out

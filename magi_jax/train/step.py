@@ -89,15 +89,32 @@ def model_batch(batch, encode_frames=None):
   return out
 
 
-def single_device_shardings():
-  """(state, batch) shardings on a one-device mesh: replicated state, batch split on 'data'.
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+  """Where the step's inputs and outputs live: each field a sharding or a tree of them."""
+  state: Any          # like TrainState
+  frozen: Any         # like the frozen (non-trained) model state
+  batch: Any          # every batch leaf: leading (batch) axis split
+  replicated: Any     # metrics
 
-  Explicit shardings keep the step's signature the one a device mesh uses (issue 6 swaps in
-  the real mesh and the logical-axis rules); on one device they place everything there.
-  """
+
+def single_device_shardings() -> StepShardings:
+  """Everything on one device: the step's signature is the one a device mesh uses."""
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   P = jax.sharding.PartitionSpec
-  return (jax.sharding.NamedSharding(mesh, P()), jax.sharding.NamedSharding(mesh, P("data")))
+  rep = jax.sharding.NamedSharding(mesh, P())
+  return StepShardings(rep, rep, jax.sharding.NamedSharding(mesh, P("data")), rep)
+
+
+def mesh_shardings(state: TrainState, frozen, mesh, rules) -> StepShardings:
+  """Parameters, optimizer moments and EMA by the rules' parameter table (FSDP over 'fsdp',
+  heads / MLP columns over 'tensor'); the batch over the rules' 'batch' axes."""
+  from magi_jax.parallel.rules import tree_shardings
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return StepShardings(state=tree_shardings(state, mesh, rules),
+                       frozen=tree_shardings(frozen, mesh, rules),
+                       batch=jax.sharding.NamedSharding(mesh, rules.spec(("batch",))),
+                       replicated=rep)
 
 
 def make_train_step(graphdef, obj: Objective, tx, schedule, *, compute_dtypes=None,
@@ -107,9 +124,11 @@ def make_train_step(graphdef, obj: Objective, tx, schedule, *, compute_dtypes=No
   compute_dtypes: a pytree like `params` giving the dtype each master weight is cast to in
   the forward pass (bf16 weights with fp32 masters); None computes with the masters.
   encode_frames: frames -> latents (`vae_chunk_encoder`); None trains in pixel space.
-  shardings: (state, batch) shardings for `jax.jit` (default `single_device_shardings()`).
+  shardings: `StepShardings` for `jax.jit` (default `single_device_shardings()`); with a mesh,
+  call the step inside `magi_jax.parallel.rules.use_mesh` so activations and the
+  context-parallel attention backends see it.
   """
-  state_sh, batch_sh = shardings or single_device_shardings()
+  sh = shardings or single_device_shardings()
 
   def loss_of(params, frozen, batch, key):
     if compute_dtypes is not None:
@@ -117,8 +136,8 @@ def make_train_step(graphdef, obj: Objective, tx, schedule, *, compute_dtypes=No
     model = nnx.merge(graphdef, params, frozen)
     return training_loss(model, batch, key, obj)
 
-  @functools.partial(jax.jit, donate_argnums=(0,), in_shardings=(state_sh, state_sh, batch_sh),
-                     out_shardings=(state_sh, state_sh))
+  @functools.partial(jax.jit, donate_argnums=(0,), in_shardings=(sh.state, sh.frozen, sh.batch),
+                     out_shardings=(sh.state, sh.replicated))
   def step(state: TrainState, frozen, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     batch = model_batch(batch, encode_frames)

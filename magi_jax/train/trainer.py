@@ -14,12 +14,16 @@ import signal
 import time
 
 import jax
+import numpy as np
 from flax import nnx
 
+from magi_jax.configs import ConfigError
+from magi_jax.parallel.mesh import describe
+from magi_jax.parallel.rules import use_mesh
 from magi_jax.train import build
 from magi_jax.train.checkpoint import Checkpointer
 from magi_jax.train.metrics import MetricsLog, plot_loss_curve
-from magi_jax.train.step import TrainState, init_state, make_train_step
+from magi_jax.train.step import TrainState, init_state, make_train_step, mesh_shardings
 
 
 class TrainingError(RuntimeError):
@@ -71,11 +75,12 @@ def compute_dtypes(params):
   return jax.tree.map(lambda x: x.dtype, params)
 
 
-def train(c, workdir: str, *, data=None, echo=print) -> RunResult:
+def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
   """Trains (or resumes) the run of config `c` in `workdir`.
 
-  data: optional iterator of batches overriding the config's data (tests); it is not
-  checkpointed unless it has grain's get_state/set_state.
+  data: optional iterator of this process's batch rows overriding the config's data (tests);
+  it is not checkpointed unless it has grain's get_state/set_state.
+  devices: the devices the mesh (`config.mesh`) is laid over (default: all of them).
   """
   os.makedirs(workdir, exist_ok=True)
   tokenizer = build.tokenizer_for(c)
@@ -84,7 +89,14 @@ def train(c, workdir: str, *, data=None, echo=print) -> RunResult:
   graphdef, params, frozen = split_model(c, model)
   dtypes = compute_dtypes(params)
   schedule, tx = build.optimizer(c)
-  state = init_state(params, tx, seed=c.seed, ema=c.ema_decay > 0)
+  mesh, rules = build.mesh(c, devices), build.sharding_rules(c)
+  check_batch(c, mesh)
+  make_state = lambda p: init_state(p, tx, seed=c.seed, ema=c.ema_decay > 0)
+  sh = mesh_shardings(jax.eval_shape(make_state, params), frozen, mesh, rules)
+  # Built by a jit that writes each device's shard: the optimizer moments and the EMA never
+  # exist unsharded.
+  state = jax.jit(make_state, out_shardings=sh.state)(params)
+  frozen = jax.device_put(frozen, sh.frozen)
   if data is None:
     from magi_jax.train.data import train_iterator
     data = train_iterator(c, tokenizer, workdir)
@@ -94,7 +106,8 @@ def train(c, workdir: str, *, data=None, echo=print) -> RunResult:
                       every=c.checkpoint_every, async_save=c.async_checkpoints)
   start = ckpt.latest_step()
   if start is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
     state = ckpt.restore(abstract, ckpt_data)
     echo(f"resumed from {ckpt.directory}/{start} (step {int(state.step)})")
   ckpt.write_run({"config": c.to_dict()})
@@ -102,15 +115,24 @@ def train(c, workdir: str, *, data=None, echo=print) -> RunResult:
   use_bf16 = c.model.precision == "bf16"
   step_fn = make_train_step(graphdef, obj, tx, schedule,
                             compute_dtypes=dtypes if use_bf16 else None,
-                            ema_decay=float(c.ema_decay), encode_frames=build.frame_encoder(c))
+                            ema_decay=float(c.ema_decay), encode_frames=build.frame_encoder(c),
+                            shardings=sh)
+  if mesh.size > 1:
+    echo(f"mesh {describe(mesh)} over {jax.process_count()} process(es)")
+  # Sample videos and the LoRA export are single-host conveniences: in a multi-host run sample
+  # or export from the checkpoint afterwards (`load_trained`, `experiments.sample`).
+  single_host = jax.process_count() == 1
+  if not single_host and (c.sample_every or c.sample_at_end or c.lora.rank):
+    echo("multi-host run: sample videos and the LoRA export are skipped; make them from the "
+         "checkpoint on one host")
   log = MetricsLog(workdir, total_steps=c.total_steps, enabled=c.tensorboard)
   step = int(state.step)
   first_step = step
   nan_run, last = 0, {}
   stopped = False
-  with _Preemption() as preempt:
+  with _Preemption() as preempt, use_mesh(mesh, rules):
     while step < c.total_steps:
-      batch = next(data)
+      batch = global_batch(next(data), sh.batch)
       state, m = step_fn(state, frozen, batch)
       step += 1
       m = jax.device_get(m)
@@ -132,8 +154,8 @@ def train(c, workdir: str, *, data=None, echo=print) -> RunResult:
         last = log.flush(step)
         echo(log.line(step, last, step - first_step))
       ckpt.save(step, state, ckpt_data)
-      if (c.sample_every and step % c.sample_every == 0 and step < c.total_steps
-          and c.data.kind == "bouncing"):
+      if (single_host and c.sample_every and step % c.sample_every == 0
+          and step < c.total_steps and c.data.kind == "bouncing"):
         write_samples(c, nnx.merge(graphdef, final_params(state), frozen), tokenizer, workdir,
                       step, log, echo)
       if preempt.received:
@@ -147,14 +169,28 @@ def train(c, workdir: str, *, data=None, echo=print) -> RunResult:
   ckpt.wait()
   ckpt.close()
   log.close()
-  if not stopped:
+  if not stopped and log.primary:
     plot_loss_curve(log.history_path, os.path.join(workdir, "loss.png"))
   trained = nnx.merge(graphdef, final_params(state), frozen)
-  if c.lora.rank and not stopped:
+  if c.lora.rank and not stopped and single_host:
     export_lora(c, trained, workdir, echo)
-  if not stopped and c.sample_at_end and c.data.kind == "bouncing":
+  if single_host and not stopped and c.sample_at_end and c.data.kind == "bouncing":
     write_samples(c, trained, tokenizer, workdir, step, None, echo)
   return RunResult(step, state, trained, stopped, last)
+
+
+def check_batch(c, mesh) -> None:
+  split = mesh.shape["data"] * mesh.shape["fsdp"]
+  if c.data.batch_size % split or c.data.batch_size % jax.process_count():
+    raise ConfigError(f"data.batch_size ({c.data.batch_size}) is the global batch: it must divide "
+                      f"by mesh data x fsdp ({split}) and by the process count "
+                      f"({jax.process_count()})")
+
+
+def global_batch(local, sharding):
+  """This process's rows of the batch -> global arrays split by `sharding` (any process count)."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local)
 
 
 def export_lora(c, trained, workdir: str, echo) -> None:

@@ -1,0 +1,61 @@
+"""Ulysses (all-to-all, head-parallel) attention over the mesh's 'context' axis.
+
+Activations arrive split by sequence. One all-to-all per tensor trades that for a split by
+heads: each device then holds the whole sequence for 1/N of the heads and runs ordinary
+blockwise attention with the full mask, and a last all-to-all gives the sequence split back.
+Any mask works (block-causal, windows, packed rows, a KV cache with Sk != Sq), at the price of
+needing the heads (per tensor shard) to divide by the context size. Communication per layer is
+four all-to-alls of 1/N of an activation each, independent of N; ring attention moves the
+keys/values N-1 times instead, but needs no head divisibility.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from magi_jax.attention.blockwise import blockwise_attention
+from magi_jax.attention.masks import ChunkMask
+from magi_jax.parallel.rules import active, fit_spec
+
+AXIS = "context"
+
+
+def _local(q, k, v, ranges, *, q_block, scale, precision):
+  seq_to_heads = functools.partial(jax.lax.all_to_all, axis_name=AXIS, split_axis=2,
+                                   concat_axis=1, tiled=True)
+  q, k, v = seq_to_heads(q), seq_to_heads(k), seq_to_heads(v)
+  o = blockwise_attention(q, k, v, ChunkMask(ranges, q_block=q_block), scale=scale,
+                          precision=precision)
+  return jax.lax.all_to_all(o, AXIS, split_axis=1, concat_axis=2, tiled=True)
+
+
+def ulysses_attention(q, k, v, mask: ChunkMask, *, scale: float, precision=None, mesh=None):
+  """The 'ulysses' backend: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> (B, Sq, Hq, D).
+
+  Falls back to the blockwise backend without a 'context' axis, or when the sequence lengths
+  or the heads do not divide by it.
+  """
+  if mesh is None:
+    act = active()
+    mesh = act[0] if act else None
+  n = 1 if mesh is None or AXIS not in mesh.shape else mesh.shape[AXIS]
+  B, Sq, Hq, _ = q.shape
+  Sk, Hkv = k.shape[1], k.shape[2]
+  t = mesh.shape.get("tensor", 1) if mesh is not None else 1
+  heads = "tensor" if t > 1 and Hkv % t == 0 else None
+  hq_local = Hq // (t if heads else 1)
+  if n == 1 or Sq % n or Sk % n or hq_local % n:
+    return blockwise_attention(q, k, v, mask, scale=scale, precision=precision)
+  if (Hkv // (t if heads else 1)) % n:
+    # Too few kv heads to split: give every query head its own copy (GQA -> MHA).
+    k = jnp.repeat(k, Hq // Hkv, axis=2)
+    v = jnp.repeat(v, Hq // Hkv, axis=2)
+  batch = fit_spec(P(("data", "fsdp")), (B,), mesh)[0] if B > 1 else None
+  s_act = P(batch, AXIS, heads, None)
+  body = functools.partial(_local, q_block=mask.q_block, scale=float(scale), precision=precision)
+  return jax.shard_map(body, mesh=mesh, in_specs=(s_act, s_act, s_act, P(batch, None, None)),
+                       out_specs=s_act, check_vma=False)(q, k, v, mask.kv_ranges)

@@ -1,0 +1,72 @@
+"""Runs tests on 8 CPU devices.
+
+XLA's host device count is fixed when JAX starts, and the rest of the suite runs on one
+device. A test decorated with `eight_devices` runs as it is when the process already has 8
+devices. Otherwise the first such test of a module runs the whole module once in a child
+pytest with `--xla_force_host_platform_device_count=8` set before JAX starts, and every test
+of the module then reports its own outcome from that run (one JAX start-up per module).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+
+import jax
+import pytest
+
+NUM_DEVICES = 8
+FLAG = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_RUNS: dict[str, dict] = {}
+
+
+def _run_module(path: str) -> dict:
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FLAG).strip(),
+             JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+  with tempfile.TemporaryDirectory() as tmp:
+    report = os.path.join(tmp, "report.xml")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           f"--junitxml={report}", path], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    results = {}
+    if os.path.exists(report):
+      for case in ET.parse(report).getroot().iter("testcase"):
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        skipped = case.find("skipped")
+        results[case.get("name")] = ("failed", (bad.get("message") or "") + "\n" + (bad.text or "")) \
+            if bad is not None else ("skipped", skipped.get("message")) if skipped is not None \
+            else ("passed", "")
+  return {"results": results, "log": proc.stdout[-4000:] + proc.stderr[-2000:]}
+
+
+def eight_devices(test):
+  path = os.path.abspath(inspect.getsourcefile(test))
+
+  @functools.wraps(test)
+  def run(*args, request, **kwargs):
+    if jax.device_count() >= NUM_DEVICES:
+      return test(*args, **kwargs)
+    if path not in _RUNS:
+      _RUNS[path] = _run_module(path)
+    run_info = _RUNS[path]
+    outcome = run_info["results"].get(request.node.name)
+    if outcome is None:
+      pytest.fail(f"the {NUM_DEVICES}-device run of {os.path.basename(path)} did not report "
+                  f"{request.node.name}:\n{run_info['log']}")
+    status, message = outcome
+    if status == "skipped":
+      pytest.skip(message)
+    assert status == "passed", f"on {NUM_DEVICES} devices: {message}"
+
+  sig = inspect.signature(test)
+  params = [p for p in sig.parameters.values() if p.name != "request"]
+  params.append(inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY))
+  run.__signature__ = sig.replace(parameters=params)
+  return run
