@@ -61,25 +61,24 @@ affected.
 
 Output (per layout; numbers from a 2-core CPU, 256 devices, 48 layers):
 
-  == per-device memory, ring layout contiguous: 24B_base layer stack x 48 (scanned, remat per
+  == per-device memory, ring layout zigzag: 24B_base layer stack x 48 (scanned, remat per
      layer), fwd + bwd + AdamW, bf16 compute / fp32 masters, 256 devices, weights over
      fsdp+context; XLA:CPU memory analysis ==
   context tok/chunk mesh ctx x fsdp tok/device args GiB temp GiB total GiB fits 95 attn GiB
       attn vs ctx=8 ideal compile s
-       4M      8192          8 x 32    524,288     7.31  1190.75   1198.06      no   138.39
-          1.000x  1.000        16
+       4M      8192          8 x 32    524,288     7.31  1192.76   1200.07      no   151.57
+          1.000x  1.000        13
   ...
-       4M      8192         128 x 2     32,768     1.47    75.29     76.75     yes     8.65
-          0.063x  0.062        14
-  4M tokens (contiguous) fit in 95 GiB per device on context x fsdp = 128 x 2, 256 x 1;
-  smallest mesh: context=128 x fsdp=2 (256 devices, 76.8 GiB).
+       4M      8192         128 x 2     32,768     1.47    75.41     76.88     yes     9.47
+          0.063x  0.062        12
+  4M tokens (zigzag) fit in 95 GiB per device on context x fsdp = 128 x 2, 256 x 1;
+  smallest mesh: context=128 x fsdp=2 (256 devices, 76.9 GiB).
 
-  Contiguous: attention memory falls as 1/N (4M: 138.4, 69.2, 34.6, 17.3, 8.65, 4.32 GiB for
-  N = 8..256) and the step's memory depends only on the tokens per device (32K tokens per
-  device: 76.75 GiB at 1M / 32 and at 4M / 128). Zig-zag: attention memory hardly falls
-  (0.845x from N = 8 to 256; 370-438 GiB at 4M for every N) and 4M fits nowhere: the zig-zag
-  reorder (a gather along the sharded sequence, outside the shard_map) makes XLA all-gather and
-  scatter the whole sequence's q, k, v and gradients on every device.
+  Attention memory falls as 1/N in both layouts (4M, zig-zag: 151.6, 75.8, 37.9, 19.0, 9.47,
+  4.74 GiB for N = 8..256) and the step's memory depends only on the tokens per device (32K
+  tokens per device: 76.9 GiB at 1M / 32 and at 4M / 128). Zig-zag costs ~10% more attention
+  memory than contiguous (the half-slice buffers of its point-to-point re-deal) and buys equal
+  work on every device.
 
   args = the executable's argument bytes (master weights + AdamW moments + inputs: one layer
   input, captions, RoPE tables, masks); temp = XLA's temporary buffers (the remat checkpoint of
@@ -97,17 +96,14 @@ key group) pair: the same attention without skipping. Forward and backward are c
 (the backward alone from the VJP's residuals) and as one program:
 
   pass                       skip GFLOP no-skip GFLOP skip / no-skip
-  forward                        59.189       105.035        0.5635x
-  backward                      146.604       260.261        0.5633x
-  forward + backward            205.793       365.295        0.5634x
-  fwd+bwd as one program        205.693       313.637        0.6558x
+  forward                        59.135       104.980        0.5633x
+  backward                      146.648       260.305        0.5634x
+  forward + backward            205.783       365.285        0.5633x
+  fwd+bwd as one program        205.745       365.229        0.5633x
   device_work(8, 4, 'zigzag'): visible chunk pairs per device [9, 9, 9, 9], max/min 1.00
   device_work(8, 4, 'contiguous'): visible chunk pairs per device [3, 7, 11, 15], max/min 5.00
 
 Target: at most 0.6x; block-causal attention over 8 chunks sees 36 of 64 chunk pairs (0.5625).
-In one program XLA merges the no-skip backward's recomputed QK^T with the forward's identical
-one (the gap, 52 GFLOP, is the 16 pairs' QK^T; the skip version's conds prevent the merge), so
-that row's baseline is not the attention's cost.
 
 Limitations: XLA:CPU's buffer assignment and fusion are not TPU's or GPU's. CPU keeps f32
 copies around bf16 GEMMs and collectives (e.g. the (tokens, 32768) f32 SwiGLU input, 4 GiB at
@@ -539,10 +535,7 @@ def print_flops(r):
   for label, a, b in rows:
     print(f"{label:<26} {a / 1e9:>10.3f} {b / 1e9:>13.3f} {a / b:>13.4f}x")
   print(f"block-causal attention over {c} chunks sees {visible}/{c * c} chunk pairs = "
-        f"{visible / c / c:.4f}; target: at most 0.6x.\nforward and backward are compiled "
-        "apart (the backward from the VJP's residuals). As one program\nXLA merges the no-skip "
-        "backward's recomputed QK^T with the forward's identical one (CSE; the\nskip version's "
-        "conds prevent it), so that row's no-skip baseline is smaller than the attention's.")
+        f"{visible / c / c:.4f}; target: at most 0.6x.")
   for layout in ("zigzag", "contiguous"):
     w = r[f"work_{layout}"]
     print(f"device_work({c}, {n}, '{layout}'): visible chunk pairs per device {w}, "
