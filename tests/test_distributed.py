@@ -280,8 +280,10 @@ def test_two_processes_train_like_one_process_of_eight(tmp_path):
   assert r0["global_device_count"] == one["global_device_count"] == 8
   assert r1["losses"] is None                       # only process 0 writes metrics
   assert len(r0["losses"]) == 3
-  np.testing.assert_allclose(r0["losses"], one["losses"], rtol=1e-5, atol=1e-7)
-  # both processes hold the same global parameters, equal to the one-process run's
+  np.testing.assert_allclose(r0["losses"], one["losses"], rtol=2e-5, atol=1e-7)
+  # Both processes hold the same global parameters, equal to the one-process run's up to
+  # summation order (Adam turns that noise in near-zero gradients into up to a few percent of
+  # an entry's lr-sized update: see tests/test_mesh_train.py).
   assert r0["param_sums"] == r1["param_sums"]
-  np.testing.assert_allclose(r0["param_norms"], one["param_norms"], rtol=1e-5)
+  np.testing.assert_allclose(r0["param_norms"], one["param_norms"], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(r0["param_sums"], one["param_sums"], rtol=1e-4, atol=1e-3)

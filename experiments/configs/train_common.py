@@ -67,7 +67,7 @@ def train_config():
   c.data.height = 256
   c.data.width = 256
   c.data.frames_per_chunk = 24     # video_folder: frames per chunk (MAGI-1: 24 = 1 s)
-  c.data.batch_size = 8
+  c.data.batch_size = 8            # the global batch (rows); each process loads its share
   c.data.bin_chunks = 4            # chunks per packed training row
   c.data.pack_window = 32          # examples per first-fit-decreasing packing window
   c.data.shuffle_seed = 0
