@@ -204,3 +204,17 @@ def test_fit_spec_replicates_dims_the_mesh_does_not_divide():
   assert fit_spec(P(("fsdp", "context"), "tensor"), (8, 6), mesh) == P(("fsdp", "context"),
                                                                          "tensor")
   assert fit_spec(P(("fsdp", "context"), "tensor"), (6, 3), mesh) == P(None, None)
+
+
+@eight_devices
+def test_global_batch_must_divide_by_the_batch_axes():
+  import ml_collections
+  from magi_jax.configs import ConfigError
+  from magi_jax.parallel.rules import ShardingRules
+  from magi_jax.train.trainer import check_batch
+  mesh = make_mesh(MeshConfig(data=2, fsdp=2, context=2))
+  c = ml_collections.ConfigDict({"data": {"batch_size": 8}})
+  check_batch(c, mesh, ShardingRules())
+  c.data.batch_size = 6
+  with pytest.raises(ConfigError, match=r"batch axes \('data', 'fsdp'\) \(4\)"):
+    check_batch(c, mesh, ShardingRules())

@@ -84,3 +84,9 @@ def test_constrain_is_a_no_op_without_a_mesh_and_shards_with_one():
   assert float(y.sum()) == 128.0
   sh = tree_shardings({"dit": {"layers": [{"q": {"kernel": x[0]}}]}}, mesh, ShardingRules())
   assert sh["dit"]["layers"][0]["q"]["kernel"].spec == P(("fsdp", "context"), "tensor")
+
+
+def test_axes_the_mesh_lacks_do_not_split():
+  import numpy as np
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  assert fit_spec(P("tensor", "data"), (4, 4), mesh) == P(None, "data")

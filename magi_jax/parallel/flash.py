@@ -96,17 +96,6 @@ def finish(carry, dtype):
   return rearrange(out, "b h g s d -> b s h g d").astype(dtype), lse
 
 
-def merge(carry_a, carry_b):
-  """Two online-softmax carries over disjoint key sets -> the carry over their union."""
-  ma, la, aa = carry_a
-  mb, lb, ab = carry_b
-  m = jnp.maximum(ma, mb)
-  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-  ca = jnp.exp(jnp.where(jnp.isfinite(ma), ma - m_safe, -jnp.inf))
-  cb = jnp.exp(jnp.where(jnp.isfinite(mb), mb - m_safe, -jnp.inf))
-  return m, la * ca + lb * cb, aa * ca[..., None] + ab * cb[..., None]
-
-
 def backward(q, k, v, do, lse, delta, lo, hi, k_start, dq, *, scale: float, block_q: int,
              block_k: int, skip: bool = True, unroll: bool = False, precision=None):
   """-> (dq + this slab's contribution, dk, dv), all float32.

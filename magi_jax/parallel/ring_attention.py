@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 from magi_jax.attention.blockwise import blockwise_attention
 from magi_jax.attention.masks import ChunkMask
 from magi_jax.parallel import flash
-from magi_jax.parallel.rules import active, fit_spec
+from magi_jax.parallel.rules import placement, split_axes
 
 AXIS = "context"
 F32 = jnp.float32
@@ -267,9 +267,7 @@ def ring_attention(q, k, v, mask: ChunkMask, *, scale: float, precision=None, me
   or 'auto' (zig-zag when it fits). skip=False computes every pair (the FLOP baseline).
   unroll=True unrolls the loops so XLA's cost analysis counts every iteration.
   """
-  if mesh is None:
-    act = active()
-    mesh = act[0] if act else None
+  mesh, rules = placement(mesh)
   B, S, Hq, D = q.shape
   n = 1 if mesh is None or AXIS not in mesh.shape else mesh.shape[AXIS]
   if n == 1 or k.shape[1] != S or mask.num_q_blocks % n:
@@ -287,8 +285,8 @@ def ring_attention(q, k, v, mask: ChunkMask, *, scale: float, precision=None, me
   G = Hq // Hkv
   lo, hi = _token_ranges(mask)
   qg = rearrange(q, "b s (h g) d -> b s h g d", g=G)
-  batch = fit_spec(P(("data", "fsdp")), (B,), mesh)[0] if B > 1 else None
-  heads = "tensor" if "tensor" in mesh.shape and Hkv % mesh.shape["tensor"] == 0 else None
+  batch = split_axes(rules, "batch", B, mesh)
+  heads = split_axes(rules, "act_heads", Hkv, mesh)
   sq, skv, sr = P(batch, AXIS, heads, None, None), P(batch, AXIS, heads, None), P(batch, AXIS)
   def body(q_, k_, v_, lo_, hi_):
     if layout == "zigzag":       # the sequence arrives split contiguously; re-deal it locally

@@ -78,17 +78,26 @@ class ShardingRules:
     return (None,) * ndim
 
 
-def _axis_size(mesh, axes) -> int:
+def axis_size(mesh, axes) -> int:
+  """Devices along `axes` (None: 1); 0 when the mesh lacks one of them (nothing can split)."""
   if axes is None:
     return 1
   axes = (axes,) if isinstance(axes, str) else axes
+  if any(a not in mesh.shape for a in axes):
+    return 0
   return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 def fit_spec(spec: P, shape, mesh) -> P:
   """Drops the sharding of dims that the mesh axes do not divide (tiny models on big meshes)."""
   spec = tuple(spec) + (None,) * (len(shape) - len(spec))
-  return P(*(a if shape[i] % _axis_size(mesh, a) == 0 else None for i, a in enumerate(spec)))
+  fits = lambda i, a: axis_size(mesh, a) and shape[i] % axis_size(mesh, a) == 0
+  return P(*(a if fits(i, a) else None for i, a in enumerate(spec)))
+
+
+def split_axes(rules: "ShardingRules", name: str, size: int, mesh):
+  """The mesh axes logical axis `name` maps to, or None where they do not divide `size`."""
+  return fit_spec(rules.spec((name,)), (size,), mesh)[0]
 
 
 def path_string(path) -> str:
@@ -133,6 +142,14 @@ def use_mesh(mesh, rules: ShardingRules = ShardingRules()):
 def active():
   """(mesh, rules) of the innermost `use_mesh`, or None."""
   return _ACTIVE.get()
+
+
+def placement(mesh=None):
+  """(mesh, rules) for code that places arrays itself (the context-parallel backends): `mesh`
+  if given, else the innermost `use_mesh`'s (or None); that block's rules, else the defaults."""
+  act = _ACTIVE.get()
+  return (mesh if mesh is not None else act[0] if act else None,
+          act[1] if act else ShardingRules())
 
 
 def constrain(x, names):

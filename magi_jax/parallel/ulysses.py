@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from magi_jax.attention.blockwise import blockwise_attention
 from magi_jax.attention.masks import ChunkMask
-from magi_jax.parallel.rules import active, fit_spec
+from magi_jax.parallel.rules import axis_size, placement, split_axes
 
 AXIS = "context"
 
@@ -39,22 +39,21 @@ def ulysses_attention(q, k, v, mask: ChunkMask, *, scale: float, precision=None,
   Falls back to the blockwise backend without a 'context' axis, or when the sequence lengths
   or the heads do not divide by it.
   """
-  if mesh is None:
-    act = active()
-    mesh = act[0] if act else None
+  mesh, rules = placement(mesh)
   n = 1 if mesh is None or AXIS not in mesh.shape else mesh.shape[AXIS]
+  if n == 1:
+    return blockwise_attention(q, k, v, mask, scale=scale, precision=precision)
   B, Sq, Hq, _ = q.shape
   Sk, Hkv = k.shape[1], k.shape[2]
-  t = mesh.shape.get("tensor", 1) if mesh is not None else 1
-  heads = "tensor" if t > 1 and Hkv % t == 0 else None
-  hq_local = Hq // (t if heads else 1)
-  if n == 1 or Sq % n or Sk % n or hq_local % n:
+  heads = split_axes(rules, "act_heads", Hkv, mesh)
+  t = axis_size(mesh, heads)
+  if Sq % n or Sk % n or (Hq // t) % n:
     return blockwise_attention(q, k, v, mask, scale=scale, precision=precision)
-  if (Hkv // (t if heads else 1)) % n:
+  if (Hkv // t) % n:
     # Too few kv heads to split: give every query head its own copy (GQA -> MHA).
     k = jnp.repeat(k, Hq // Hkv, axis=2)
     v = jnp.repeat(v, Hq // Hkv, axis=2)
-  batch = fit_spec(P(("data", "fsdp")), (B,), mesh)[0] if B > 1 else None
+  batch = split_axes(rules, "batch", B, mesh)
   s_act = P(batch, AXIS, heads, None)
   body = functools.partial(_local, q_block=mask.q_block, scale=float(scale), precision=precision)
   return jax.shard_map(body, mesh=mesh, in_specs=(s_act, s_act, s_act, P(batch, None, None)),

@@ -19,7 +19,7 @@ from flax import nnx
 
 from magi_jax.configs import ConfigError
 from magi_jax.parallel.mesh import describe
-from magi_jax.parallel.rules import use_mesh
+from magi_jax.parallel.rules import axis_size, use_mesh
 from magi_jax.train import build
 from magi_jax.train.checkpoint import Checkpointer
 from magi_jax.train.metrics import MetricsLog, plot_loss_curve
@@ -90,7 +90,7 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
   dtypes = compute_dtypes(params)
   schedule, tx = build.optimizer(c)
   mesh, rules = build.mesh(c, devices), build.sharding_rules(c)
-  check_batch(c, mesh)
+  check_batch(c, mesh, rules)
   make_state = lambda p: init_state(p, tx, seed=c.seed, ema=c.ema_decay > 0)
   sh = mesh_shardings(jax.eval_shape(make_state, params), frozen, mesh, rules)
   # Built by a jit that writes each device's shard: the optimizer moments and the EMA never
@@ -179,12 +179,13 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
   return RunResult(step, state, trained, stopped, last)
 
 
-def check_batch(c, mesh) -> None:
-  split = mesh.shape["data"] * mesh.shape["fsdp"]
-  if c.data.batch_size % split or c.data.batch_size % jax.process_count():
+def check_batch(c, mesh, rules) -> None:
+  axes = rules.spec(("batch",))[0]
+  split = axis_size(mesh, axes)
+  if not split or c.data.batch_size % split or c.data.batch_size % jax.process_count():
     raise ConfigError(f"data.batch_size ({c.data.batch_size}) is the global batch: it must divide "
-                      f"by mesh data x fsdp ({split}) and by the process count "
-                      f"({jax.process_count()})")
+                      f"by the devices along the batch axes {axes} ({split}) and by the process "
+                      f"count ({jax.process_count()})")
 
 
 def global_batch(local, sharding):
