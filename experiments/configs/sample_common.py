@@ -20,7 +20,7 @@ def sample_config(preset: str, **overrides) -> ml_collections.ConfigDict:
   c.neg_prompt = False            # official NEG_PROMPT
   c.text_cache_dir = "~/.cache/magi_jax/text"   # on-disk T5 embedding cache ("" = off)
   c.precision = "bf16"            # bf16 (the official policy) | fp32
-  c.backend = "blockwise"         # attention backend
+  c.backend = "auto"              # attention backend (auto: by platform and mesh)
   # What to generate.
   c.mode = "t2v"                  # t2v | i2v | v2v
   c.prompt = "A red ball bounces across a wooden floor."

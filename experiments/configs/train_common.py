@@ -27,8 +27,9 @@ def train_config():
   c.model.precision = "fp32"       # fp32 | bf16 (bf16 compute, fp32 master weights)
   c.model.remat = False            # recompute layer activations in the backward pass
   c.model.prediction = "velocity"  # velocity (official) | clean (see magi_jax/train/flow.py)
-  c.model.backend = "blockwise"    # attention backend: blockwise | reference | dot_product;
-                                   # ring | ulysses split the sequence over mesh.context
+  c.model.backend = "auto"         # attention backend: auto (by platform and mesh) | flash |
+                                   # reference | dot_product | splash (TPU); ring | ulysses
+                                   # split the sequence over mesh.context
 
   # The device mesh (magi_jax/parallel/mesh.py). -1 takes the devices the others leave; the
   # global batch (data.batch_size) must divide by data x fsdp. dcn_data > 1: multi-slice.

@@ -21,6 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
+LAYOUTS = ("general", "causal_segments", "key_prefix")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ChunkMask:
@@ -28,6 +31,18 @@ class ChunkMask:
 
   kv_ranges: jax.Array                                   # (B, num_q_blocks, 2) int32
   q_block: int = dataclasses.field(metadata=dict(static=True))
+  # A static promise about the (possibly traced) ranges, for kernels whose mask must be known
+  # at trace time (splash). One of LAYOUTS:
+  # * "general": nothing is promised;
+  # * "causal_segments": Sk == Sq and every chunk's range ends at its own end and starts at
+  #   its own start (it begins a segment) or at the previous chunk's start (it continues that
+  #   segment): packed training rows, block-causal attention with an unlimited window;
+  # * "key_prefix": one query block per row, seeing keys [0, n_row) (caption cross-attention).
+  layout: str = dataclasses.field(default="general", metadata=dict(static=True))
+
+  def __post_init__(self):
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"ChunkMask layout must be one of {LAYOUTS}, got {self.layout!r}")
 
   @property
   def num_q_blocks(self) -> int:

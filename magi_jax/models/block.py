@@ -22,13 +22,14 @@ F32 = jnp.float32
 GATE_SOFTCAP = 1.0
 
 
-LOCAL_BACKENDS = ("reference", "dot_product", "blockwise")
+LOCAL_BACKENDS = ("reference", "dot_product", "flash", "blockwise")
 
 
 def cross_backend(backend: str) -> str:
   """Cross-attention (each chunk against its ~800 caption tokens) is local to a device; the
-  sequence-parallel and splash backends are for self-attention, so it runs blockwise."""
-  return backend if backend in LOCAL_BACKENDS else "blockwise"
+  sequence-parallel and splash backends are for self-attention, so it runs 'auto' (which
+  picks a local kernel for Sk != Sq)."""
+  return backend if backend in LOCAL_BACKENDS else "auto"
 
 
 def per_chunk(x, g, num_chunks: int):

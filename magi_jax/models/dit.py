@@ -150,7 +150,7 @@ class VideoDiT(nnx.Module):
 
   def __call__(self, x, t, y, xattn_mask, kv_range, caption_dropout_mask=None, *,
                slice_point=0, chunk_width: int | None = None, step_size=None,
-               cache: KVCache | None = None, backend: str = "blockwise",
+               cache: KVCache | None = None, backend: str = "auto",
                return_kv: bool = False, return_activations: bool = False,
                frame_index=None, frame_total=None) -> DiTOutput:
     """One official `VideoDiTModel.forward`.
@@ -224,7 +224,7 @@ class VideoDiT(nnx.Module):
     valid = xattn_mask.astype(bool)
     order = jnp.argsort(~valid, axis=1, stable=True)
     feats = policy.low(jnp.take_along_axis(feats, order[:, :, None], axis=1))
-    xmask = ChunkMask(caption_ranges(valid.sum(axis=1)), q_block=tok)
+    xmask = ChunkMask(caption_ranges(valid.sum(axis=1)), q_block=tok, layout="key_prefix")
 
     # Self-attention mask: official absolute ranges -> ranges in each element's own keys.
     n_cache = 0 if cache is None else cache.num_tokens

@@ -20,7 +20,7 @@ from flax import nnx
 from magi_jax.models.dit import VideoDiT
 
 
-def jit_forward(model: VideoDiT, *, backend: str = "blockwise", return_kv: bool = False,
+def jit_forward(model: VideoDiT, *, backend: str = "auto", return_kv: bool = False,
                 return_activations: bool = False):
   graphdef, state = nnx.split(model)
 

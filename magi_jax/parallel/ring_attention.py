@@ -29,7 +29,7 @@ DiT's Python loop over layers is not affected.
 
 When the chunk count is not a multiple of 2N the layout falls back to contiguous slices with
 run-time skipping only (correct, not balanced); a key/value cache (Sk != Sq) or a mesh without a
-'context' axis falls back to the blockwise backend.
+'context' axis falls back to the flash backend.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ import numpy as np
 from einops import rearrange
 from jax.sharding import PartitionSpec as P
 
-from magi_jax.attention.blockwise import blockwise_attention
+from magi_jax.attention.flash import flash_attention, token_ranges
 from magi_jax.attention.masks import ChunkMask
-from magi_jax.parallel import flash
+from magi_jax.attention import tiles as flash
 from magi_jax.parallel.rules import placement, split_axes
 
 AXIS = "context"
@@ -252,12 +252,6 @@ def _ring_bwd(layout, skip, scale, block_q, block_k, unroll, precision, res, do)
 _ring_core.defvjp(lambda *a: _ring_fwd(*a), _ring_bwd)
 
 
-def _token_ranges(mask: ChunkMask):
-  lo = jnp.repeat(mask.kv_ranges[..., 0], mask.q_block, axis=1).astype(jnp.int32)
-  hi = jnp.repeat(mask.kv_ranges[..., 1], mask.q_block, axis=1).astype(jnp.int32)
-  return lo, hi
-
-
 def ring_attention(q, k, v, mask: ChunkMask, *, scale: float, precision=None, mesh=None,
                    layout: str = "auto", skip: bool = True, block_q: int = 512,
                    block_k: int = 512, unroll: bool = False):
@@ -271,7 +265,7 @@ def ring_attention(q, k, v, mask: ChunkMask, *, scale: float, precision=None, me
   B, S, Hq, D = q.shape
   n = 1 if mesh is None or AXIS not in mesh.shape else mesh.shape[AXIS]
   if n == 1 or k.shape[1] != S or mask.num_q_blocks % n:
-    return blockwise_attention(q, k, v, mask, scale=scale, precision=precision)
+    return flash_attention(q, k, v, mask, scale=scale, precision=precision)
   _check_causal(mask)
   chunks = mask.num_q_blocks
   if layout == "auto":
@@ -283,7 +277,7 @@ def ring_attention(q, k, v, mask: ChunkMask, *, scale: float, precision=None, me
     raise ValueError(f"ring layout must be zigzag | contiguous | auto, got {layout!r}")
   Hkv = k.shape[2]
   G = Hq // Hkv
-  lo, hi = _token_ranges(mask)
+  lo, hi = token_ranges(mask)
   qg = rearrange(q, "b s (h g) d -> b s h g d", g=G)
   batch = split_axes(rules, "batch", B, mesh)
   heads = split_axes(rules, "act_heads", Hkv, mesh)

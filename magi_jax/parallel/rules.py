@@ -144,6 +144,15 @@ def active():
   return _ACTIVE.get()
 
 
+def target_platform() -> str:
+  """The platform the program being traced is for: the innermost `use_mesh`'s devices (an
+  ahead-of-time compile for a TPU topology runs on a CPU host), else JAX's default backend."""
+  act = _ACTIVE.get()
+  if act is not None:
+    return act[0].devices.flat[0].platform
+  return jax.default_backend()
+
+
 def placement(mesh=None):
   """(mesh, rules) for code that places arrays itself (the context-parallel backends): `mesh`
   if given, else the innermost `use_mesh`'s (or None); that block's rules, else the defaults."""

@@ -148,6 +148,22 @@ def check_supported(mask: ChunkMask, num_queries: int, num_keys: int) -> None:
           f"continue the previous chunk's ({allowed}).")
 
 
+def supports(mask: ChunkMask, num_queries: int, num_keys: int) -> bool:
+  """Whether this backend computes `mask` exactly: square self-attention whose ranges are
+  promised (`mask.layout == "causal_segments"`) or, when concrete, checked to be block-causal segments."""
+  if num_keys != num_queries or num_queries != mask.num_q_blocks * mask.q_block:
+    return False
+  if mask.layout == "causal_segments":
+    return True
+  if _concrete(mask.kv_ranges) is None:
+    return False
+  try:
+    check_supported(mask, num_queries, num_keys)
+  except ValueError:
+    return False
+  return True
+
+
 def segment_ids(kv_ranges, q_block: int, padded_len: int):
   """(B, padded_len) int32 segment ids: token t gets the range start of its chunk t // q_block.
 

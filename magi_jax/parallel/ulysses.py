@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from magi_jax.attention.blockwise import blockwise_attention
+from magi_jax.attention.flash import flash_attention
 from magi_jax.attention.masks import ChunkMask
 from magi_jax.parallel.rules import axis_size, placement, split_axes
 
@@ -28,7 +28,7 @@ def _local(q, k, v, ranges, *, q_block, scale, precision):
   seq_to_heads = functools.partial(jax.lax.all_to_all, axis_name=AXIS, split_axis=2,
                                    concat_axis=1, tiled=True)
   q, k, v = seq_to_heads(q), seq_to_heads(k), seq_to_heads(v)
-  o = blockwise_attention(q, k, v, ChunkMask(ranges, q_block=q_block), scale=scale,
+  o = flash_attention(q, k, v, ChunkMask(ranges, q_block=q_block), scale=scale,
                           precision=precision)
   return jax.lax.all_to_all(o, AXIS, split_axis=1, concat_axis=2, tiled=True)
 
@@ -42,13 +42,13 @@ def ulysses_attention(q, k, v, mask: ChunkMask, *, scale: float, precision=None,
   mesh, rules = placement(mesh)
   n = 1 if mesh is None or AXIS not in mesh.shape else mesh.shape[AXIS]
   if n == 1:
-    return blockwise_attention(q, k, v, mask, scale=scale, precision=precision)
+    return flash_attention(q, k, v, mask, scale=scale, precision=precision)
   B, Sq, Hq, _ = q.shape
   Sk, Hkv = k.shape[1], k.shape[2]
   heads = split_axes(rules, "act_heads", Hkv, mesh)
   t = axis_size(mesh, heads)
   if Sq % n or Sk % n or (Hq // t) % n:
-    return blockwise_attention(q, k, v, mask, scale=scale, precision=precision)
+    return flash_attention(q, k, v, mask, scale=scale, precision=precision)
   if (Hkv // t) % n:
     # Too few kv heads to split: give every query head its own copy (GQA -> MHA).
     k = jnp.repeat(k, Hq // Hkv, axis=2)

@@ -45,7 +45,7 @@ class SamplerError(ValueError):
 class SamplerOptions:
   """Settings the official code takes from the environment or hard-codes."""
   nearly_clean_weight: float = 0.7        # env `prev_chunks_scale` in the official code
-  backend: str = "blockwise"
+  backend: str = "auto"
 
 
 @dataclasses.dataclass

@@ -40,7 +40,7 @@ def _join_chunks(x):
   return jnp.transpose(x, (1, 0, 2, 3, 4)).reshape(1, c, n * cw, h, w)
 
 
-def make_step(model, *, backend: str = "blockwise"):
+def make_step(model, *, backend: str = "auto"):
   """Returns `step(**inputs) -> (x_next, v, refresh_kv)` over a snapshot of `model`'s params."""
   graphdef, state = nnx.split(model)
 
@@ -109,7 +109,7 @@ def make_step(model, *, backend: str = "blockwise"):
   return step
 
 
-def make_prefill(model, *, backend: str = "blockwise"):
+def make_prefill(model, *, backend: str = "auto"):
   """`prefill(x, t, y, mask, kv_range, slice_point, step_size, caption_dropout) -> KVCache`:
   the cache-writing pass over clean chunks (prefix chunks of V2V), keys/values only."""
   graphdef, state = nnx.split(model)

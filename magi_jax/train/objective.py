@@ -40,7 +40,7 @@ class Objective:
   chunk_width: int                                   # latent frames per chunk
   conditioning: ConditioningConfig = ConditioningConfig()
   prediction: str = "velocity"
-  backend: str = "blockwise"
+  backend: str = "auto"
 
   def __post_init__(self):
     flow.check_prediction(self.prediction)

@@ -60,7 +60,7 @@ class VideoSampler:
   """Generates videos from a trained TrainModel (DiT + demo text encoder + tokenizer)."""
 
   def __init__(self, model, tokenizer, *, chunk_width: int, prediction: str,
-               settings: SampleSettings = SampleSettings(), backend: str = "blockwise",
+               settings: SampleSettings = SampleSettings(), backend: str = "auto",
                encode: Callable | None = None, decode: Callable | None = None):
     self.model, self.tokenizer = model, tokenizer
     self.chunk_width = chunk_width

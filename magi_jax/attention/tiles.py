@@ -1,4 +1,5 @@
-"""Flash-attention arithmetic on one device's slabs: the building block of ring attention.
+"""Flash-attention tile loops on one device's slabs: the body of the local 'flash' backend
+(magi_jax.attention.flash) and of ring attention (magi_jax.parallel.ring_attention).
 
 Queries carry per-token key ranges [lo, hi) in global key positions; a key slab carries its
 global positions as one contiguous run per block. Forward updates an online-softmax carry
@@ -131,10 +132,12 @@ def backward(q, k, v, do, lse, delta, lo, hi, k_start, dq, *, scale: float, bloc
                              precision=precision, preferred_element_type=F32)
         dp = jnp.einsum("bshgd,bthd->bhgst", doi, vj, precision=precision,
                         preferred_element_type=F32)
-        ds = p * (dp - deltai[..., None])
-        dqi = dqi + jnp.einsum("bhgst,bthd->bshgd", ds, kj.astype(F32), precision=precision,
+        # dS in the inputs' dtype (bf16 matmuls with float32 accumulation, as flash
+        # attention's backward does); exact for float32 inputs.
+        ds = (p * (dp - deltai[..., None])).astype(kj.dtype)
+        dqi = dqi + jnp.einsum("bhgst,bthd->bshgd", ds, kj, precision=precision,
                                preferred_element_type=F32) * scale
-        dk = dk + jnp.einsum("bhgst,bshgd->bthd", ds, qi.astype(F32), precision=precision,
+        dk = dk + jnp.einsum("bhgst,bshgd->bthd", ds, qi, precision=precision,
                              preferred_element_type=F32) * scale
         return (dk, dv), dqi
 
