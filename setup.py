@@ -44,5 +44,8 @@ setup(
         "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
         # zstd-compressed official shards (`<shard>.zst`).
         "convert": ["zstandard>=0.22"],
+        # `python -m magi_jax.aot`: compiles for TPU topologies on any machine through libtpu.
+        # jax[tpu] pins the libtpu and jaxlib builds that match its own jax version.
+        "aot": ["jax[tpu]"],
     },
 )

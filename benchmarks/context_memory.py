@@ -56,8 +56,8 @@ Memory depends on the tokens per device, not on the chunk size.
 Scan and the ring's custom VJP: the self-attention ranges enter each scanned layer as a scanned
 input (`xs`). Closed over (or carried), JAX differentiates ring attention's forward loops
 instead of using its custom VJP (every tile's probabilities are kept: 151 GiB of temporaries
-instead of 12 for 2 layers at 8K tokens per device); the model's Python loop over layers is not
-affected.
+instead of 12 for 2 layers at 8K tokens per device); the model's own layer scan
+(magi_jax/models/stack.py) passes its masks the same way.
 
 Output (per layout; numbers from a 2-core CPU, 256 devices, 48 layers):
 
@@ -240,10 +240,9 @@ def compile_stack(mesh, rules, *, batch: int, tokens: int, tok: int, layers: int
   one = nnx.to_pure_dict(params)                         # one layer: {"q": {"kernel": ...}}
   dtypes = jax.tree.map(lambda x: x.dtype, one)          # compute dtypes (bf16, f32 norms)
   masters = jax.tree.map(lambda x: jax.ShapeDtypeStruct((L,) + x.shape, F32), one)
-  # Shardings from the project's parameter table (paths "layers/<i>/<name>/kernel"), with the
-  # stacked layer dim unsharded.
-  per_layer = tree_shardings({"layers": {0: one}}, mesh, rules)["layers"][0]
-  p_sh = jax.tree.map(lambda s: NamedSharding(mesh, P(None, *s.spec)), per_layer)
+  # Shardings from the project's parameter table: the model's stacked paths
+  # ("layers/<name>/kernel", leading layer dim unsharded).
+  p_sh = tree_shardings({"layers": masters}, mesh, rules)["layers"]
   by_path = {path_string(p): s for p, s in jax.tree_util.tree_flatten_with_path(p_sh)[0]}
   replicated = NamedSharding(mesh, P())
 

@@ -8,6 +8,10 @@ Cases:
   forward  benchmarks/data/dit_small.json "forward": 4 chunks x 1536 tokens, block-causal, no
            cache; the official PyTorch code took 6.2 s median on a 2-core CPU (fp32).
   stream   the same file's "stream": 2 noisy chunks reading 2 cached chunks; official 3.5 s.
+  sampler  the same file's "sampler": the whole autoregressive walk with the port's `Sampler`
+           (4 chunks, window 2, 8 steps, cfg 1, distilled: 20 forward calls); official 50.9 s
+           = 12.7 s per chunk. Timed twice in one process: the first run (compiles included)
+           and a second, compiled run.
   gpu720p  only with a GPU: 4.5B shape, bf16, one 720p chunk (720x1280, 21600 tokens) reading a
            cache of 3 earlier chunks; reports achieved TFLOP/s and the fraction of peak.
 The printed ratios are official_time / our_time (>1 means faster) and backend / reference.
@@ -26,12 +30,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("cases", ["tiny", "forward", "stream", "gpu720p"], "cases to run")
-flags.DEFINE_list("backends", ["reference", "blockwise"], "attention backends to compare")
+flags.DEFINE_list("cases", ["tiny", "forward", "stream", "sampler", "gpu720p"], "cases to run")
+flags.DEFINE_list("backends", ["reference", "chunk_tiles", "flash"],
+                  "attention backends to compare (chunk_tiles: the pre-flash blockwise geometry, "
+                  "benchmarks/chunk_tiles.py)")
 flags.DEFINE_integer("reps", 5, "timed repetitions (median reported)")
 flags.DEFINE_float("peak_tflops", 989.0, "device bf16 dense peak for the GPU case (H100/H200 SXM)")
 
-OFFICIAL_SECONDS = {"forward": 6.2, "stream": 3.5}
+OFFICIAL_SECONDS = {"forward": 6.2, "stream": 3.5, "sampler_per_chunk": 12.7}
 PERF_FILE = os.path.join(os.path.dirname(__file__), "data", "dit_small.json")
 
 
@@ -127,6 +133,59 @@ def run_case(name, backends, reps):
           f"{(f'{off / sec:.2f}x' if off else '-'):>12}")
 
 
+class _RandomRows:
+  """Caption rows for the sampler case: one random row for every chunk, all tokens valid."""
+
+  def __init__(self, m, valid, seed=0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    L, C = m.caption_max_length, m.caption_channels
+    self.row = rng.standard_normal((L, C)).astype(np.float32)
+    self.mask = (np.arange(L) < valid).astype(np.float32)
+
+  def cond(self, chunk):
+    del chunk
+    return self.row, self.mask
+
+  def null(self):
+    return self.row * 0, self.mask
+
+
+def run_sampler(backends):
+  import jax
+  from magi_jax.configs import magi_config_from_dict
+  from magi_jax.sampling import Sampler, SamplerOptions
+  with open(PERF_FILE) as f:
+    spec = json.load(f)
+  cfg = magi_config_from_dict({k: spec[k] for k in ("model_config", "runtime_config",
+                                                    "engine_config")})
+  rt = cfg.runtime
+  chunks = rt.num_frames // 4 // rt.chunk_width
+  hw = (rt.video_size_h // 8, rt.video_size_w // 8)
+  from flax import nnx
+  from magi_jax.models import Precision, VideoDiT
+  model = VideoDiT(cfg.model, precision=Precision.fp32(), distill=cfg.engine.distill,
+                   rngs=nnx.Rngs(0))
+  print(f"\n== sampler: {chunks} chunks, window {rt.window_size}, {rt.num_steps} steps, "
+        f"cfg {rt.cfg_number}, {jax.default_backend()} (seconds per chunk) ==")
+  print(f"{'backend':<12} {'first run':>10} {'compiled':>10} {'first vs official':>18} "
+        f"{'compiled vs official':>21}")
+  off = OFFICIAL_SECONDS["sampler_per_chunk"]
+  for b in backends:
+    if b == "reference":
+      continue
+    sampler = Sampler(model, cfg, options=SamplerOptions(backend=b))
+    rows = _RandomRows(cfg.model, spec["cases"]["sampler"]["caption_valid"])
+    times = []
+    for _ in range(2):
+      t0 = time.perf_counter()
+      for c in sampler.sample(rows, latent_hw=hw, num_chunks=chunks, key=jax.random.key(0)):
+        c.latent.block_until_ready()
+      times.append((time.perf_counter() - t0) / chunks)
+    print(f"{b:<12} {times[0]:10.2f} {times[1]:10.2f} {off / times[0]:17.2f}x "
+          f"{off / times[1]:20.2f}x")
+
+
 def run_gpu(reps):
   import jax
   import numpy as np
@@ -142,7 +201,7 @@ def run_gpu(reps):
   x, y, mask, cache = _inputs(m, 1, cw, h, w, 100, cache_chunks=3, dtype="bfloat16")
   kv = np.array([[0, 4 * tok]])
   t = np.array([[0.5]], np.float32)
-  for b in ("dot_product", "blockwise"):
+  for b in ("dot_product", "flash"):
     call = jit_forward(model, backend=b)
     sec = _median_seconds(lambda: call(x, t, y, mask, kv, slice_point=3, cache=cache), reps)
     # Analytic FLOPs: 2·params-per-token GEMMs + attention (QK and PV over 4 chunks of keys).
@@ -158,9 +217,13 @@ def run_gpu(reps):
 
 def main(argv):
   del argv
+  from benchmarks import chunk_tiles
+  chunk_tiles.register()
   for name in FLAGS.cases:
     if name == "gpu720p":
       run_gpu(FLAGS.reps)
+    elif name == "sampler":
+      run_sampler(FLAGS.backends)
     else:
       run_case(name, FLAGS.backends, FLAGS.reps)
 

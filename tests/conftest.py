@@ -17,14 +17,19 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
 def randomize(model, seed: int = 0, scale: float = 0.1):
-  """Gives every parameter random values (1p norms and biases start at zero otherwise)."""
+  """Gives every parameter random values (1p norms and biases start at zero otherwise); the
+  stacked layers' parameters get the same rule per layer (their leading layer axis aside)."""
   state = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree_util.tree_flatten(state)
+  stacked = getattr(model, "stacked_axes", lambda path: 0)
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(state)
+  paths = [tuple(str(getattr(k, "key", k)) for k in p) for p, _ in with_paths]
+  leaves = [leaf for _, leaf in with_paths]
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   new = []
-  for k, leaf in zip(keys, leaves):
-    fan_in = leaf.shape[0] if leaf.ndim == 2 else 1
-    std = (fan_in ** -0.5) if leaf.ndim == 2 else scale
+  for k, path, leaf in zip(keys, paths, leaves):
+    ndim = leaf.ndim - stacked(path)
+    fan_in = leaf.shape[-2] if ndim == 2 else 1
+    std = (fan_in ** -0.5) if ndim == 2 else scale
     new.append((jax.random.normal(k, leaf.shape, jnp.float32) * std).astype(leaf.dtype))
   nnx.update(model, jax.tree_util.tree_unflatten(treedef, new))
   return model

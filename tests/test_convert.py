@@ -79,10 +79,10 @@ def test_sharded_directory_roundtrip_and_bf16_dtypes(tmp_path):
   loaded = load_official_dit(str(tmp_path / "ckpt"), model.cfg, precision=Precision.bf16())
   p = _params(loaded)
   # Promoted (float32) and bf16 parameters, as the official loader leaves them.
-  assert p[("layers", 0, "q_norm", "weight")].dtype == np.float32
+  assert p[("layers", "q_norm", "weight")].dtype == np.float32
   assert p[("x_embedder", "kernel")].dtype == np.float32
-  assert p[("layers", 0, "q", "kernel")].dtype == jnp.bfloat16
-  assert p[("layers", 0, "qx_norm", "weight")].dtype == jnp.bfloat16
+  assert p[("layers", "q", "kernel")].dtype == jnp.bfloat16
+  assert p[("layers", "qx_norm", "weight")].dtype == jnp.bfloat16
   ref = _params(model)
   for k, v in p.items():
     np.testing.assert_allclose(v.astype(np.float32), ref[k].astype(ml_dtypes.bfloat16).astype(np.float32),
@@ -135,9 +135,11 @@ def test_fp8_checkpoint_loads_dequantized(tmp_path):
   d.mkdir()
   save_safetensors(sd, str(d / "model.safetensors"))
   loaded = load_official_dit(str(d), model.cfg)
-  got = _params(loaded)[("layers", 1, "fc2", "kernel")]
+  got = _params(loaded)[("layers", "fc2", "kernel")]
   want = (w8[0].astype(np.float32) * 0.5 * 2.0 / 4.0).T
-  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got[1], want)
+  # The other layer's slice of the stacked kernel is the plain float32 tensor.
+  np.testing.assert_array_equal(got[0], sd[key.replace("layers.1", "layers.0")].T)
 
 
 def test_orbax_roundtrip_same_outputs(tmp_path):
@@ -158,6 +160,32 @@ def test_orbax_roundtrip_same_outputs(tmp_path):
   chex.assert_trees_all_equal(out_a, out_b)
   with pytest.raises(FileExistsError):
     save_converted(model, cfg, str(tmp_path / "conv"), precision="fp32")
+
+
+def test_orbax_directory_from_before_layer_stacking_still_loads(tmp_path):
+  """A converted DiT saved with per-layer paths (`layers/<i>/q/kernel`, the layout before the
+  layers were stacked) restores into the stacked model, layer i into index i."""
+  import shutil
+  import orbax.checkpoint as ocp
+  model = make_model()
+  save_converted(model, tiny_config(), str(tmp_path / "conv"), precision="fp32")
+  flat = []
+  for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if p[0] != "layers":
+      flat.append((p, var))
+      continue
+    flat += [(("layers", i) + p[1:], var.replace(var.get_value()[i]))
+             for i in range(var.get_value().shape[0])]
+  params = tmp_path / "conv" / "params"
+  shutil.rmtree(params)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(str(params), nnx.from_flat_state(flat))
+  ckptr.wait_until_finished()
+  restored, _ = load_converted(str(tmp_path / "conv"))
+  a, b = _params(model), _params(restored)
+  assert a.keys() == b.keys() and b[("layers", "q", "kernel")].shape[0] == 2
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
 
 
 def test_orbax_restore_with_wrong_config_fails_clearly(tmp_path):

@@ -326,8 +326,8 @@ def test_bf16_close_to_fp32(model, full, base_inputs):
   dtypes = {leaf.dtype for leaf in jax.tree.leaves(nnx.state(m16, nnx.Param))}
   assert jnp.dtype(jnp.bfloat16) in dtypes and jnp.dtype(jnp.float32) in dtypes
   # The weights are the fp32 model's (rounded).
-  np.testing.assert_allclose(np.asarray(m16.layers[0].q.kernel[...], np.float32),
-                             np.asarray(model.layers[0].q.kernel[...]), rtol=1e-2, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(m16.layers.q.kernel[...], np.float32),
+                             np.asarray(model.layers.q.kernel[...]), rtol=1e-2, atol=1e-6)
   out = jit_forward(m16, return_kv=True)(*base_inputs, BLOCK_CAUSAL, chunk_width=CW)
   chex.assert_type(out.velocity, jnp.float32)
   # The hidden stream, and with it the KV cache, is bf16 (spec §1.9, §2.2).

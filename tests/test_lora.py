@@ -128,20 +128,38 @@ def test_lora_linear_formula_base_sharing_and_single_rounding():
   np.testing.assert_array_equal(np.asarray(yb), np.asarray(y.astype(jnp.bfloat16)))
 
 
+def test_lora_linear_on_a_stacked_base_has_stacked_adapters_and_per_layer_merge():
+  base = Linear(6, 10, use_bias=False, dtype=F32, rngs=nnx.Rngs(0))
+  base.kernel.set_value(jax.random.normal(jax.random.key(1), (3, 6, 10), F32))   # 3 layers
+  lin = LoRALinear(base, rank=2, alpha=4.0, rngs=nnx.Rngs(1))
+  chex.assert_shape((lin.lora_a.get_value(), lin.lora_b.get_value()), ((3, 6, 2), (3, 2, 10)))
+  a = np.asarray(lin.lora_a[...])
+  assert not np.allclose(a[0], a[1])                    # each layer's A is its own draw
+  lin.lora_b.set_value(jax.random.normal(jax.random.key(2), (3, 2, 10), F32))
+  merged = np.asarray(lin.merged_kernel())
+  for i in range(3):
+    want = (np.asarray(base.kernel[...][i], np.float64)
+            + a[i].astype(np.float64) @ np.asarray(lin.lora_b[...][i], np.float64) * 2.0)
+    np.testing.assert_allclose(merged[i], want, rtol=1e-6, atol=1e-6)
+
+
 def test_apply_lora_keeps_base_paths_values_and_output(base_out):
   plain = make_model()
   before = base_flat(plain)
   model = adapted()
-  assert all(type(getattr(layer, n)) is LoRALinear
-             for layer in model.layers for n in DEFAULT_TARGETS)
-  assert type(model.layers[0].ada_modulate) is Linear
+  assert all(type(getattr(model.layers, n)) is LoRALinear for n in DEFAULT_TARGETS)
+  assert type(model.layers.ada_modulate) is Linear
   after = base_flat(model)
   assert set(after) == set(before)             # base paths unchanged, nothing renamed
   for p in before:
     np.testing.assert_array_equal(after[p], before[p])
   adapters = lora_flat(model)
-  assert set(adapters) == {("layers", i, n, leaf) for i in range(2) for n in DEFAULT_TARGETS
+  assert set(adapters) == {("layers", n, leaf) for n in DEFAULT_TARGETS
                            for leaf in ("lora_a", "lora_b")}
+  for n in DEFAULT_TARGETS:                     # one adapter per layer, stacked like the base
+    d_in, d_out = before[("layers", n, "kernel")].shape[1:]
+    assert adapters[("layers", n, "lora_a")].shape == (2, d_in, RANK)
+    assert adapters[("layers", n, "lora_b")].shape == (2, RANK, d_out)
   assert lora_config(model) == (RANK, ALPHA, DEFAULT_TARGETS)
   # The official exporter writes exactly the base checkpoint from an adapted model.
   sd0, sd1 = official_state_dict(plain), official_state_dict(model)
@@ -158,7 +176,7 @@ def test_apply_lora_errors_name_the_problem_and_leave_the_model_alone():
     apply_lora(model, rank=2, alpha=2, targets=("q", "ln_qkv"), rngs=nnx.Rngs(0))
   with pytest.raises(LoRAError, match="'nope' is not a Linear.*missing"):
     apply_lora(model, rank=2, alpha=2, targets=("q", "nope"), rngs=nnx.Rngs(0))
-  assert type(model.layers[0].q) is Linear      # validated before any change
+  assert type(model.layers.q) is Linear         # validated before any change
   for rank in (0, -3, 2.5):
     with pytest.raises(LoRAError, match="rank must be a positive integer"):
       apply_lora(model, rank=rank, alpha=2, rngs=nnx.Rngs(0))
@@ -178,15 +196,17 @@ def test_merge_lora_gives_a_plain_model_with_the_adapted_output():
   before = lora_flat(model)
   merged = merge_lora(model)
   assert type(merged) is VideoDiT
-  assert all(type(getattr(l, n)) is Linear for l in merged.layers for n in DEFAULT_TARGETS)
+  assert all(type(getattr(merged.layers, n)) is Linear for n in DEFAULT_TARGETS)
   assert not jax.tree.leaves(nnx.state(merged, nnx.LoRAParam))
-  m = model.layers[1].fc1
-  w = np.asarray(m.kernel[...], np.float64)
-  want = w + np.asarray(m.lora_a[...], np.float64) @ np.asarray(m.lora_b[...], np.float64) * 2.0
-  np.testing.assert_allclose(np.asarray(merged.layers[1].fc1.kernel[...]), want, atol=1e-6)
+  m = model.layers.fc1
+  for i in range(2):                            # each layer merged with its own adapters
+    w = np.asarray(m.kernel[...][i], np.float64)
+    want = w + (np.asarray(m.lora_a[...][i], np.float64)
+                @ np.asarray(m.lora_b[...][i], np.float64) * 2.0)
+    np.testing.assert_allclose(np.asarray(merged.layers.fc1.kernel[...][i]), want, atol=1e-6)
   # Unadapted weights carried over exactly.
-  np.testing.assert_array_equal(np.asarray(merged.layers[1].ada_modulate.kernel[...]),
-                                np.asarray(model.layers[1].ada_modulate.kernel[...]))
+  np.testing.assert_array_equal(np.asarray(merged.layers.ada_modulate.kernel[...]),
+                                np.asarray(model.layers.ada_modulate.kernel[...]))
   v_adapted = np.asarray(velocity(model, *INPUTS))
   v_merged = np.asarray(velocity(merged, *INPUTS))
   chex.assert_trees_all_close(v_merged, v_adapted, atol=1e-5, rtol=1e-5)
@@ -194,7 +214,7 @@ def test_merge_lora_gives_a_plain_model_with_the_adapted_output():
   # The adapted model itself is left unchanged.
   for p, v in lora_flat(model).items():
     np.testing.assert_array_equal(v, before[p])
-  assert type(model.layers[1].fc1) is LoRALinear
+  assert type(model.layers.fc1) is LoRALinear
 
 
 def test_training_changes_only_the_adapters_and_lowers_the_loss():
@@ -221,13 +241,13 @@ def test_split_trainable_round_trips_and_works_under_jit():
   assert not any(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(frozen))
   assert set(p for p, _ in nnx.to_flat_state(frozen)) == set(base_flat(model))
   back = nnx.merge(graphdef, trainable, frozen)
-  assert type(back.layers[0].q) is LoRALinear
+  assert type(back.layers.q) is LoRALinear
   for p, v in lora_flat(back).items():
     np.testing.assert_array_equal(v, lora_flat(model)[p])
   # Functional use inside jax.jit: the merged module sees the traced adapters.
-  f = jax.jit(lambda t, fr: nnx.merge(graphdef, t, fr).layers[0].q.merged_kernel())
+  f = jax.jit(lambda t, fr: nnx.merge(graphdef, t, fr).layers.q.merged_kernel())
   np.testing.assert_array_equal(np.asarray(f(trainable, frozen)),
-                                np.asarray(model.layers[0].q.merged_kernel()))
+                                np.asarray(model.layers.q.merged_kernel()))
   g2, all_params, rest = split_trainable(model, lora=False)
   n_params = len(base_flat(model)) + len(lora_flat(model))
   assert len(nnx.to_flat_state(all_params)) == n_params
@@ -239,7 +259,14 @@ def test_save_load_roundtrip_and_file_layout(tmp_path):
   path = tmp_path / "adapters" / "lora.safetensors"
   save_lora(path, model, rank=RANK, alpha=ALPHA, targets=DEFAULT_TARGETS)
   f = SafetensorsFile(str(path))
-  assert set(f.keys()) == {".".join(map(str, p)) for p in lora_flat(model)}
+  # Per-layer names and tensors: layer i's adapter is slice i of the stacked one.
+  stacked = lora_flat(model)
+  assert set(f.keys()) == {f"layers.{i}.{n}.{leaf}" for i in range(2) for n in DEFAULT_TARGETS
+                           for leaf in ("lora_a", "lora_b")}
+  for (_, n, leaf), v in stacked.items():
+    for i in range(2):
+      np.testing.assert_array_equal(np.asarray(f.get(f"layers.{i}.{n}.{leaf}")), v[i])
+  assert f.metadata["num_layers"] == "2"
   assert f.metadata["rank"] == str(RANK) and float(f.metadata["alpha"]) == ALPHA
   # A plain base model gets the file's configuration; an adapted one is filled.
   for target in (make_model(), adapted(seed=9)):

@@ -45,10 +45,13 @@ def test_one_device_mesh_and_multislice_error():
 def test_rules_map_logical_names_and_parameter_paths():
   r = ShardingRules()
   assert r.spec(("batch", "length", "act_embed")) == P(("data", "fsdp"), "context", None)
-  assert r.param_names("dit/layers/3/q/kernel", 2) == ("embed", "heads")
-  assert r.param_names("opt_state/0/mu/dit/layers/3/fc2/kernel", 2) == ("mlp", "embed")
-  assert r.param_names("dit/layers/3/q_norm/weight", 1) == (None,)
-  assert r.param_names("dit/layers/3/q/kernel", 1) == (None,)        # rank must match
+  # The stacked layer's parameters: a leading layer axis, never sharded.
+  assert r.param_names("dit/layers/q/kernel", 3) == (None, "embed", "heads")
+  assert r.param_names("opt_state/0/mu/dit/layers/fc2/kernel", 3) == (None, "mlp", "embed")
+  assert r.param_names("dit/layers/q/lora_b", 3) == (None, None, "heads")
+  assert r.param_names("dit/layers/q_norm/weight", 2) == (None, None)
+  assert r.param_names("dit/layers/q/kernel", 2) == (None, None)      # rank must match
+  assert r.param_names("dit/x_embedder/kernel", 2) == (None, "embed")
 
 
 def test_config_overrides_and_bad_regex():
@@ -82,8 +85,8 @@ def test_constrain_is_a_no_op_without_a_mesh_and_shards_with_one():
   with use_mesh(mesh):
     y = jax.jit(lambda a: constrain(a, ("batch", "length", "act_embed")) * 2)(x)
   assert float(y.sum()) == 128.0
-  sh = tree_shardings({"dit": {"layers": [{"q": {"kernel": x[0]}}]}}, mesh, ShardingRules())
-  assert sh["dit"]["layers"][0]["q"]["kernel"].spec == P(("fsdp", "context"), "tensor")
+  sh = tree_shardings({"dit": {"layers": {"q": {"kernel": x}}}}, mesh, ShardingRules())
+  assert sh["dit"]["layers"]["q"]["kernel"].spec == P(None, ("fsdp", "context"), "tensor")
 
 
 def test_axes_the_mesh_lacks_do_not_split():

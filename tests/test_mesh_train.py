@@ -68,10 +68,11 @@ def test_state_is_sharded_by_the_rules(tmp_path):
   _, params, _ = split_model(c, model)
   mesh = make_mesh(MeshConfig(data=1, fsdp=2, context=2, tensor=2))
   sh = tree_shardings(params, mesh, ShardingRules())
-  spec = lambda path: sh["dit"]["layers"][0][path]["kernel"].spec
+  spec = lambda path: sh["dit"]["layers"][path]["kernel"].spec
   zero3 = ("fsdp", "context")          # weights' model width over every token-holding device
-  assert tuple(spec("q")) == (zero3, "tensor")
-  assert tuple(spec("proj")) == ("tensor", zero3)
-  assert tuple(spec("fc2")) == ("tensor", zero3)
-  # a 1-D norm weight is replicated
-  assert tuple(sh["dit"]["layers"][0]["ln_qkv"]["weight"].spec) in ((), (None,))
+  # The stacked layers' leading layer axis is never split.
+  assert tuple(spec("q")) == (None, zero3, "tensor")
+  assert tuple(spec("proj")) == (None, "tensor", zero3)
+  assert tuple(spec("fc2")) == (None, "tensor", zero3)
+  # a norm weight (one vector per layer) is replicated
+  assert tuple(sh["dit"]["layers"]["ln_qkv"]["weight"].spec) in ((), (None,), (None, None))

@@ -1,10 +1,12 @@
-"""Splash-attention backend: its mask decomposition (static block-causal mask + segment ids
-from kv_ranges) against `dense_mask`, the kernel against `reference_attention` (values and
-gradients; Pallas interpreter off TPU), and the ValueErrors for masks it cannot express.
+"""Splash-attention backend: its mask encodings (static block-causal mask + segment ids,
+key-prefix segment ids, static per-chunk ranges) against `dense_mask`, the kernel against
+`reference_attention` (values and gradients; Pallas interpreter off TPU), the plan and
+`supports` truth tables, and the ValueErrors for masks it cannot express (never a silently
+different mask).
 
 Tolerance: float32 1e-5. The kernel computes the same float32 sums as the reference but in a
 different order (online softmax over 128-wide key blocks, q pre-multiplied by the scale), so it
-agrees to float32 rounding (observed max |diff| ~6e-7 for values, ~1e-6 for gradients), not
+agrees to float32 rounding (observed max |diff| ~6e-7 for values, ~2e-6 for gradients), not
 bit for bit.
 """
 
@@ -16,8 +18,9 @@ import pytest
 
 from magi_jax.attention import ChunkMask, block_causal_chunk_ranges, dense_mask
 from magi_jax.attention.reference import reference_attention
-from magi_jax.parallel.splash import (BlockCausalMask, check_supported, effective_mask,
-                                      segment_ids, splash_attention)
+from magi_jax.parallel.splash import (BlockCausalMask, ChunkRangeMask, check_supported,
+                                      effective_mask, plan, prefix_segment_ids, segment_ids,
+                                      splash_attention, supports)
 
 HIGHEST = jax.lax.Precision.HIGHEST
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -43,10 +46,11 @@ def reference(q, k, v, mask, scale):
   return reference_attention(q, k, v, mask, scale=scale, precision=HIGHEST)
 
 
-# One compiled program per shape; kv_ranges are traced (the jit contract of the module).
+# One compiled program per shape; kv_ranges are traced, promised causal segments.
 @jax.jit
 def splash_jit(q, k, v, kv_ranges):
-  return splash_attention(q, k, v, ChunkMask(kv_ranges, q_block=QB), scale=q.shape[-1] ** -0.5)
+  mask = ChunkMask(kv_ranges, q_block=QB, layout="causal_segments")
+  return splash_attention(q, k, v, mask, scale=q.shape[-1] ** -0.5)
 
 
 QB, N_CHUNKS, D = 128, 4, 64
@@ -114,22 +118,56 @@ def test_packed_layout_from_training_segments():
 
 
 # ---------------------------------------------------------------------------------------------
-# Unsupported masks.
+# Plans, supports, and the masks splash refuses.
 
-def test_sliding_window_raises():
-  r = block_causal_chunk_ranges(0, N_CHUNKS, [2] * N_CHUNKS) * QB       # chunk c sees c-1, c
-  mask = ChunkMask(jnp.asarray(r[None], jnp.int32), q_block=QB)
+def window_ranges(width, n=N_CHUNKS, cache_chunks=0, B=1):
+  """(B, n, 2) int32: chunk c of n (after `cache_chunks` cached chunks) sees `width` chunks."""
+  r = block_causal_chunk_ranges(cache_chunks, n, [width] * n) * QB
+  return jnp.asarray(np.repeat(r[None], B, 0), jnp.int32)
+
+
+def traced(fn, *arrays):
+  """fn(*tracers): runs `fn` at trace time on traced copies of `arrays`, returns its result."""
+  out = []
+  jax.jit(lambda *a: out.append(fn(*a)) or 0).lower(*arrays)
+  return out[0]
+
+
+def test_plan_kinds():
+  seg, kp = ranges(QB, PACKED), jnp.asarray([[[0, 40]], [[0, 7]]], jnp.int32)
+  assert plan(ChunkMask(seg, q_block=QB), S, S).kind == "segments"
+  assert plan(ChunkMask(kp, q_block=QB, layout="key_prefix"), QB, 40).kind == "key_prefix"
+  assert plan(ChunkMask(kp, q_block=QB), QB, 40).kind == "key_prefix"     # rows differ
+  p = plan(ChunkMask(window_ranges(2, B=2), q_block=QB), S, S)
+  assert p == ("static", ((0, 128), (0, 256), (128, 384), (256, 512)))
+  cache = ChunkMask(window_ranges(2, n=2, cache_chunks=1), q_block=QB)     # KV cache, Sk > Sq
+  assert plan(cache, 2 * QB, 3 * QB) == ("static", ((0, 256), (128, 384)))
+  for layout, kind in (("causal_segments", "segments"), ("key_prefix", "key_prefix")):
+    r = seg if layout == "causal_segments" else kp
+    sk = S if layout == "causal_segments" else 40
+    sq = r.shape[1] * QB
+    assert traced(lambda a: plan(ChunkMask(a, q_block=QB, layout=layout), sq, sk).kind,
+                  r) == kind
+
+
+def test_traced_general_mask_raises():
+  """Under jit a 'general' mask cannot be checked: an error, not a guessed mask."""
   q, k, v = rand_qkv(0, 1, S, 2, 2, D)
-  with pytest.raises(ValueError, match="sliding-window"):
-    splash_attention(q, k, v, mask, scale=0.125)
+  f = jax.jit(lambda q, k, v, r: splash_attention(q, k, v, ChunkMask(r, q_block=QB),
+                                                  scale=0.125))
+  for r in (window_ranges(2), ranges(QB, BLOCK_CAUSAL)):
+    with pytest.raises(ValueError, match="layout 'general' whose kv_ranges are traced"):
+      f(q, k, v, r)
 
 
-def test_kv_cache_raises():
-  q, _, _ = rand_qkv(0, 1, S, 2, 2, D)
-  _, k, v = rand_qkv(1, 1, S + QB, 2, 2, D)
-  mask = ChunkMask(ranges(QB, BLOCK_CAUSAL) + QB, q_block=QB)
+def test_broken_promises_raise():
+  with pytest.raises(ValueError, match="promises layout 'causal_segments'.*sliding-window"):
+    check_supported(ChunkMask(window_ranges(2), q_block=QB, layout="causal_segments"), S, S)
   with pytest.raises(ValueError, match=r"Sk == Sq"):
-    splash_attention(q, k, v, mask, scale=0.125)
+    check_supported(ChunkMask(ranges(QB, BLOCK_CAUSAL), q_block=QB, layout="causal_segments"),
+                    S, S + QB)
+  with pytest.raises(ValueError, match="one query block per row"):
+    check_supported(ChunkMask(ranges(QB, BLOCK_CAUSAL), q_block=QB, layout="key_prefix"), S, S)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -137,10 +175,95 @@ def test_kv_cache_raises():
     ([[0, QB], [0, QB]], "whole of its own chunk"),                       # chunk 1 misses itself
     ([[QB // 2, QB], [QB // 2, 2 * QB]], "neither a segment start"),      # start mid-chunk
 ])
-def test_other_unsupported_ranges_raise(bad, match):
-  mask = ChunkMask(jnp.asarray([bad], jnp.int32), q_block=QB)
+def test_non_segment_ranges_named(bad, match):
+  """Concrete ranges that are not causal segments: the problem is named, and with rows that
+  differ (so no one static mask) they are refused."""
+  one = jnp.asarray([bad], jnp.int32)
   with pytest.raises(ValueError, match=match):
-    check_supported(mask, 2 * QB, 2 * QB)
+    check_supported(ChunkMask(one, q_block=QB, layout="causal_segments"), 2 * QB, 2 * QB)
+  assert plan(ChunkMask(one, q_block=QB), 2 * QB, 2 * QB).kind == "static"
+  two = jnp.concatenate([one, ranges(QB, [[0, 0]])])
+  with pytest.raises(ValueError, match=f"{match}.*batch rows differ"):
+    check_supported(ChunkMask(two, q_block=QB), 2 * QB, 2 * QB)
+
+
+def test_empty_or_out_of_range_static_ranges_raise():
+  for bad in ([[0, QB], [QB, QB]], [[0, QB], [QB, 3 * QB]]):           # empty; past Sk
+    with pytest.raises(ValueError, match="not a non-empty range"):
+      check_supported(ChunkMask(jnp.asarray([bad], jnp.int32), q_block=QB), 2 * QB, 2 * QB)
+
+
+def test_supports_truth_table():
+  seg, win = ranges(QB, PACKED), window_ranges(2, B=2)
+  kp = jnp.asarray([[[0, 40]], [[0, 0]]], jnp.int32)
+  win_rows_differ = win.at[1, 3, 0].set(0)
+  cache = window_ranges(2, n=2, cache_chunks=1)
+  mk = lambda r, layout="general": ChunkMask(r, q_block=QB, layout=layout)
+  concrete = [
+      (mk(seg), S, S, True),                                  # packed rows, checked
+      (mk(win), S, S, True),                                  # window, same for every row
+      (mk(win_rows_differ), S, S, False),                     # window, rows differ
+      (mk(cache), 2 * QB, 3 * QB, True),                      # KV cache, one static mask
+      (mk(kp, "key_prefix"), QB, 40, True),                   # captions, Sk != Sq
+      (mk(kp), QB, 40, True),                                 # one range per row
+      (mk(seg, "key_prefix"), S, S, False),                   # 4 blocks: not key_prefix
+      (mk(win, "causal_segments"), S, S, False),              # broken promise
+      (mk(seg), S, S + QB, False),                            # not segments, rows differ
+      (mk(seg), S + QB, S + QB, False),                       # mask does not cover q
+  ]
+  for mask, sq, sk, want in concrete:
+    assert supports(mask, sq, sk) is want, (mask, sq, sk)
+  for r, layout, sq, sk, want in [(seg, "causal_segments", S, S, True),
+                                  (seg, "general", S, S, False),
+                                  (win, "general", S, S, False),
+                                  (kp, "key_prefix", QB, 40, True),
+                                  (kp, "general", QB, 40, False),
+                                  (seg, "causal_segments", S, S + QB, False)]:
+    assert traced(lambda a: supports(mk(a, layout), sq, sk), r) is want, (layout, sq, sk)
+
+
+def test_chunk_range_mask_is_dense_mask():
+  """The static per-chunk mask equals dense_mask, padded queries take the last chunk's range,
+  and the in-kernel mask function agrees with the per-block (numpy) one."""
+  qb, n, sk = 4, 3, 20
+  r = np.array([[[0, 8], [4, 12], [6, 20]]])
+  m = ChunkRangeMask((16, 24), qb, r[0])
+  np.testing.assert_array_equal(m[:12, :20], np.asarray(dense_mask(ChunkMask(r, qb), sk))[0])
+  np.testing.assert_array_equal(m[12:, :], np.repeat(m[11:12, :], 4, 0))
+  assert not m[:, 20:].any()
+  qi, ki = np.meshgrid(np.arange(16), np.arange(24), indexing="ij")
+  np.testing.assert_array_equal(np.asarray(m.mask_function(jnp.asarray(qi), jnp.asarray(ki))),
+                                m[:, :])
+  assert m == ChunkRangeMask((16, 24), qb, r[0]) and hash(m) == hash(ChunkRangeMask(
+      (16, 24), qb, r[0]))
+  assert m != ChunkRangeMask((16, 24), qb, r[0] + 1)
+
+
+def test_prefix_segment_ids_reproduce_dense_mask():
+  r = jnp.asarray([[[0, 5]], [[2, 7]], [[0, 0]], [[0, 99]]], jnp.int32)
+  sk = 8
+  q_ids, kv_ids = prefix_segment_ids(r, sk, 6, 12)
+  eff = np.asarray(q_ids[:, :, None] == kv_ids[:, None, :])
+  np.testing.assert_array_equal(eff[:, :, :sk], np.asarray(dense_mask(ChunkMask(r, 6), sk)))
+  assert not eff[:, :, sk:].any()                           # padded keys are never seen
+
+
+def test_training_masks_are_causal_segments():
+  """The self-attention mask of a packed training row (`packed_kv_range` through the DiT's
+  official -> local range conversion) is what velocity_of_row promises: causal segments."""
+  from magi_jax.models.dit import _local_ranges
+  from magi_jax.train.segments import packed_kv_range
+  tok = 3
+  for seg in ([[1, 1, 2, 2, 2, 0]], [[1, 2, 3, 3, 0, 0], [1, 1, 1, 1, 1, 1]], [[1, 0, 0]]):
+    seg = np.asarray(seg, np.int32)
+    N, K = seg.shape
+    official = np.asarray(packed_kv_range(seg, tok))
+    local = _local_ranges(official, N, K, K * tok, 0, 0).reshape(N, K, 2)
+    mask = ChunkMask(jnp.asarray(local, jnp.int32), q_block=tok, layout="causal_segments")
+    check_supported(mask, K * tok, K * tok)
+    assert plan(ChunkMask(mask.kv_ranges, q_block=tok), K * tok, K * tok).kind == "segments"
+    np.testing.assert_array_equal(np.asarray(effective_mask(mask)),
+                                  np.asarray(dense_mask(mask, K * tok)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,3 +323,83 @@ def test_bfloat16_runs_close():
   ref = reference(q, k, v, ChunkMask(kv, q_block=QB), D ** -0.5)
   chex.assert_trees_all_close(out.astype(jnp.float32), ref.astype(jnp.float32), atol=3e-2,
                               rtol=3e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Key-prefix (cross-attention) and static-range encodings against the reference.
+
+def _grads_match(fn, q, k, v, mask, scale):
+  w = jnp.cos(jnp.arange(q.shape[-1], dtype=jnp.float32))
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * w)
+  g = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)
+  g_ref = jax.jit(jax.grad(loss(lambda q, k, v: reference(q, k, v, mask, scale)),
+                           argnums=(0, 1, 2)))(q, k, v)
+  chex.assert_trees_all_close(g, g_ref, **TOL)
+
+
+def test_key_prefix_matches_reference():
+  """Caption cross-attention: 3 rows of 40 queries against 200 keys (padded to 128 / 256),
+  traced ranges, one row sees every key, one a prefix, one nothing (zeros, as the reference)."""
+  q, _, _ = rand_qkv(6, 3, 40, 2, 1, 32)
+  _, k, v = rand_qkv(7, 3, 200, 2, 1, 32)
+  r = jnp.asarray([[[0, 200]], [[0, 50]], [[0, 0]]], jnp.int32)
+  mask = ChunkMask(r, q_block=40, layout="key_prefix")
+  fn = jax.jit(lambda q, k, v, r: splash_attention(
+      q, k, v, ChunkMask(r, q_block=40, layout="key_prefix"), scale=0.2))
+  out = fn(q, k, v, r)
+  chex.assert_trees_all_close(out, reference(q, k, v, mask, 0.2), **TOL)
+  assert not np.asarray(out[2]).any()
+  _grads_match(lambda q, k, v: fn(q, k, v, r), q, k, v, mask, 0.2)
+
+
+def test_static_kv_cache_window_matches_reference():
+  """A sampler-like step: 1 cached chunk + 2 current chunks, window of 2 chunks (Sk > Sq),
+  the same concrete ranges for both rows -> one static mask; values and gradients."""
+  q, _, _ = rand_qkv(8, 2, 2 * QB, 2, 1, 32)
+  _, k, v = rand_qkv(9, 2, 3 * QB, 2, 1, 32)
+  mask = ChunkMask(window_ranges(2, n=2, cache_chunks=1, B=2), q_block=QB)
+  fn = lambda q, k, v: splash_attention(q, k, v, mask, scale=0.2)
+  chex.assert_trees_all_close(jax.jit(fn)(q, k, v), reference(q, k, v, mask, 0.2), **TOL)
+  _grads_match(fn, q, k, v, mask, 0.2)
+
+
+def test_static_sliding_window_self_attention_matches_reference():
+  """A concrete sliding window over the call's own chunks (formerly refused) now runs exactly."""
+  q, k, v = rand_qkv(10, 1, S, 2, 1, D)
+  mask = ChunkMask(window_ranges(2), q_block=QB)
+  chex.assert_trees_all_close(splash_attention(q, k, v, mask, scale=0.125),
+                              reference(q, k, v, mask, 0.125), **TOL)
+
+
+def test_velocity_of_row_with_splash_matches_flash():
+  """velocity_of_row promises causal segments; under jit (traced ranges) splash runs the
+  packed-row self-attention and agrees with flash."""
+  from flax import nnx
+  from magi_jax.configs import tiny_config
+  from magi_jax.generate.components import random_module
+  from magi_jax.models.dit import VideoDiT
+  from magi_jax.train.conditioning import Conditioning
+  from magi_jax.train.objective import Objective, TrainModel, velocity_of_row
+  cw, L, C = 1, 8, 32
+  cfg = tiny_config(num_layers=1, hidden_size=64, ffn_hidden_size=128, caption_channels=C,
+                    caption_max_length=L, in_channels=4, out_channels=4).model
+  model = TrainModel(random_module(lambda: VideoDiT(cfg, rngs=nnx.Rngs(0)), 0))
+  rng = np.random.default_rng(0)
+  seg = jnp.asarray([[1, 1, 2, 0]], jnp.int32)
+  N, K = seg.shape
+  batch = {"x1": jnp.asarray(rng.normal(size=(N, 4, K * cw, 4, 4)), jnp.float32),
+           "segment_ids": seg,
+           "text_emb": jnp.asarray(rng.normal(size=(N, K, L, C)), jnp.float32),
+           "text_mask": jnp.ones((N, K, L), jnp.float32)}
+  t = jnp.asarray([[0.9, 0.5, 0.3, 0.0]], jnp.float32)
+  cond = Conditioning(t=t, clean=jnp.zeros((N, K), bool), text_drop=jnp.zeros((N, K), bool),
+                      frame_t=t, frame_weight=jnp.ones((N, K), jnp.float32))
+  x0 = jnp.asarray(rng.normal(size=batch["x1"].shape), jnp.float32)
+  graphdef, state = nnx.split(model)
+
+  def run(backend):
+    f = lambda s, b, x: velocity_of_row(nnx.merge(graphdef, s), b, cond, x,
+                                        Objective(chunk_width=cw, backend=backend))[0]
+    return jax.jit(f)(state, batch, x0)
+
+  chex.assert_trees_all_close(run("splash"), run("flash"), atol=2e-5, rtol=1e-5)

@@ -105,8 +105,9 @@ def test_only_adapters_are_trainable_and_in_the_optimizer(run):
   result = run["result"]
   dit = result.model.dit
   adapters = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(dit, nnx.LoRAParam))}
-  n_layers = len(dit.layers)
-  assert len(adapters) == n_layers * len(run["c"].lora.targets) * 2
+  # One stacked adapter pair per target, with a leading axis over every layer.
+  assert len(adapters) == len(run["c"].lora.targets) * 2
+  assert {np.shape(v)[0] for v in adapters.values()} == {run["mcfg"].num_layers}
   for tree in (result.state.params, result.state.ema):
     leaves = _leaves_with_names(tree)
     assert len(leaves) == len(adapters)

@@ -26,6 +26,11 @@ def train_config():
   c.model.overrides = ml_collections.ConfigDict()   # ModelConfig fields to change
   c.model.precision = "fp32"       # fp32 | bf16 (bf16 compute, fp32 master weights)
   c.model.remat = False            # recompute layer activations in the backward pass
+  c.model.remat_policy = "nothing_saveable"   # under remat: a jax.checkpoint_policies name
+                                   # (magi_jax.models.stack.REMAT_POLICIES); nothing_saveable
+                                   # recomputes each whole layer, dots_saveable keeps matmuls
+  c.model.scan_layers = True       # layers run by a scan over stacked weights (fast compile);
+                                   # False unrolls them (same values)
   c.model.prediction = "velocity"  # velocity (official) | clean (see magi_jax/train/flow.py)
   c.model.backend = "auto"         # attention backend: auto (by platform and mesh) | flash |
                                    # reference | dot_product | splash (TPU); ring | ulysses

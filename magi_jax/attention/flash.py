@@ -1,7 +1,7 @@
 """The 'flash' backend: tiled online-softmax attention with a recomputing backward pass.
 
 Queries and keys are cut into tiles of `block_q` x `block_k` tokens, sizes set for the
-hardware (`default_blocks`), never by the chunk: a 480p MAGI chunk is 9,360 tokens, and a
+hardware (`DEFAULT_BLOCK`), never by the chunk: a 480p MAGI chunk is 9,360 tokens, and a
 chunk-sized score tile would be (heads x 9,360 x 9,360) float32. Memory is O(S·D) forward and
 backward: the forward keeps only the output and the row log-sum-exp, and the backward
 (custom VJP) recomputes each tile's scores. Tiles in which no query sees any key (the upper
@@ -28,15 +28,10 @@ from magi_jax.attention.masks import ChunkMask
 
 F32 = jnp.float32
 
-# (block_q, block_k) per platform. TPU: multiples of the 128-lane MXU tile, 512 as splash
-# uses; GPU: the same, XLA fuses each tile's two matmuls; CPU: larger tiles amortise the
-# loop overhead (measured in benchmarks/dit_forward.py).
-_BLOCKS = {"tpu": (512, 512), "gpu": (512, 512), "cpu": (1024, 512)}
-
-
-def default_blocks(platform: str | None = None) -> tuple[int, int]:
-  from magi_jax.parallel.rules import target_platform
-  return _BLOCKS.get(platform or target_platform(), (512, 512))
+# Tile edge in tokens: a multiple of the TPU's 128-lane MXU tile (splash's default too) and,
+# measured on a 2-core CPU for MAGI's perf shapes (benchmarks/dit_forward.py), as fast as any
+# of 256-2048 there; chunk-sized tiles (1,536 tokens) were slower.
+DEFAULT_BLOCK = 512
 
 
 def token_ranges(mask: ChunkMask):
@@ -80,14 +75,12 @@ def flash_attention(q, k, v, mask: ChunkMask, *, scale: float, precision=None,
                     block_q: int | None = None, block_k: int | None = None):
   """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), Hq % Hkv == 0 -> (B, Sq, Hq, D).
 
-  block_q / block_k default to `default_blocks()` for the platform the program is built for
-  (the active mesh's devices, else JAX's default backend), capped at the padded lengths.
+  block_q / block_k default to DEFAULT_BLOCK, capped at the (8-padded) sequence lengths.
   """
   B, Sq, Hq, D = q.shape
   Sk, Hkv = k.shape[1], k.shape[2]
-  dq_, dk_ = default_blocks()
-  bq = min(block_q or dq_, _round_up(Sq, 8))
-  bk = min(block_k or dk_, _round_up(Sk, 8))
+  bq = min(block_q or DEFAULT_BLOCK, _round_up(Sq, 8))
+  bk = min(block_k or DEFAULT_BLOCK, _round_up(Sk, 8))
   pq, pk = _round_up(Sq, bq) - Sq, _round_up(Sk, bk) - Sk
   lo, hi = token_ranges(mask)
   if pq:

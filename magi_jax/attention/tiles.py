@@ -50,12 +50,13 @@ def forward(q, k, v, lo, hi, k_start, carry, *, scale: float, block_q: int, bloc
   B, Sq, H, G, D = q.shape
   Sk = k.shape[1]
   bq, bk = _blocks(Sq, block_q), _blocks(Sk, block_k)
-  qb = rearrange(q, "b (n s) h g d -> n b s h g d", s=bq)
+  # Head-major tiles, arranged once here, so each tile's products are plain batched matmuls.
+  qb = rearrange(q, "b (n s) h g d -> n b h g s d", s=bq)
   lob = rearrange(lo, "b (n s) -> n b s", s=bq)
   hib = rearrange(hi, "b (n s) -> n b s", s=bq)
   cb = [rearrange(c, "b h g (n s) ... -> n b h g s ...", s=bq) for c in carry]
-  kb = rearrange(k, "b (n t) h d -> n b t h d", t=bk)
-  vb = rearrange(v, "b (n t) h d -> n b t h d", t=bk)
+  kb = rearrange(k, "b (n t) h d -> n b h t d", t=bk)
+  vb = rearrange(v, "b (n t) h d -> n b h t d", t=bk)
   k0s = k_start + jnp.arange(Sk // bk) * bk
 
   def q_block(_, xs):
@@ -66,14 +67,14 @@ def forward(q, k, v, lo, hi, k_start, carry, *, scale: float, block_q: int, bloc
 
       def compute(c):
         m, l, acc = c
-        s = jnp.einsum("bshgd,bthd->bhgst", qi, kj, precision=precision,
+        s = jnp.einsum("bhgsd,bhtd->bhgst", qi, kj, precision=precision,
                        preferred_element_type=F32) * scale
         s = jnp.where(_allowed(loi, hii, k0 + jnp.arange(bk)), s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(s - m_safe[..., None])
         corr = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
-        pv = jnp.einsum("bhgst,bthd->bhgsd", p.astype(vj.dtype), vj, precision=precision,
+        pv = jnp.einsum("bhgst,bhtd->bhgsd", p.astype(vj.dtype), vj, precision=precision,
                         preferred_element_type=F32)
         return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
 
@@ -106,14 +107,14 @@ def backward(q, k, v, do, lse, delta, lo, hi, k_start, dq, *, scale: float, bloc
   B, Sq, H, G, D = q.shape
   Sk = k.shape[1]
   bq, bk = _blocks(Sq, block_q), _blocks(Sk, block_k)
-  split_q = lambda x: rearrange(x, "b (n s) h g d -> n b s h g d", s=bq)
+  split_q = lambda x: rearrange(x, "b (n s) h g d -> n b h g s d", s=bq)
   split_r = lambda x: rearrange(x, "b h g (n s) -> n b h g s", s=bq)
   qb, dob, dqb = split_q(q), split_q(do), split_q(dq)
   lseb, deltab = split_r(lse), split_r(delta)
   lob = rearrange(lo, "b (n s) -> n b s", s=bq)
   hib = rearrange(hi, "b (n s) -> n b s", s=bq)
-  kb = rearrange(k, "b (n t) h d -> n b t h d", t=bk)
-  vb = rearrange(v, "b (n t) h d -> n b t h d", t=bk)
+  kb = rearrange(k, "b (n t) h d -> n b h t d", t=bk)
+  vb = rearrange(v, "b (n t) h d -> n b h t d", t=bk)
   k0s = k_start + jnp.arange(Sk // bk) * bk
 
   def k_block(dqb, ys):
@@ -125,19 +126,19 @@ def backward(q, k, v, do, lse, delta, lo, hi, k_start, dq, *, scale: float, bloc
       def compute(args):
         (dk, dv), dqi = args
         allowed = _allowed(loi, hii, k0 + jnp.arange(bk))
-        s = jnp.einsum("bshgd,bthd->bhgst", qi, kj, precision=precision,
+        s = jnp.einsum("bhgsd,bhtd->bhgst", qi, kj, precision=precision,
                        preferred_element_type=F32) * scale
         p = jnp.where(allowed, jnp.exp(s - lsei[..., None]), 0.0)
-        dv = dv + jnp.einsum("bhgst,bshgd->bthd", p.astype(doi.dtype), doi,
+        dv = dv + jnp.einsum("bhgst,bhgsd->bhtd", p.astype(doi.dtype), doi,
                              precision=precision, preferred_element_type=F32)
-        dp = jnp.einsum("bshgd,bthd->bhgst", doi, vj, precision=precision,
+        dp = jnp.einsum("bhgsd,bhtd->bhgst", doi, vj, precision=precision,
                         preferred_element_type=F32)
         # dS in the inputs' dtype (bf16 matmuls with float32 accumulation, as flash
         # attention's backward does); exact for float32 inputs.
         ds = (p * (dp - deltai[..., None])).astype(kj.dtype)
-        dqi = dqi + jnp.einsum("bhgst,bthd->bshgd", ds, kj, precision=precision,
+        dqi = dqi + jnp.einsum("bhgst,bhtd->bhgsd", ds, kj, precision=precision,
                                preferred_element_type=F32) * scale
-        dk = dk + jnp.einsum("bhgst,bshgd->bthd", ds, qi, precision=precision,
+        dk = dk + jnp.einsum("bhgst,bhgsd->bhtd", ds, qi, precision=precision,
                              preferred_element_type=F32) * scale
         return (dk, dv), dqi
 
@@ -154,5 +155,5 @@ def backward(q, k, v, do, lse, delta, lo, hi, k_start, dq, *, scale: float, bloc
     return dqb, (dk, dv)
 
   dqb, (dkb, dvb) = jax.lax.scan(k_block, dqb, (kb, vb, k0s), unroll=unroll)
-  return (rearrange(dqb, "n b s h g d -> b (n s) h g d"),
-          rearrange(dkb, "n b t h d -> b (n t) h d"), rearrange(dvb, "n b t h d -> b (n t) h d"))
+  return (rearrange(dqb, "n b h g s d -> b (n s) h g d"),
+          rearrange(dkb, "n b h t d -> b (n t) h d"), rearrange(dvb, "n b h t d -> b (n t) h d"))

@@ -4,6 +4,9 @@ Layout of a converted DiT directory:
   magi_config.json   the official three-section config (any preset or official file)
   magi_jax.json      {"format": "magi_jax.dit", "distill": ..., "precision": ...}
   params/            orbax StandardCheckpointer tree of the VideoDiT parameters
+The DiT's layer parameters are stacked (`layers/q/kernel` (L, ...), magi_jax/models/stack.py).
+A directory converted before the layers were stacked (`layers/<i>/q/kernel`) still loads: its
+per-layer tensors are read and stacked (`load_converted`); re-save to get the new layout.
 A converted VAE directory has the official VAE `config.json` instead of magi_config.json,
 and format "magi_jax.vae"; a converted T5 encoder has the Hugging Face `config.json` and the
 tokenizer files, and format "magi_jax.t5".
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -55,14 +59,49 @@ def _read_meta(directory: str, fmt: str) -> dict:
   return meta
 
 
-def _restore_params(abstract, directory: str, config_name: str):
+def _restore_params(abstract, directory: str, config_name: str, per_layer: bool = False):
+  """Restores the parameters of `abstract`; `per_layer` also accepts the pre-stacking DiT
+  layout (see the module docstring)."""
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  path = os.path.join(directory, "params")
   try:
-    restored = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), params)
+    if per_layer and _has_per_layer_layout(path):
+      restored = _restore_per_layer(path, params)
+    else:
+      restored = ocp.StandardCheckpointer().restore(path, params)
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise CheckpointFormatError(f"{directory}/params does not match the config in "
                                 f"{config_name}: {e}") from None
   return nnx.merge(graphdef, restored, rest)
+
+
+def _has_per_layer_layout(path: str) -> bool:
+  """True when the saved tree holds `layers/<int>/...` (saved before layer stacking)."""
+  meta = ocp.StandardCheckpointer().metadata(path)
+  tree = getattr(meta, "item_metadata", meta)
+  layers = tree.get("layers") if hasattr(tree, "get") else None
+  return hasattr(layers, "keys") and bool(layers) and all(str(k).isdigit() for k in layers)
+
+
+def _restore_per_layer(path: str, params):
+  """Reads `layers/<i>/<name>` tensors into the stacked `params` (abstract State)."""
+  flat = list(nnx.to_flat_state(params))
+  target = []
+  for p, var in flat:
+    if p[0] != "layers":
+      target.append((p, var))
+      continue
+    one = jax.ShapeDtypeStruct(var.shape[1:], var.dtype)
+    target += [(("layers", i) + p[1:], var.replace(one)) for i in range(var.shape[0])]
+  restored = dict(nnx.to_flat_state(
+      ocp.StandardCheckpointer().restore(path, nnx.from_flat_state(target))))
+  for p, var in flat:
+    if p[0] == "layers":
+      var.set_value(jnp.stack([restored.pop(("layers", i) + p[1:]).get_value()
+                               for i in range(var.shape[0])]))
+    else:
+      var.set_value(restored[p].get_value())
+  return params
 
 
 def save_converted(model: VideoDiT, cfg: MagiConfig, directory: str, *, precision: str) -> None:
@@ -79,7 +118,7 @@ def load_converted(directory: str, *, precision: str | None = None) -> tuple[Vid
   policy = Precision.named(precision or meta["precision"])
   abstract = nnx.eval_shape(lambda: VideoDiT(cfg.model, precision=policy,
                                              distill=meta["distill"], rngs=nnx.Rngs(0)))
-  return _restore_params(abstract, directory, "magi_config.json"), cfg
+  return _restore_params(abstract, directory, "magi_config.json", per_layer=True), cfg
 
 
 def save_converted_vae(model, directory: str, *, precision: str) -> None:

@@ -4,6 +4,12 @@ Strict means: every expected tensor present, nothing unexpected, every shape rig
 problems are collected and reported by official name in one error. Tensors are read one at a
 time (memory-mapped shards) and converted straight into the model's parameter dtype. fp8
 weights with scales are dequantized on read (see `dequantize_fp8`).
+
+Stacked parameters. An entry path with an integer, `("layers", 3, "q", "kernel")`, names
+either that path of the model's state (an `nnx.List` element) or, when the state has no such
+path, index 3 of the leading axis of the stacked parameter at the path without the integer
+(`("layers", "q", "kernel")`, shape (L, ...)): official per-layer tensors are stacked on load
+and sliced on export. Every index of a stacked parameter must be filled exactly once.
 """
 
 from __future__ import annotations
@@ -98,11 +104,35 @@ def _report(missing, unexpected, misshaped) -> str:
 
 
 
+def locate(path: tuple, targets) -> tuple[tuple, int | None]:
+  """(state path, layer index or None) of an entry path (see the module docstring)."""
+  if path in targets:
+    return path, None
+  for j, part in enumerate(path):
+    if isinstance(part, int) and not isinstance(part, bool):
+      stacked = path[:j] + path[j + 1:]
+      if stacked in targets:
+        size = targets[stacked].shape[0]
+        if not 0 <= part < size:
+          raise CheckpointMismatchError(f"layout path {path}: index {part} outside the "
+                                        f"{size} stacked entries of {stacked}")
+        return stacked, part
+      break
+  raise CheckpointMismatchError(f"layout path {path} is not a parameter of the model")
+
+
+def _entry_shape(path, targets) -> tuple:
+  target, index = locate(path, targets)
+  shape = tuple(targets[target].shape)
+  return shape if index is None else shape[1:]
+
+
 def expected_shapes(flat_abstract: dict, entries) -> dict[str, tuple]:
   """Official tensor shapes, traced from the model's parameter shapes (no memory)."""
   shapes = {}
   for e in entries:
-    structs = [jax.ShapeDtypeStruct(flat_abstract[p].shape, jnp.float32) for p in e.paths]
+    structs = [jax.ShapeDtypeStruct(_entry_shape(p, flat_abstract), jnp.float32)
+               for p in e.paths]
     outs = jax.eval_shape(lambda *a, e=e: e.to_official(*a), *structs)
     for key, out in zip(e.official, outs):
       shapes[key] = tuple(out.shape)
@@ -122,7 +152,7 @@ def load_strict(checkpoint, entries, abstract_model, *, progress: bool = False, 
                if k in file_keys and reader.shape(k) != expected[k]]
   if missing or misshaped:
     raise CheckpointMismatchError(_report(missing, [], misshaped))
-  values = {}
+  values, stacks = {}, {}
   it = entries
   if progress:
     from tqdm import tqdm
@@ -130,10 +160,29 @@ def load_strict(checkpoint, entries, abstract_model, *, progress: bool = False, 
   for e in it:
     outs = e.to_model(*[reader.get(k) for k in e.official])
     for path, arr in zip(e.paths, outs):
-      values[path] = jnp.asarray(arr, dtype=targets[path].dtype)
+      target, index = locate(path, targets)
+      value = jnp.asarray(arr, dtype=targets[target].dtype)
+      if index is None:
+        values[target] = value
+        continue
+      if target not in stacks:       # host buffer of the stacked parameter, filled per layer
+        stacks[target] = (np.empty(targets[target].shape, np.dtype(value.dtype)), set())
+      buf, filled = stacks[target]
+      if index in filled:
+        raise CheckpointMismatchError(f"layout fills {target}[{index}] twice (path {path})")
+      buf[index] = np.asarray(value)
+      filled.add(index)
   unexpected = sorted(file_keys - reader.used)
   if unexpected:
     raise CheckpointMismatchError(_report([], unexpected, []))
+  for target, (buf, filled) in stacks.items():
+    if len(filled) != buf.shape[0]:
+      gaps = sorted(set(range(buf.shape[0])) - filled)
+      raise CheckpointMismatchError(f"layout leaves {target} indices {gaps} unfilled")
+    values[target] = jnp.asarray(buf)
+  unset = sorted(map(str, set(targets) - set(values)))
+  if unset:
+    raise CheckpointMismatchError(f"layout leaves model parameters unset: {unset[:10]}")
   for path, var in targets.items():
     var.set_value(values[path])
   return nnx.merge(graphdef, abs_state)
@@ -142,9 +191,15 @@ def load_strict(checkpoint, entries, abstract_model, *, progress: bool = False, 
 def export_state_dict(model, entries, dtype=None) -> dict[str, np.ndarray]:
   """The model's parameters under official names and shapes."""
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+  def value(path):
+    target, index = locate(path, flat)
+    v = flat[target][...]
+    return v if index is None else v[index]
+
   out = {}
   for e in entries:
-    for key, arr in zip(e.official, e.to_official(*[flat[p][...] for p in e.paths])):
+    for key, arr in zip(e.official, e.to_official(*[value(p) for p in e.paths])):
       arr = np.asarray(jax.device_get(arr))
       out[key] = arr.astype(dtype) if dtype is not None else arr
   return out

@@ -62,17 +62,21 @@ def random_module(build, seed: int, scale: float = 0.02):
 
   Matrices and conv kernels get N(0, 1/fan_in); norm gains get 1 + N(0, scale²) (or
   N(0, scale²) for the "1p" norms, whose gain is 1 + w); other vectors N(0, scale²). So a
-  random model has non-degenerate activations everywhere.
+  random model has non-degenerate activations everywhere. A module with stacked layers
+  (`stacked_axes(path)`, e.g. VideoDiT) gets these rules per layer, from each parameter's
+  per-layer shape.
   """
   abstract = nnx.eval_shape(build)
   graphdef, state = nnx.split(abstract)
   rng = np.random.default_rng(seed)
+  stacked = getattr(abstract, "stacked_axes", lambda path: 0)
   for path, var in sorted(nnx.to_flat_state(state), key=lambda kv: str(kv[0])):
     value = var.get_value()
-    shape, dtype = value.shape, value.dtype
+    full, dtype = value.shape, value.dtype
     if not jnp.issubdtype(dtype, jnp.floating):
-      var.set_value(jnp.zeros(shape, dtype))
+      var.set_value(jnp.zeros(full, dtype))
       continue
+    shape = full[stacked(path):]
     base = 0.0
     if len(shape) >= 2:
       std = float(np.prod(shape[:-1] if len(shape) == 2 else shape[1:])) ** -0.5
@@ -81,7 +85,7 @@ def random_module(build, seed: int, scale: float = 0.02):
       owner = _owner(abstract, path)
       if path[-1] == "weight" and "norm" in type(owner).__name__.lower() + str(path[-2]).lower():
         base = 0.0 if getattr(owner, "one_plus", False) else 1.0
-    var.set_value(jnp.asarray((base + rng.standard_normal(shape) * std).astype(np.float32), dtype))
+    var.set_value(jnp.asarray((base + rng.standard_normal(full) * std).astype(np.float32), dtype))
   return nnx.merge(graphdef, state)
 
 

@@ -27,8 +27,11 @@ LOCAL_BACKENDS = ("reference", "dot_product", "flash", "blockwise")
 
 def cross_backend(backend: str) -> str:
   """Cross-attention (each chunk against its ~800 caption tokens) is local to a device; the
-  sequence-parallel and splash backends are for self-attention, so it runs 'auto' (which
-  picks a local kernel for Sk != Sq)."""
+  sequence-parallel backends are for self-attention, so any non-local choice ('ring',
+  'ulysses', 'splash') runs 'auto' here. 'auto' picks splash for the caption mask (layout
+  "key_prefix") on a TPU target whose mesh keeps sequences whole, else flash; mapping 'splash'
+  to 'auto' rather than forcing it keeps CPU runs off the slow Pallas interpreter and
+  context-parallel meshes (where splash refuses) working."""
   return backend if backend in LOCAL_BACKENDS else "auto"
 
 
@@ -93,8 +96,11 @@ class TransformerLayer(nnx.Module):
     k = low(apply_rope(self.k_norm(k, out_dtype=F32), sin, cos))
     new_kv = (k, v)
     if cache_kv is not None:
-      k = jnp.concatenate([cache_kv[0].astype(cd), k], axis=1)
-      v = jnp.concatenate([cache_kv[1].astype(cd), v], axis=1)
+      # A cache of batch 1 serves every element (cfg 3's conditional and unconditional
+      # passes read the same chunks): broadcast per layer, never a copy of the whole cache.
+      grow = lambda c: jnp.broadcast_to(c.astype(cd), (N,) + c.shape[1:])
+      k = jnp.concatenate([grow(cache_kv[0]), k], axis=1)
+      v = jnp.concatenate([grow(cache_kv[1]), v], axis=1)
     names = ("batch", "length", "act_heads", "head_dim")
     q, k, v = (constrain(x, names) for x in (q, k, v))
     o_self = attention(q, k, v, self_mask, scale=scale, backend=backend)

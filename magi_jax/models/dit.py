@@ -17,12 +17,13 @@ from flax import nnx
 
 from magi_jax.attention import ChunkMask, caption_ranges
 from magi_jax.configs import ModelConfig
-from magi_jax.models.block import TransformerLayer
 from magi_jax.models.embedders import CaptionEmbedder, TimestepEmbedder
 from magi_jax.models.kv_cache import KVCache
 from magi_jax.models.layers import LayerNorm, Linear
 from magi_jax.models.precision import Precision
 from magi_jax.models.rope import default_bands, packed_rope_table, rope_table
+from magi_jax.models.stack import (DEFAULT_REMAT_POLICY, LayerInputs, remat_policy, run_layers,
+                                   stacked_axes, stacked_layers)
 from magi_jax.parallel.rules import constrain
 
 F32 = jnp.float32
@@ -66,16 +67,28 @@ def _local_ranges(kv_range, N: int, drn: int, S: int, slice_point, n_cache: int)
 
 
 class VideoDiT(nnx.Module):
-  """MAGI-1 DiT. `distill` adds the shortcut step-size embedding of the distilled models."""
+  """MAGI-1 DiT. `distill` adds the shortcut step-size embedding of the distilled models.
+
+  `layers` is ONE `TransformerLayer` whose parameters have a leading `num_layers` axis
+  (magi_jax/models/stack.py); layer i of the official model is index i of that axis.
+
+  Static switches (plain attributes, read when a call is traced; none changes the values):
+    scan_layers: run the layers with a scan over the stacked parameters (default; compiles
+      one layer body) or unrolled in a Python loop over the same storage.
+    remat: recompute each layer's activations in the backward pass (training memory); set by
+      the trainer.
+    remat_policy: the `jax.checkpoint_policies` name used under remat (`stack.REMAT_POLICIES`;
+      "nothing_saveable" recomputes everything).
+  """
 
   def __init__(self, cfg: ModelConfig, *, precision: Precision = Precision.fp32(),
                distill: bool = False, rngs: nnx.Rngs):
     self.cfg = cfg
     self.precision = precision
     self.distill = distill
-    # Recompute each layer's activations in the backward pass (training memory); set by the
-    # trainer, no effect on the forward values.
+    self.scan_layers = True
     self.remat = False
+    self.remat_policy = DEFAULT_REMAT_POLICY
     D, Dc = cfg.hidden_size, cfg.cond_hidden_dim
     patch_in = cfg.in_channels * cfg.t_patch_size * cfg.patch_size ** 2
     self.x_embedder = Linear(patch_in, D, use_bias=False, dtype=F32, rngs=rngs)
@@ -83,10 +96,14 @@ class VideoDiT(nnx.Module):
     self.y_embedder = CaptionEmbedder(cfg.caption_channels, cfg.caption_max_length, D, Dc,
                                       rngs=rngs)
     self.rope_bands = nnx.Param(default_bands(cfg.rope_head_dim // 8))
-    self.layers = nnx.List([TransformerLayer(cfg, precision, rngs=rngs)
-                            for _ in range(cfg.num_layers)])
+    self.layers = stacked_layers(cfg, precision, rngs=rngs)
     self.final_norm = LayerNorm(D, eps=cfg.layernorm_epsilon, one_plus=True, dtype=F32, rngs=rngs)
     self.final_linear = Linear(D, cfg.patch_dim, use_bias=False, dtype=F32, rngs=rngs)
+
+  @staticmethod
+  def stacked_axes(path) -> int:
+    """Leading axes of the parameter at state `path` that index layers (1 under `layers`)."""
+    return stacked_axes(path)
 
   # -------------------------------------------------------------------------------------------
   def check_inputs(self, x, t, y, xattn_mask, kv_range, caption_dropout_mask=None, *,
@@ -123,12 +140,13 @@ class VideoDiT(nnx.Module):
     if tuple(kv_range.shape) != (N * drn, 2):
       raise InputError(f"kv_range must be (N*chunks, 2) = ({N * drn}, 2), got {kv_range.shape}")
     if cache is not None:
-      want = (cfg.num_layers, N, None, cfg.num_query_groups, cfg.head_dim)
+      want = (cfg.num_layers, None, None, cfg.num_query_groups, cfg.head_dim)
       for name, arr in (("k", cache.k), ("v", cache.v)):
-        if arr.ndim != 5 or any(w is not None and a != w for a, w in zip(arr.shape, want)):
+        if (arr.ndim != 5 or arr.shape[1] not in (1, N)
+            or any(w is not None and a != w for a, w in zip(arr.shape, want))):
           raise InputError(f"cache.{name} has shape {tuple(arr.shape)}; this call needs "
-                           f"(layers={cfg.num_layers}, N={N}, tokens, kv_groups="
-                           f"{cfg.num_query_groups}, head_dim={cfg.head_dim})")
+                           f"(layers={cfg.num_layers}, N={N} or 1 (shared by every element), "
+                           f"tokens, kv_groups={cfg.num_query_groups}, head_dim={cfg.head_dim})")
       if cache.num_tokens % tok_per_chunk(T, H, W, drn, p, pt):
         raise InputError(f"cache holds {cache.num_tokens} tokens, not a whole number of "
                          f"{tok_per_chunk(T, H, W, drn, p, pt)}-token chunks")
@@ -152,7 +170,9 @@ class VideoDiT(nnx.Module):
                slice_point=0, chunk_width: int | None = None, step_size=None,
                cache: KVCache | None = None, backend: str = "auto",
                return_kv: bool = False, return_activations: bool = False,
-               frame_index=None, frame_total=None) -> DiTOutput:
+               frame_index=None, frame_total=None,
+               self_mask_layout: str = "general", self_ranges=None,
+               kv_tokens: int | None = None) -> DiTOutput:
     """One official `VideoDiTModel.forward`.
 
     Args:
@@ -170,6 +190,15 @@ class VideoDiT(nnx.Module):
       frame_index, frame_total: (N, token frames) for packed rows: each token frame's index
         inside its own video and that video's length; RoPE time then restarts per video
         (default: one video per row, time from `slice_point`).
+      self_mask_layout: static promise about the self-attention ranges (`ChunkMask.layout`):
+        "causal_segments" when kv_range is packed rows or unlimited-window block-causal
+        attention over the call's own chunks (no cache), which lets backends with a static
+        mask (splash) run under jit; "general" (default) promises nothing.
+      self_ranges: optional static (numpy) (N, chunks, 2) self-attention ranges inside each
+        element's own [cache; current] keys; used instead of the ranges derived from kv_range
+        (the same ranges, known on the host: a sampler step's window plan fixes them), so
+        kernels that need a static mask (splash) compute it exactly.
+      kv_tokens: with return_kv, keep only each layer's first kv_tokens keys / values.
     """
     cfg, policy = self.cfg, self.precision
     if y.ndim == 4:
@@ -229,27 +258,33 @@ class VideoDiT(nnx.Module):
     # Self-attention mask: official absolute ranges -> ranges in each element's own keys.
     n_cache = 0 if cache is None else cache.num_tokens
     local = _local_ranges(kv_range, N, drn, S, slice_point, n_cache)
-    self_mask = ChunkMask(jnp.clip(local, 0, n_cache + S).reshape(N, drn, 2).astype(jnp.int32),
-                          q_block=tok)
+    if self_ranges is not None:
+      self_ranges = np.asarray(self_ranges, np.int32)
+      if self_ranges.shape != (N, drn, 2) or self_ranges.min() < 0 or (
+          self_ranges.max() > n_cache + S):
+        raise InputError(f"self_ranges must be (N, chunks, 2) = ({N}, {drn}, 2) inside the "
+                         f"{n_cache + S} keys of [cache; current], got {self_ranges.tolist()}")
+      self_mask = ChunkMask(self_ranges, q_block=tok, layout=self_mask_layout)
+    else:
+      self_mask = ChunkMask(jnp.clip(local, 0, n_cache + S).reshape(N, drn, 2).astype(jnp.int32),
+                            q_block=tok, layout=self_mask_layout)
 
     if frame_index is None:
       rope = rope_table(self.rope_bands[...], Tt, Ht, Wt, frame_offset=slice_point * cw // pt)
     else:
       rope = packed_rope_table(self.rope_bands[...], frame_index, frame_total, Ht, Wt)
 
-    run_layer = (nnx.remat(type(self.layers[0]).__call__, static_argnums=(8, 9))
-                 if self.remat else type(self.layers[0]).__call__)
-    new_k, new_v = [], []
-    for i, layer in enumerate(self.layers):
-      layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-      h, (k, v) = run_layer(layer, h, cond, rope, self_mask, layer_cache, feats, xmask, policy,
-                            backend)
-      h = constrain(h, ("batch", "length", "act_embed"))
-      if return_kv:
-        new_k.append(k)
-        new_v.append(v)
-      if acts is not None:
-        acts[f"videodit_blocks.layers.{i}"] = h
+    remat_policy(self.remat_policy)                 # a clear error for a bad name, always
+    cache_kv = None if cache is None else (cache.k, cache.v)
+    stack = run_layers(self.layers, h, LayerInputs(cond, rope, self_mask, feats, xmask, policy,
+                                                   backend),
+                       cache_kv, scan=self.scan_layers, remat=self.remat,
+                       policy_name=self.remat_policy, return_kv=return_kv, kv_tokens=kv_tokens,
+                       return_hidden=acts is not None)
+    h = stack.hidden
+    if acts is not None:
+      for i in range(cfg.num_layers):
+        acts[f"videodit_blocks.layers.{i}"] = stack.per_layer[i]
 
     hf = self.final_norm(h, out_dtype=F32)
     out = self.final_linear(hf, out_dtype=F32, precision=policy.matmul)
@@ -259,7 +294,7 @@ class VideoDiT(nnx.Module):
     out = rearrange(out, "n (t h w) (a b e c) -> n c (t a) (h b) (w e)",
                     t=Tt, h=Ht, a=pt, b=p, e=p)
     out = out[:, :cfg.output_channels] / jnp.asarray(cfg.x_rescale_factor, F32)
-    kv = KVCache(jnp.stack(new_k), jnp.stack(new_v)) if return_kv else None
+    kv = KVCache(*stack.kv) if return_kv else None
     return DiTOutput(out, kv, acts)
 
 

@@ -61,6 +61,8 @@ class KVCacheStore:
                        f"{self.capacity_chunks} chunks)")
     tok = self.tokens_per_chunk
     a, b = (lo - self.first_chunk) * tok, (slice_point - self.first_chunk) * tok
+    if a == 0 and b == self.data.num_tokens:
+      return self.data                      # the whole store: no copy of the cache
     return KVCache(self.data.k[:, :, a:b], self.data.v[:, :, a:b])
 
   def write(self, slice_point: int, new: KVCache) -> None:

@@ -2,8 +2,9 @@
 axes. Model code only names its activations' axes (`constrain(h, ("batch", "length",
 "act_embed"))`); which devices hold what is decided here, from the config.
 
-Parameter names are the paths of the DiT's NNX state (`layers/3/q/kernel`); kernels are
-(in, out). 'embed' (the model width of a weight) goes to 'fsdp' and 'context' (ZeRO-3 over every
+Parameter names are the paths of the DiT's NNX state (`layers/q/kernel`); kernels are
+(in, out), and the transformer layers' parameters carry a leading layer axis (one stacked
+layer, run by a scan), which is never sharded: each device holds its share of every layer. 'embed' (the model width of a weight) goes to 'fsdp' and 'context' (ZeRO-3 over every
 device that holds different tokens: at 4M tokens a 24B model's weights and AdamW moments do not
 fit when only 'fsdp' splits them), attention heads and MLP columns to 'tensor'. Activation names start with `act_` where they differ from the weight's: a weight's
 width is sharded over fsdp, an activation's is not (its batch is).
@@ -35,12 +36,12 @@ LOGICAL_RULES = (
 
 # (regex searched in "a/b/c" paths, logical axes of that array); first match wins.
 PARAM_RULES = (
-    (r"layers/\d+/(q|k|v|qx|kx|vx)/(kernel|lora_a)$", ("embed", "heads")),
-    (r"layers/\d+/(q|k|v|qx|kx|vx)/lora_b$", (None, "heads")),
-    (r"layers/\d+/proj/kernel$", ("heads", "embed")),
-    (r"layers/\d+/fc1/kernel$", ("embed", "mlp")),
-    (r"layers/\d+/fc2/kernel$", ("mlp", "embed")),
-    (r"layers/\d+/ada_modulate/kernel$", (None, "embed")),
+    (r"layers/(q|k|v|qx|kx|vx)/(kernel|lora_a)$", (None, "embed", "heads")),
+    (r"layers/(q|k|v|qx|kx|vx)/lora_b$", (None, None, "heads")),
+    (r"layers/proj/kernel$", (None, "heads", "embed")),
+    (r"layers/fc1/kernel$", (None, "embed", "mlp")),
+    (r"layers/fc2/kernel$", (None, "mlp", "embed")),
+    (r"layers/ada_modulate/kernel$", (None, None, "embed")),
     (r"x_embedder/kernel$", (None, "embed")),
     (r"final_linear/kernel$", ("embed", None)),
 )

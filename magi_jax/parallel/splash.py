@@ -1,72 +1,82 @@
-"""Splash-attention backend: MAGI-1's block-causal self-attention on the Pallas TPU kernel.
+"""Splash-attention backend: MAGI-1's attention masks on the Pallas TPU kernel.
 
-`splash_attention` has the backend signature of `magi_jax.attention` (q (B, S, Hq, D),
-k/v (B, S, Hkv, D), a `ChunkMask`) and runs `jax.experimental.pallas.ops.tpu.splash_attention`.
-The kernel wants its mask static (it is turned into a block-sparsity table at trace time),
-while MAGI's `kv_ranges` are arrays, so the mask is split in two:
+`splash_attention` has the backend signature of `magi_jax.attention` (q (B, Sq, Hq, D), k/v
+(B, Sk, Hkv, D), a `ChunkMask`) and runs `jax.experimental.pallas.ops.tpu.splash_attention`.
+The kernel wants its mask static (turned into a block-sparsity table at trace time), while
+MAGI's `kv_ranges` are arrays, often traced. `plan` decides, from shapes, the mask's static
+`layout` promise and (when concrete) the ranges themselves, which of three exact encodings
+runs; a mask none of them expresses raises ValueError, it is never replaced by another mask.
 
-* static: the block-causal pattern at chunk granularity, `BlockCausalMask` - query chunk i
-  sees key chunks 0..i with full attention inside a chunk (`q_block` tokens per chunk). Only
-  (S, q_block) decide it, so it is built at trace time; the kernel computes it in place
-  (no S x S array) and skips the key blocks above the chunk diagonal.
-* dynamic: splash's `segment_ids`, derived from the traced `kv_ranges`. A chunk's segment id
-  is its range start `lo`, and a key's segment id is the `lo` of the chunk that the key
-  belongs to. A query then sees the keys of chunks j <= i with lo_j == lo_i.
+* "segments" (Sk == Sq; `layout="causal_segments"`, or concrete ranges checked to be such):
+  static `BlockCausalMask` (query chunk i sees key chunks 0..i, full inside a chunk; computed
+  in the kernel, no S x S array, blocks above the chunk diagonal skipped) AND splash
+  `segment_ids` from the ranges: token t gets the range start `lo` of its chunk, so a query
+  sees the keys of chunks j <= i with lo_j == lo_i. Exact when, for every row b and chunk i,
+  hi_i = (i + 1) q_block and lo_i is either i q_block (chunk i starts a segment) or lo_{i-1}
+  (it continues the previous chunk's): block-causal attention with unlimited window, packed
+  training rows (`magi_jax.train.segments`; padding chunks are one-chunk segments), and a
+  window of one chunk. Traced ranges are taken on the layout's promise.
+* "key_prefix" (one query block per row; `layout="key_prefix"`, or concrete ranges with one
+  block per row): static `FullMask` AND segment ids q = 0, key = 0 inside the row's range
+  [lo, hi), 1 outside: exactly `dense_mask` for any one range per row, Sk != Sq allowed
+  (caption cross-attention, `caption_ranges`). Rows that see no key give zeros, as in
+  `reference_attention`.
+* "static" (concrete ranges identical for every batch row, 0 <= lo < hi <= Sk for every
+  chunk): `ChunkRangeMask`, the per-chunk [lo, hi) as a mask the kernel computes in
+  place, any Sk (a KV cache in front of the queries, sliding windows, non-causal ranges).
+  Splash builds its block table in numpy at trace time, one mask evaluation per block:
+  about 12 s for a 480p sampler-like step (Sq 18,720, Sk 37,440, 128-token blocks), cached
+  per mask afterwards.
 
-Masks this covers exactly (Sk == Sq, and for every row b and chunk i, hi_i = (i + 1) q_block):
+Concrete ranges with layout "general" try "segments", then "static", then "key_prefix".
+Traced ranges with layout "general" raise ValueError: nothing can be checked, and guessing
+would compute a different mask for, e.g., a sliding window. `supports` says whether a call
+would run (the 'auto' backend asks it).
 
-* block-causal self-attention with unlimited window: lo_i = 0 for every chunk;
-* packed training rows (several videos in one row, `magi_jax.train.segments`): each chunk
-  sees the keys from its segment's first token to its own end, lo_i = start of its segment;
-  padding chunks that see only themselves are one-chunk segments (lo_i = i q_block).
-
-Formally: lo_0 = 0 and each lo_i is either i q_block (chunk i starts a segment) or lo_{i-1}
-(chunk i continues the previous chunk's segment).
-
-Masks it does not cover:
-
-* sliding-window kv ranges (kv-range width r >= 2 in MAGI's config, once chunk i > r - 1),
-  whose start lies inside the segment without being the previous chunk's start: chunk i
-  would need a start that moves with i, which is not a segment (use the blockwise or
-  dot_product backends). Width r = 1 (each chunk sees only itself) is covered: one-chunk
-  segments;
-* Sk != Sq: a KV cache in front of the current chunks (inference) or cross-attention to
-  caption tokens - the static mask is square.
-
-When `kv_ranges` are concrete (not tracers), they are validated and an unsupported mask
-raises ValueError naming the chunk and the problem. Under `jit` they are tracers and cannot
-be checked: the caller promises the contract above. A mask outside it is silently replaced
-by "chunks j <= i whose range starts at the same lo" (a 2-chunk sliding window, for instance,
-becomes "each chunk sees only itself"): wrong results, no error. Sk != Sq is a shape and
-always raises.
+Meshes: inside `use_mesh` (`placement()` gives a mesh) the kernel runs under `jax.shard_map`
+(a Mosaic kernel cannot be partitioned automatically): batch rows split over the rules'
+"batch" axes and query heads over the "act_heads" axes, each where they divide
+(`split_axes`), other mesh axes replicated, whole sequences on every device. A mesh that
+splits the sequence (the rules' "length" axes, 'context' by default, > 1 device) raises
+ValueError: use the 'ring' backend there ('auto' does). Grouped-query attention under a head
+split: the contiguous block of Hq / t query heads on a shard reads exactly the contiguous
+block of Hkv / t kv heads when t divides Hkv, so both are split by the same t; otherwise every
+kv head is repeated r = lcm(Hkv, t) / Hkv times (the fewest copies whose count t divides),
+which keeps query head h reading (a copy of) kv head h // (Hq / Hkv). The repeat happens
+before the shard_map, on kv activations that the rules already leave unsplit over the head
+axes in that case, so it moves no data between devices.
 
 Numerics: q is multiplied by `scale` in q's dtype before the kernel (splash does not scale).
-The kernel's matmuls accumulate in float32; unlike `reference_attention` it does not round
-the probabilities to v's dtype before the value product, so bf16 results differ from the
-reference at bf16 rounding level; float32 results agree to float32 rounding. `precision` is
-accepted for the backend signature and ignored (the kernel picks its own matmul precision).
-Every query sees at least its own chunk, so there are no empty softmax rows.
+The kernel's matmuls accumulate in float32; unlike `reference_attention` it does not round the
+probabilities to v's dtype before the value product, so bf16 results differ from the reference
+at bf16 rounding level; float32 results agree to float32 rounding. `precision` is accepted for
+the backend signature and ignored (the kernel picks its own matmul precision).
 
 Layout: splash works on one batch element in heads-major (H, S, D); we transpose and `vmap`
-over the batch. Grouped-query attention uses the MHA kernel's native grouping (query head h
-reads kv head h // (Hq // Hkv), as in the reference). S is padded up to the kernel block
-size; padded tokens get segment id -1, so they only see each other and are cut off after.
+over the (local) batch. GQA uses the kernel's native grouping (query head h reads kv head
+h // (Hq // Hkv), as the reference does). Sq and Sk are padded up to the kernel block sizes;
+padded queries are cut off after, and no real query sees a padded key.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec as P
 
 from magi_jax.attention.masks import ChunkMask
+from magi_jax.parallel.rules import axis_size, placement, split_axes, target_platform
 
 PAD_SEGMENT = -1
 _LANES = 128
+KINDS = ("segments", "key_prefix", "static")
 
 
 class BlockCausalMask(splash_mask._ComputableMask):  # pylint: disable=protected-access
@@ -96,6 +106,51 @@ class BlockCausalMask(splash_mask._ComputableMask):  # pylint: disable=protected
     return hash((BlockCausalMask, self.shape, self.chunk))
 
 
+class ChunkRangeMask(splash_mask._ComputableMask):  # pylint: disable=protected-access
+  """Static splash mask from per-chunk key ranges: query token q of chunk
+  c = min(q // chunk, n - 1) sees key token k iff lo_c <= k < hi_c.
+
+  `ranges` is n (lo, hi) integer pairs. Query tokens past n chunks (block padding) take the
+  last chunk's range, so no query row is empty when every range is non-empty. Computed per
+  block and inside the kernel (a chain of n selects, no table lookup), so no Sq x Sk array.
+  """
+
+  def __init__(self, shape: tuple[int, int], chunk: int, ranges):
+    if chunk <= 0:
+      raise ValueError(f"chunk must be positive, got {chunk}")
+    self.chunk = int(chunk)
+    self.ranges = tuple((int(lo), int(hi)) for lo, hi in ranges)
+    if not self.ranges:
+      raise ValueError("ChunkRangeMask needs at least one chunk range")
+    c, rs = self.chunk, self.ranges
+
+    def chunk_ranges(q_ids, kv_ids):
+      xp = np if isinstance(q_ids, np.ndarray) else jnp
+      blk = xp.minimum(q_ids // c, len(rs) - 1)
+      lo, hi = xp.zeros_like(blk), xp.zeros_like(blk)
+      for i, (a, b) in enumerate(rs):
+        lo = xp.where(blk == i, a, lo)
+        hi = xp.where(blk == i, b, hi)
+      return (kv_ids >= lo) & (kv_ids < hi)
+
+    super().__init__(shape=tuple(shape), mask_function=chunk_ranges)
+
+  def __eq__(self, other: object):
+    if not isinstance(other, ChunkRangeMask):
+      return NotImplemented
+    return (self.shape, self.chunk, self.ranges) == (other.shape, other.chunk, other.ranges)
+
+  def __hash__(self):
+    return hash((ChunkRangeMask, self.shape, self.chunk, self.ranges))
+
+
+class Plan(NamedTuple):
+  """How a mask is encoded for the kernel: `kind` in KINDS; `ranges` the per-chunk (lo, hi)
+  pairs of the "static" kind (None otherwise)."""
+  kind: str
+  ranges: tuple | None = None
+
+
 def _concrete(x):
   """x as a numpy array, or None when it is a tracer (under jit / grad / vmap)."""
   try:
@@ -104,35 +159,18 @@ def _concrete(x):
     return None
 
 
-def check_supported(mask: ChunkMask, num_queries: int, num_keys: int) -> None:
-  """Raises ValueError unless splash can express `mask` exactly (see the module docstring).
-
-  The shape condition (Sk == Sq) is always checked; the kv_ranges only when concrete.
-  """
-  if num_keys != num_queries:
-    raise ValueError(
-        f"splash attention needs self-attention over the same tokens (Sk == Sq); got "
-        f"Sq={num_queries}, Sk={num_keys} (a KV cache or cross-attention). Its static mask "
-        "is square; use another attention backend for this call.")
-  if num_queries != mask.num_q_blocks * mask.q_block:
-    raise ValueError(f"mask covers {mask.num_q_blocks} x {mask.q_block} queries, q has "
-                     f"{num_queries}")
-  r = _concrete(mask.kv_ranges)
-  if r is None:
-    return
-  qb = mask.q_block
-  nq = r.shape[1]
+def segments_problem(r: np.ndarray, q_block: int) -> str | None:
+  """Why concrete ranges r (B, n, 2) are not causal segments (module docstring), or None."""
   for b in range(r.shape[0]):
     prev_lo = None
-    for i in range(nq):
+    for i in range(r.shape[1]):
       lo, hi = int(r[b, i, 0]), int(r[b, i, 1])
-      start, end = i * qb, (i + 1) * qb
+      start, end = i * q_block, (i + 1) * q_block
       if hi != end:
         why = ("it sees keys past its own chunk (not causal, or a KV-cache layout)" if hi > end
                else "it does not see the whole of its own chunk")
-        raise ValueError(
-            f"splash attention supports block-causal masks only: chunk {i} of row {b} has kv "
-            f"range [{lo}, {hi}) but must end at its own end {end}; {why}.")
+        return (f"chunk {i} of row {b} has kv range [{lo}, {hi}) but must end at its own end "
+                f"{end}; {why}")
       if lo == start or lo == prev_lo:
         prev_lo = lo
         continue
@@ -142,34 +180,95 @@ def check_supported(mask: ChunkMask, num_queries: int, num_keys: int) -> None:
       else:
         problem = f"its start {lo} is neither a segment start nor the previous chunk's start"
       allowed = f"lo == {start}" + ("" if prev_lo is None else f" or lo == {prev_lo}")
-      raise ValueError(
-          f"splash attention supports block-causal and packed-segment masks only: chunk {i} "
-          f"of row {b} has kv range [{lo}, {hi}), {problem}. A chunk must start a segment or "
-          f"continue the previous chunk's ({allowed}).")
+      return (f"chunk {i} of row {b} has kv range [{lo}, {hi}), {problem}; a chunk must start "
+              f"a segment or continue the previous chunk's ({allowed})")
+  return None
+
+
+def static_problem(r: np.ndarray, num_keys: int) -> str | None:
+  """Why concrete ranges r (B, n, 2) cannot be one static mask (rows equal, every range
+  non-empty inside [0, num_keys)), or None."""
+  for b in range(1, r.shape[0]):
+    if not np.array_equal(r[b], r[0]):
+      i = int(np.flatnonzero(np.any(r[b] != r[0], axis=-1))[0])
+      return (f"batch rows differ (chunk {i}: row 0 has [{int(r[0, i, 0])}, "
+              f"{int(r[0, i, 1])}), row {b} has [{int(r[b, i, 0])}, {int(r[b, i, 1])})), and a "
+              "static mask is one for every row")
+  for i in range(r.shape[1]):
+    lo, hi = int(r[0, i, 0]), int(r[0, i, 1])
+    if not 0 <= lo < hi <= num_keys:
+      return (f"chunk {i} has kv range [{lo}, {hi}), not a non-empty range inside the "
+              f"{num_keys} keys")
+  return None
+
+
+def plan(mask: ChunkMask, num_queries: int, num_keys: int) -> Plan:
+  """The exact kernel encoding of `mask` for Sq = num_queries, Sk = num_keys (module
+  docstring); raises ValueError naming the problem when there is none."""
+  nq, qb = mask.num_q_blocks, mask.q_block
+  if num_queries != nq * qb:
+    raise ValueError(f"mask covers {nq} x {qb} queries, q has {num_queries}")
+  r = _concrete(mask.kv_ranges)
+  if mask.layout == "causal_segments":
+    if num_keys != num_queries:
+      raise ValueError(f"a 'causal_segments' mask is self-attention over the same tokens "
+                       f"(Sk == Sq); got Sq={num_queries}, Sk={num_keys}")
+    problem = None if r is None else segments_problem(r, qb)
+    if problem:
+      raise ValueError(f"the ChunkMask promises layout 'causal_segments', but {problem}.")
+    return Plan("segments")
+  if mask.layout == "key_prefix":
+    if nq != 1:
+      raise ValueError(f"a 'key_prefix' mask has one query block per row; this one has {nq}")
+    return Plan("key_prefix")
+  if r is None:
+    raise ValueError(
+        "splash attention cannot express a ChunkMask with layout 'general' whose kv_ranges "
+        "are traced (under jit / grad): its static mask must be known at trace time, and "
+        "guessing would silently compute another mask (a sliding window, say). Build the "
+        "mask with layout='causal_segments' or 'key_prefix' when the ranges are of that form, "
+        "pass concrete (numpy) kv_ranges, or use the 'flash' backend.")
+  seg = segments_problem(r, qb) if num_keys == num_queries else "Sk != Sq"
+  if seg is None:
+    return Plan("segments")
+  stat = static_problem(r, num_keys)
+  if stat is None:
+    return Plan("static", tuple((int(lo), int(hi)) for lo, hi in r[0]))
+  if nq == 1:
+    return Plan("key_prefix")
+  raise ValueError(
+      f"splash attention cannot express these kv ranges exactly: not causal segments ({seg}), "
+      f"and not one static mask ({stat}). Use the 'flash' backend.")
+
+
+def check_supported(mask: ChunkMask, num_queries: int, num_keys: int) -> None:
+  """Raises ValueError unless splash computes `mask` exactly (see `plan`)."""
+  plan(mask, num_queries, num_keys)
+
+
+def _sequence_split(mesh, rules) -> int:
+  """Devices the rules' "length" axes split a sequence over on `mesh` (1: whole sequences)."""
+  return max(axis_size(mesh, rules.spec(("length",))[0]), 1)
 
 
 def supports(mask: ChunkMask, num_queries: int, num_keys: int) -> bool:
-  """Whether this backend computes `mask` exactly: square self-attention whose ranges are
-  promised (`mask.layout == "causal_segments"`) or, when concrete, checked to be block-causal segments."""
-  if num_keys != num_queries or num_queries != mask.num_q_blocks * mask.q_block:
-    return False
-  if mask.layout == "causal_segments":
-    return True
-  if _concrete(mask.kv_ranges) is None:
+  """Whether `splash_attention` would run this call (under the active mesh) and compute
+  `mask` exactly: `plan` finds an encoding (traced ranges need layout "causal_segments" or
+  "key_prefix"), and the active mesh, if any, does not split the sequence."""
+  mesh, rules = placement()
+  if mesh is not None and _sequence_split(mesh, rules) > 1:
     return False
   try:
-    check_supported(mask, num_queries, num_keys)
+    plan(mask, num_queries, num_keys)
   except ValueError:
     return False
   return True
 
 
 def segment_ids(kv_ranges, q_block: int, padded_len: int):
-  """(B, padded_len) int32 segment ids: token t gets the range start of its chunk t // q_block.
-
-  Tokens past num_q_blocks * q_block (padding) get PAD_SEGMENT. Used for q and kv alike
-  (Sk == Sq): a key's segment is the range start of the chunk the key belongs to.
-  """
+  """(B, padded_len) int32 segment ids of the "segments" kind: token t gets the range start
+  of its chunk t // q_block; tokens past num_q_blocks * q_block (padding) get PAD_SEGMENT.
+  Used for q and kv alike (Sk == Sq): a key's segment is that of the chunk it belongs to."""
   lo = jnp.asarray(kv_ranges)[..., 0].astype(jnp.int32)                 # (B, nq)
   ids = jnp.repeat(lo, q_block, axis=1)                                  # (B, S)
   pad = padded_len - ids.shape[1]
@@ -178,16 +277,25 @@ def segment_ids(kv_ranges, q_block: int, padded_len: int):
   return jnp.pad(ids, ((0, 0), (0, pad)), constant_values=PAD_SEGMENT)
 
 
-def effective_mask(mask: ChunkMask, padded_len: int | None = None) -> jax.Array:
-  """(B, P, P) bool: what the kernel computes, static block-causal mask AND equal segment ids.
+def prefix_segment_ids(kv_ranges, num_keys: int, padded_q: int, padded_k: int):
+  """(q ids (B, padded_q), kv ids (B, padded_k)) of the "key_prefix" kind: queries 0, keys 0
+  inside the row's one range [lo, min(hi, num_keys)), 1 elsewhere (padded keys included)."""
+  r = jnp.asarray(kv_ranges).astype(jnp.int32)[:, 0]                     # (B, 2)
+  keys = jnp.arange(padded_k, dtype=jnp.int32)[None]
+  hi = jnp.minimum(r[:, 1:], num_keys)
+  seen = (keys >= r[:, :1]) & (keys < hi)
+  q_ids = jnp.zeros((r.shape[0], padded_q), jnp.int32)
+  return q_ids, jnp.where(seen, 0, 1).astype(jnp.int32)
 
-  P = padded_len (default the unpadded S). For a supported mask, [:, :S, :S] equals
-  `dense_mask(mask, S)`.
-  """
+
+def effective_mask(mask: ChunkMask, padded_len: int | None = None) -> jax.Array:
+  """(B, P, P) bool: what the "segments" kernel computes, static block-causal mask AND equal
+  segment ids. P = padded_len (default the unpadded S). For a mask of that kind, [:, :S, :S]
+  equals `dense_mask(mask, S)`."""
   S = mask.num_q_blocks * mask.q_block
-  P = S if padded_len is None else padded_len
-  static = jnp.asarray(BlockCausalMask((P, P), mask.q_block)[:, :])
-  seg = segment_ids(mask.kv_ranges, mask.q_block, P)
+  P_ = S if padded_len is None else padded_len
+  static = jnp.asarray(BlockCausalMask((P_, P_), mask.q_block)[:, :])
+  seg = segment_ids(mask.kv_ranges, mask.q_block, P_)
   return static[None] & (seg[:, :, None] == seg[:, None, :])
 
 
@@ -200,61 +308,127 @@ def _default_block(S: int) -> int:
   return _LANES
 
 
-def default_block_sizes(S: int) -> splash.BlockSizes:
-  b = _default_block(S)
-  return splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
-                           block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+def default_block_sizes(num_queries: int, num_keys: int | None = None) -> splash.BlockSizes:
+  """Forward and backward blocks (so `jax.grad` works): query-side blocks from Sq, key-side
+  blocks from Sk (default Sk = Sq), each the largest of 512/256/128 that pads no further than
+  a multiple of 128 does."""
+  bq = _default_block(num_queries)
+  bk = _default_block(num_queries if num_keys is None else num_keys)
+  return splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
+                           block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq,
+                           block_kv_dq=bk)
 
 
-def _pad_multiple(bs: splash.BlockSizes) -> int:
-  sizes = [bs.block_q, bs.block_kv, bs.block_kv_compute, bs.block_q_dkv, bs.block_kv_dkv,
-           bs.block_kv_dkv_compute, bs.block_q_dq, bs.block_kv_dq]
-  return math.lcm(*[int(s) for s in sizes if s is not None])
+def _padded(n: int, sizes) -> int:
+  """n rounded up to a multiple of every block size in `sizes` (None entries ignored)."""
+  m = math.lcm(*[int(s) for s in sizes if s is not None])
+  return -(-n // m) * m
+
+
+def padded_lengths(bs: splash.BlockSizes, num_queries: int, num_keys: int) -> tuple[int, int]:
+  """(Pq, Pk): Sq and Sk padded to multiples of the query-side and key-side block sizes."""
+  return (_padded(num_queries, (bs.block_q, bs.block_q_dkv, bs.block_q_dq)),
+          _padded(num_keys, (bs.block_kv, bs.block_kv_compute, bs.block_kv_dkv,
+                             bs.block_kv_dkv_compute, bs.block_kv_dq)))
+
+
+def _static_mask(p: Plan, shape: tuple[int, int], q_block: int):
+  if p.kind == "segments":
+    return BlockCausalMask(shape, q_block)
+  if p.kind == "key_prefix":
+    return splash_mask.FullMask(shape)
+  return ChunkRangeMask(shape, q_block, p.ranges)
+
+
+def _local_attention(q, k, v, kv_ranges, *, p: Plan, q_block: int, scale: float,
+                     block_sizes: splash.BlockSizes, interpret: bool):
+  """Whole sequences of a batch / head share: q (b, Sq, h, D), k/v (b, Sk, hkv, D), kv_ranges
+  (b, nq, 2) int32 -> (b, Sq, h, D); runs the kernel once per batch row."""
+  _, Sq, h, _ = q.shape
+  Sk = k.shape[1]
+  Pq, Pk = padded_lengths(block_sizes, Sq, Sk)
+  qs = (q * jnp.asarray(scale, q.dtype)).astype(q.dtype)
+  heads_major = lambda x, n: jnp.transpose(jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))),
+                                           (0, 2, 1, 3))
+  qh, kh, vh = heads_major(qs, Pq - Sq), heads_major(k, Pk - Sk), heads_major(v, Pk - Sk)
+  static = splash_mask.MultiHeadMask([_static_mask(p, (Pq, Pk), q_block)] * h)
+  kernel = splash.make_splash_mha(static, block_sizes=block_sizes, head_shards=1,
+                                  q_seq_shards=1, interpret=bool(interpret))
+  if p.kind == "static":
+    out = jax.vmap(kernel)(qh, kh, vh)
+  else:
+    if p.kind == "segments":
+      q_ids, kv_ids = segment_ids(kv_ranges, q_block, Pq), segment_ids(kv_ranges, q_block, Pk)
+    else:
+      q_ids, kv_ids = prefix_segment_ids(kv_ranges, Sk, Pq, Pk)
+    one = lambda a, b, c, qi, ki: kernel(a, b, c, splash.SegmentIds(q=qi, kv=ki))
+    out = jax.vmap(one)(qh, kh, vh, q_ids, kv_ids)                       # (b, h, Pq, D)
+  out = jnp.transpose(out, (0, 2, 1, 3))[:, :Sq]
+  if p.kind == "key_prefix":
+    lo, hi = kv_ranges[:, 0, 0], jnp.minimum(kv_ranges[:, 0, 1], Sk)
+    out = jnp.where((hi > jnp.maximum(lo, 0))[:, None, None, None], out, 0)
+  return out.astype(q.dtype)
+
+
+def kv_heads_for_split(k, v, num_q_heads: int, head_split: int):
+  """k/v with enough kv heads that `head_split` divides them, grouping kept (module
+  docstring): unchanged when it already divides, else each head repeated lcm / Hkv times."""
+  hkv = k.shape[2]
+  if hkv % head_split == 0:
+    return k, v
+  r = math.lcm(hkv, head_split) // hkv
+  if num_q_heads % (hkv * r):
+    raise ValueError(f"{head_split} head shards do not divide {num_q_heads} query heads")
+  return jnp.repeat(k, r, axis=2), jnp.repeat(v, r, axis=2)
 
 
 def splash_attention(q, k, v, mask: ChunkMask, *, scale: float, precision=None,
                      interpret: bool | None = None,
                      block_sizes: splash.BlockSizes | None = None):
-  """Block-causal / packed-segment self-attention with the Pallas splash kernel.
+  """Attention with the Pallas splash kernel for the masks `plan` encodes exactly.
 
-  q (B, S, Hq, D), k/v (B, S, Hkv, D), Hq % Hkv == 0 -> (B, S, Hq, D). See the module
-  docstring for the masks covered. `interpret` defaults to True off TPU (the kernel then runs
-  in the Pallas interpreter: correct but slow). `block_sizes` (splash `BlockSizes`) defaults to
-  square blocks of 512, 256 or 128 with backward blocks set, so `jax.grad` works; S is padded
-  to a multiple of every block size.
+  q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), Hq % Hkv == 0 -> (B, Sq, Hq, D). Raises ValueError
+  for a mask it cannot express and for a mesh that splits the sequence (module docstring).
+  Under an active mesh the kernel runs in a shard_map over batch and heads. `interpret`
+  defaults to "the traced program is not for TPU" (`target_platform()`): the Pallas
+  interpreter, correct but slow. `block_sizes` (splash `BlockSizes`, backward blocks
+  included for `jax.grad`) defaults to `default_block_sizes(Sq, Sk)`; Sq and Sk are padded
+  to multiples of the query-side and key-side blocks.
   """
   del precision
-  B, S, Hq, D = q.shape
+  B, Sq, Hq, _ = q.shape
   if k.ndim != 4 or v.shape[:3] != k.shape[:3] or k.shape[0] != B:
     raise ValueError(f"splash attention wants q (B,S,Hq,D), k/v (B,S,Hkv,D); got q{q.shape} "
                      f"k{k.shape} v{v.shape}")
-  Hkv = k.shape[2]
+  Sk, Hkv = k.shape[1], k.shape[2]
   if Hq % Hkv:
     raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} kv heads")
-  check_supported(mask, S, k.shape[1])
+  p = plan(mask, Sq, Sk)
   if interpret is None:
-    interpret = jax.default_backend() != "tpu"
+    interpret = target_platform() != "tpu"
   if block_sizes is None:
-    block_sizes = default_block_sizes(S)
-  m = _pad_multiple(block_sizes)
-  P = -(-S // m) * m
+    block_sizes = default_block_sizes(Sq, Sk)
+  body = functools.partial(_local_attention, p=p, q_block=mask.q_block, scale=float(scale),
+                           block_sizes=block_sizes, interpret=bool(interpret))
+  ranges = jnp.asarray(mask.kv_ranges).astype(jnp.int32)
+  mesh, rules = placement()
+  if mesh is None:
+    return body(q, k, v, ranges)
+  n_seq = _sequence_split(mesh, rules)
+  if n_seq > 1:
+    raise ValueError(
+        f"splash attention needs whole sequences on every device, but the mesh splits the "
+        f"sequence over {rules.spec(('length',))[0]} ({n_seq} devices); use the 'ring' "
+        "backend (or 'auto', which picks it on such meshes).")
+  batch = split_axes(rules, "batch", B, mesh)
+  heads = split_axes(rules, "act_heads", Hq, mesh)
+  k, v = kv_heads_for_split(k, v, Hq, axis_size(mesh, heads))
+  act = P(batch, None, heads, None)
+  return jax.shard_map(body, mesh=mesh, in_specs=(act, act, act, P(batch, None, None)),
+                       out_specs=act, check_vma=False)(q, k, v, ranges)
 
-  seg = segment_ids(mask.kv_ranges, mask.q_block, P)                     # (B, P)
-  qs = (q * jnp.asarray(scale, q.dtype)).astype(q.dtype)
-  pad = ((0, 0), (0, P - S), (0, 0), (0, 0))
-  # heads-major per batch element: (B, H, P, D)
-  qh, kh, vh = (jnp.transpose(jnp.pad(x, pad), (0, 2, 1, 3)) for x in (qs, k, v))
 
-  static = splash_mask.MultiHeadMask([BlockCausalMask((P, P), mask.q_block)] * Hq)
-  kernel = splash.make_splash_mha(static, block_sizes=block_sizes, head_shards=1,
-                                  q_seq_shards=1, interpret=bool(interpret))
-
-  def one(qb, kb, vb, sb):
-    return kernel(qb, kb, vb, splash.SegmentIds(q=sb, kv=sb))
-
-  out = jax.vmap(one)(qh, kh, vh, seg)                                   # (B, Hq, P, D)
-  return jnp.transpose(out, (0, 2, 1, 3))[:, :S].astype(q.dtype)
-
-
-__all__ = ["BlockCausalMask", "check_supported", "default_block_sizes", "effective_mask",
-           "segment_ids", "splash_attention"]
+__all__ = ["BlockCausalMask", "ChunkRangeMask", "KINDS", "Plan", "check_supported",
+           "default_block_sizes", "effective_mask", "kv_heads_for_split", "padded_lengths",
+           "plan", "prefix_segment_ids", "segment_ids", "segments_problem", "splash_attention",
+           "static_problem", "supports"]

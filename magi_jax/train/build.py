@@ -15,6 +15,7 @@ from magi_jax.configs import ConfigError, ModelConfig, get_preset
 from magi_jax.data.bouncing import WorldConfig, vocabulary
 from magi_jax.generate.components import random_module
 from magi_jax.models import Precision, VideoDiT
+from magi_jax.models.stack import DEFAULT_REMAT_POLICY, RematPolicyError, remat_policy
 from magi_jax.text.demo_encoder import DemoTextEncoder, WordTokenizer
 from magi_jax.train import optim
 from magi_jax.train.conditioning import ConditioningConfig
@@ -90,6 +91,11 @@ def build_model(c, tokenizer: WordTokenizer | None) -> TrainModel:
   """A TrainModel with fresh random weights (the trainer loads checkpoints over it)."""
   mcfg = model_config(c)
   precision = Precision.named(c.model.precision)
+  policy_name = c.model.get("remat_policy", DEFAULT_REMAT_POLICY)   # older run configs lack it
+  try:
+    remat_policy(policy_name)
+  except RematPolicyError as e:
+    raise ConfigError(f"config.model.remat_policy: {e}") from None
   if c.init.kind == "random":
     dit = random_module(lambda: VideoDiT(mcfg, precision=precision, rngs=nnx.Rngs(c.seed)),
                         c.seed)
@@ -103,6 +109,8 @@ def build_model(c, tokenizer: WordTokenizer | None) -> TrainModel:
     raise ConfigError(f"config.init.kind must be random | official | converted, got "
                       f"{c.init.kind!r}")
   dit.remat = bool(c.model.remat)
+  dit.remat_policy = policy_name
+  dit.scan_layers = bool(c.model.get("scan_layers", True))
   if c.lora.rank:
     from magi_jax.train.lora import apply_lora
     apply_lora(dit, rank=c.lora.rank, alpha=c.lora.alpha, targets=tuple(c.lora.targets),

@@ -6,11 +6,15 @@ Why this shape:
 * Parameter paths. `LoRALinear` is a `Linear` that holds the *same* `kernel` / `bias`
   `nnx.Param` objects under the *same* attribute names, and adds `lora_a` / `lora_b`
   (`nnx.LoRAParam`) next to them. So every base weight keeps its path in the adapted model
-  (`layers.3.q.kernel` stays `layers.3.q.kernel`) and the adapters are the only new leaves
-  (`layers.3.q.lora_a`, `layers.3.q.lora_b`). No path mapping is needed: the official
+  (`layers.q.kernel` stays `layers.q.kernel`) and the adapters are the only new leaves
+  (`layers.q.lora_a`, `layers.q.lora_b`). No path mapping is needed: the official
   exporter (`official_state_dict`) of an adapted model writes exactly the base checkpoint,
   `nnx.update(adapted, base_state)` works, and the usual flow is "strict-load the base
   checkpoint, then `apply_lora` / `load_lora`".
+* Stacked layers. The DiT holds its layers as one stacked `TransformerLayer` (every parameter
+  has a leading layer axis, magi_jax/models/stack.py), so one `LoRALinear` per target serves
+  every layer: kernel (L, in, out), lora_a (L, in, r), lora_b (L, r, out); the scan over
+  layers hands each layer its own slices.
 * Numerics. y = x·W (+ b) + (x·A)·B · alpha/r, everything accumulated in float32 and rounded
   once to `out_dtype`. B starts at zero, so an adapted model is bitwise the base model until
   it is trained. Adapters are float32 by default even on a bf16 base (training stability).
@@ -18,9 +22,10 @@ Why this shape:
   `nnx.LoRAParam` selects exactly the adapters (for `nnx.Optimizer(..., wrt=)`,
   `nnx.DiffState`, `split_trainable`), while `nnx.Param` still means "everything".
 * File format. One safetensors file (the repo's own reader/writer, which gives clear errors on
-  truncated files) holding only the adapters under their state paths ("layers.0.q.lora_a"),
-  with rank / alpha / targets / layer count in the safetensors `__metadata__`. One file means
-  the configuration can never get separated from the tensors it describes.
+  truncated files) holding only the adapters, one tensor per layer under per-layer names
+  ("layers.0.q.lora_a" (in, r): unstacked on save, stacked on load), with rank / alpha /
+  targets / layer count in the safetensors `__metadata__`. One file means the configuration
+  can never get separated from the tensors it describes.
 """
 
 from __future__ import annotations
@@ -56,19 +61,22 @@ class LoRALinear(Linear):
 
   `kernel` and `bias` are the wrapped layer's own `nnx.Param`s (not copies), so their paths
   and values are the base weights'. `lora_a` (in, r) starts N(0, 1/in), `lora_b` (r, out)
-  starts at zero.
+  starts at zero. A stacked base (kernel (L, in, out)) gets stacked adapters (L, in, r) and
+  (L, r, out); calls and `delta` then take one layer's slice (the layer scan's), while
+  `merged_kernel` works on either.
   """
 
   def __init__(self, base: Linear, *, rank: int, alpha: float, rngs: nnx.Rngs, dtype=F32):
-    d_in, d_out = base.kernel.get_value().shape
+    shape = base.kernel.get_value().shape
+    lead, (d_in, d_out) = tuple(shape[:-2]), shape[-2:]
     self.kernel = base.kernel
     self.bias = base.bias
     self.rank = int(rank)
     self.alpha = float(alpha)
     self.scale = self.alpha / self.rank
-    a = jax.random.normal(rngs.params(), (d_in, self.rank), F32) * d_in ** -0.5
+    a = jax.random.normal(rngs.params(), lead + (d_in, self.rank), F32) * d_in ** -0.5
     self.lora_a = nnx.LoRAParam(a.astype(dtype))
-    self.lora_b = nnx.LoRAParam(jnp.zeros((self.rank, d_out), dtype))
+    self.lora_b = nnx.LoRAParam(jnp.zeros(lead + (self.rank, d_out), dtype))
 
   def delta(self, x, *, precision=None):
     """(x·A)·B·scale in float32 (x·A is kept in float32, not rounded)."""
@@ -85,36 +93,45 @@ class LoRALinear(Linear):
     return (y + self.delta(x, precision=precision)).astype(out_dtype)
 
   def merged_kernel(self):
-    """W + A·B·scale in the kernel's dtype (formed in float32, rounded once)."""
+    """W + A·B·scale in the kernel's dtype (formed in float32, rounded once); per layer when
+    stacked."""
     w = self.kernel[...]
-    ab = jnp.dot(self.lora_a[...].astype(F32), self.lora_b[...].astype(F32),
-                 precision=jax.lax.Precision.HIGHEST)
+    ab = jnp.matmul(self.lora_a[...].astype(F32), self.lora_b[...].astype(F32),
+                    precision=jax.lax.Precision.HIGHEST)
     return (w.astype(F32) + ab * self.scale).astype(w.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # Walking the model
 
-def _layers(model) -> list:
+def _stack(model) -> TransformerLayer:
+  """The model's stacked TransformerLayer (leading layer axis on every parameter)."""
   layers = getattr(model, "layers", None)
-  if layers is None or not all(isinstance(l, TransformerLayer) for l in layers):
-    raise LoRAError(f"{type(model).__name__} has no `layers` of TransformerLayer; LoRA applies "
-                    "to a VideoDiT")
-  return list(layers)
+  if not isinstance(layers, TransformerLayer):
+    raise LoRAError(f"{type(model).__name__} has no stacked `layers` TransformerLayer; LoRA "
+                    "applies to a VideoDiT")
+  return layers
+
+
+def _num_layers(model) -> int:
+  return int(_stack(model).ada_modulate.kernel.get_value().shape[0])
 
 
 def _linear_names(layer) -> list[str]:
   return [n for n, v in vars(layer).items() if isinstance(v, Linear)]
 
 
-def _adapters(model) -> dict[tuple[int, str], LoRALinear]:
-  """(layer index, attribute name) -> LoRALinear, in layer then attribute order."""
-  return {(i, n): v for i, layer in enumerate(_layers(model))
-          for n, v in vars(layer).items() if isinstance(v, LoRALinear)}
+def _adapters(model) -> dict[str, LoRALinear]:
+  """Target attribute name -> its (stacked) LoRALinear, in a fixed order: DEFAULT_TARGETS'
+  order, then any other adapted map by name (a stacked module lists its attributes sorted)."""
+  found = {n: v for n, v in vars(_stack(model)).items() if isinstance(v, LoRALinear)}
+  order = lambda n: ((DEFAULT_TARGETS.index(n), "") if n in DEFAULT_TARGETS
+                     else (len(DEFAULT_TARGETS), n))
+  return {n: found[n] for n in sorted(found, key=order)}
 
 
 def _key(i: int, name: str) -> str:
-  """The adapter's state path prefix, as stored in the file ("layers.0.q")."""
+  """Layer i's adapter name prefix, as stored in the file ("layers.0.q")."""
   return f"layers.{i}.{name}"
 
 
@@ -135,17 +152,17 @@ def _check_config(rank, alpha, targets) -> tuple[str, ...]:
 
 
 def _check_targets(model, targets) -> None:
-  """Every target is a plain (not yet adapted) Linear in every layer; raises naming the bad one."""
-  for i, layer in enumerate(_layers(model)):
-    for name in targets:
-      mod = getattr(layer, name, None)
-      if isinstance(mod, LoRALinear):
-        raise LoRAError(f"{_key(i, name)} already has a LoRA adapter (merge_lora first, or load "
-                        "the adapters into a fresh base model)")
-      if not isinstance(mod, Linear):
-        what = "missing" if mod is None else f"a {type(mod).__name__}"
-        raise LoRAError(f"LoRA target {name!r} is not a Linear in TransformerLayer (it is {what}); "
-                        f"the layer's Linear maps are {_linear_names(layer)}")
+  """Every target is a plain (not yet adapted) Linear of the layers; raises naming the bad one."""
+  layer = _stack(model)
+  for name in targets:
+    mod = getattr(layer, name, None)
+    if isinstance(mod, LoRALinear):
+      raise LoRAError(f"{_key(0, name)} already has a LoRA adapter, as has that map in every "
+                      "layer (merge_lora first, or load the adapters into a fresh base model)")
+    if not isinstance(mod, Linear):
+      what = "missing" if mod is None else f"a {type(mod).__name__}"
+      raise LoRAError(f"LoRA target {name!r} is not a Linear in TransformerLayer (it is {what}); "
+                      f"the layer's Linear maps are {_linear_names(layer)}")
 
 
 def lora_config(model) -> tuple[int, float, tuple[str, ...]] | None:
@@ -153,17 +170,12 @@ def lora_config(model) -> tuple[int, float, tuple[str, ...]] | None:
   adapters = _adapters(model)
   if not adapters:
     return None
-  n_layers = len(_layers(model))
-  targets = tuple(n for (i, n) in adapters if i == 0)
   first = next(iter(adapters.values()))
-  for (i, n), m in adapters.items():
+  for n, m in adapters.items():
     if (m.rank, m.alpha) != (first.rank, first.alpha):
-      raise LoRAError(f"{_key(i, n)} has rank {m.rank} / alpha {m.alpha}, others rank "
+      raise LoRAError(f"layers.*.{n} has rank {m.rank} / alpha {m.alpha}, others rank "
                       f"{first.rank} / alpha {first.alpha}: mixed LoRA configurations")
-  if len(adapters) != n_layers * len(targets) or any((i, n) not in adapters
-                                                     for i in range(n_layers) for n in targets):
-    raise LoRAError(f"the layers do not all carry adapters on the same targets {list(targets)}")
-  return first.rank, first.alpha, targets
+  return first.rank, first.alpha, tuple(adapters)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,16 +183,17 @@ def lora_config(model) -> tuple[int, float, tuple[str, ...]] | None:
 
 def apply_lora(model: VideoDiT, *, rank: int, alpha: float,
                targets: Sequence[str] = DEFAULT_TARGETS, rngs: nnx.Rngs, dtype=F32) -> VideoDiT:
-  """Replaces `targets` of every TransformerLayer by `LoRALinear`s, in place; returns `model`.
+  """Replaces `targets` of the (stacked) TransformerLayer by `LoRALinear`s, in place, so every
+  layer gets its own adapters; returns `model`.
 
   Everything is validated before anything changes, so a bad call leaves the model as it was.
   """
   targets = _check_config(rank, alpha, targets)
   _check_targets(model, targets)
-  for layer in _layers(model):
-    for name in targets:
-      setattr(layer, name, LoRALinear(getattr(layer, name), rank=int(rank), alpha=float(alpha),
-                                      rngs=rngs, dtype=dtype))
+  layer = _stack(model)
+  for name in targets:
+    setattr(layer, name, LoRALinear(getattr(layer, name), rank=int(rank), alpha=float(alpha),
+                                    rngs=rngs, dtype=dtype))
   return model
 
 
@@ -209,7 +222,7 @@ def merge_lora(model: VideoDiT) -> VideoDiT:
   adapters = _adapters(model)
   if not adapters:
     raise LoRAError("merge_lora: the model has no LoRA adapters")
-  merged = {("layers", i, n, "kernel"): m.merged_kernel() for (i, n), m in adapters.items()}
+  merged = {("layers", n, "kernel"): m.merged_kernel() for n, m in adapters.items()}
   source = {path: var.get_value() for path, var in
             nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))}
   abstract = nnx.eval_shape(lambda: type(model)(model.cfg, precision=model.precision,
@@ -242,12 +255,14 @@ def save_lora(path: str | os.PathLike, model, *, rank: int | None = None,
     raise LoRAError(f"save_lora: targets {list(targets)} but the model's adapters are on "
                     f"{list(m_targets)}")
   tensors = {}
-  for (i, n), m in _adapters(model).items():
-    tensors[f"{_key(i, n)}.lora_a"] = np.asarray(jax.device_get(m.lora_a[...]))
-    tensors[f"{_key(i, n)}.lora_b"] = np.asarray(jax.device_get(m.lora_b[...]))
+  for n, m in _adapters(model).items():
+    for leaf in ("lora_a", "lora_b"):
+      stacked = np.asarray(jax.device_get(getattr(m, leaf)[...]))
+      for i, one in enumerate(stacked):           # per-layer names, as the format has them
+        tensors[f"{_key(i, n)}.{leaf}"] = one
   meta = {"format": FILE_FORMAT, "version": FILE_VERSION, "rank": str(m_rank),
           "alpha": repr(m_alpha), "targets": json.dumps(list(m_targets)),
-          "num_layers": str(len(_layers(model)))}
+          "num_layers": str(_num_layers(model))}
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   save_safetensors(tensors, path, metadata=meta)
@@ -299,9 +314,10 @@ def load_lora(path: str | os.PathLike, model: VideoDiT) -> VideoDiT:
                       f"adapters alpha {m_alpha}")
 
   expected = {}
-  for i, layer in enumerate(_layers(model)):
+  layer, n_layers = _stack(model), _num_layers(model)
+  for i in range(n_layers):
     for n in targets:
-      d_in, d_out = getattr(layer, n).kernel.get_value().shape
+      d_in, d_out = getattr(layer, n).kernel.get_value().shape[-2:]
       expected[f"{_key(i, n)}.lora_a"] = (d_in, rank)
       expected[f"{_key(i, n)}.lora_b"] = (rank, d_out)
   keys = set(f.keys())
@@ -322,8 +338,9 @@ def load_lora(path: str | os.PathLike, model: VideoDiT) -> VideoDiT:
   if cfg is None:
     dtype = next(iter(values.values())).dtype
     apply_lora(model, rank=rank, alpha=alpha, targets=targets, rngs=nnx.Rngs(0), dtype=dtype)
-  for (i, n), m in _adapters(model).items():
+  for n, m in _adapters(model).items():
     for leaf in ("lora_a", "lora_b"):
       var = getattr(m, leaf)
-      var.set_value(jnp.asarray(values[f"{_key(i, n)}.{leaf}"], var.get_value().dtype))
+      stacked = np.stack([values[f"{_key(i, n)}.{leaf}"] for i in range(n_layers)])
+      var.set_value(jnp.asarray(stacked, var.get_value().dtype))
   return model

@@ -107,8 +107,10 @@ def velocity_of_row(model: TrainModel, batch, cond, x0, obj: Objective):
   x_t = flow.interpolate(x0, x1, cond.frame_t)
   y, m = caption_rows(model, batch, cond)
   frame_index, frame_total = packed_frame_positions(seg, cw // pt)
+  # packed_kv_range: each chunk sees [its video's first token, its own end): causal segments.
   out = dit(x_t, cond.t, y, m, packed_kv_range(seg, tok), cond.text_drop, chunk_width=cw,
-            backend=obj.backend, frame_index=frame_index, frame_total=frame_total).velocity
+            backend=obj.backend, frame_index=frame_index, frame_total=frame_total,
+            self_mask_layout="causal_segments").velocity
   return out, tok
 
 

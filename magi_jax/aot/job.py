@@ -1,0 +1,30 @@
+"""A resolved planning request: every flag checked, nothing compiled yet."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from magi_jax.aot.sizes import VideoSize
+from magi_jax.aot.topology import Topology
+from magi_jax.configs import MagiConfig
+from magi_jax.parallel.rules import ShardingRules
+
+JOBS = ("sample", "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  kind: str                    # 'sample' | 'train'
+  preset: str
+  cfg: MagiConfig
+  topology: Topology
+  mesh: jax.sharding.Mesh
+  mesh_desc: str               # "data:1,fsdp:4,context:1,tensor:1"
+  rules: ShardingRules
+  size: VideoSize              # train: one packed row; sample: the video (chunks to generate)
+  batch: int                   # train: packed rows (global batch)
+  programs: tuple[str, ...]    # program families to build ('step', 't5', 'vae')
+  ema: bool = False            # train: keep an EMA of the parameters in the state
+  t5_dtype: str = "float32"    # sample: T5 parameter / compute dtype

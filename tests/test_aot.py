@@ -1,0 +1,153 @@
+"""The capacity planner (magi_jax.aot): the project's programs compiled for TPU topologies.
+
+Tiny preset only, on v5e:1x1 (one chip) and v5e:2x2 (four): the sampler steps, T5 and VAE,
+and the train step compile with fits true and sane per-device figures; an absurd video size
+is refused by the TPU compiler and reported with its message (not raised); bad arguments
+raise AOTError / exit 2 before anything compiles. Needs libtpu (`pip install -e ".[aot]"`).
+"""
+
+import importlib.util
+import json
+
+import pytest
+
+if importlib.util.find_spec("libtpu") is None:
+  pytest.skip('libtpu is not installed (pip install -e ".[aot]"): the planner compiles for TPU '
+              "topologies through it", allow_module_level=True)
+
+from magi_jax.aot import AOTError, plan  # noqa: E402
+from magi_jax.aot import compile as aot_compile  # noqa: E402
+from magi_jax.aot import topology  # noqa: E402
+from magi_jax.aot.__main__ import main  # noqa: E402
+from magi_jax.aot.sizes import size_for_tokens  # noqa: E402
+from magi_jax.aot.steady import default_chunks, steady_calls  # noqa: E402
+from magi_jax.configs import get_preset  # noqa: E402
+
+V5E_HBM = 15.75
+
+
+def check_fits(reports):
+  for r in reports:
+    assert r.fits and r.error is None, r
+    assert r.args_gib > 0 and r.temp_gib >= 0
+    assert r.peak_gib >= r.args_gib - r.alias_gib
+    assert r.peak_gib == pytest.approx(r.args_gib + r.output_gib - r.alias_gib + r.temp_gib)
+    assert r.hbm_gib == V5E_HBM and r.compile_s > 0
+
+
+@pytest.fixture(scope="module")
+def train_one_chip():
+  return plan(job="train", preset="tiny", topology="v5e:1x1")
+
+
+def test_sample_one_chip():
+  reports = plan(job="sample", preset="tiny", topology="v5e:1x1")
+  assert [r.program for r in reports] == ["step+refresh", "step+cache1", "t5", "vae"]
+  check_fits(reports)
+  assert all(r.devices == 1 and r.mesh == "data:1,fsdp:1,context:1,tensor:1" for r in reports)
+  assert "1 cached" in reports[1].notes and "cache_k" in reports[1].notes
+
+
+def test_train_one_chip(train_one_chip):
+  (r,) = train_one_chip
+  check_fits([r])
+  assert r.program == "step" and r.alias_gib > 0       # the state is donated
+  assert r.peak_gib >= r.args_gib
+
+
+@pytest.mark.parametrize("mesh, desc", [
+    ("fsdp:4", "data:1,fsdp:4,context:1,tensor:1"),
+    # Sequence over 'context' (the 'auto' backend picks ring attention), state over 'fsdp'.
+    ("context:2,fsdp:-1", "data:1,fsdp:2,context:2,tensor:1"),
+], ids=["fsdp4", "context2_fsdp2"])
+def test_train_on_four_devices(mesh, desc, train_one_chip):
+  (r,) = plan(job="train", preset="tiny", topology="v5e:2x2", mesh=mesh)
+  check_fits([r])
+  assert r.devices == 4 and r.mesh == desc
+  # Weights and AdamW moments are split over fsdp: less state per device than on one chip.
+  assert r.args_gib < train_one_chip[0].args_gib
+
+
+def test_sample_on_four_devices():
+  reports = plan(job="sample", preset="tiny", topology="v5e:2x2", mesh="data:2,tensor:2",
+                 programs="step")
+  assert [r.program for r in reports] == ["step+refresh", "step+cache1"]
+  check_fits(reports)
+  assert reports[0].mesh == "data:2,fsdp:1,context:1,tensor:2"
+
+
+def test_refusal_is_reported_by_the_command(capsys):
+  rc = main(["aot", "--job=sample", "--preset=tiny", "--topology=v5e:1x1", "--programs=step",
+             "--chunks=1", "--height=16384", "--width=16384", "--json"])
+  out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert rc == 1 and len(out) == 1
+  r = out[0]
+  assert r["fits"] is False and r["program"] == "step"
+  assert "exceeds available HBM (15.75G)" in r["error"]
+  assert r["peak_gib"] > r["hbm_gib"] == V5E_HBM and r["args_gib"] > 0 and r["temp_gib"] is None
+
+
+@pytest.mark.parametrize("request_, match", [
+    (dict(topology="v9:2x2"), "unknown chip kind 'v9'"),
+    (dict(topology="v5e"), "expected KIND:AxB"),
+    (dict(topology="v5p:2x2"), "3 positive dimensions"),
+    (dict(topology="v5e:2x2", mesh="fsdp:3"), "has 3 devices, but there are 4"),
+    (dict(topology="v5e:2x2", mesh="fsdp:-1,tensor:3"), "do not divide"),
+    (dict(topology="v5e:2x2", mesh="pipeline:4"), "AXIS:SIZE"),
+    (dict(height=72, width=64), "multiple of 16"),
+    (dict(height=64), "both --height and --width"),
+    (dict(preset="7B"), "unknown preset"),
+    (dict(programs="step,decoder"), "unknown: decoder"),
+    (dict(job="sample", tokens=4096), "--tokens is for --job=train"),
+    (dict(tokens=8, chunks=2), "not both"),
+])
+def test_argument_errors_before_compiling(request_, match, monkeypatch):
+  def no_compile(*a, **k):
+    raise AssertionError("compiled despite a bad argument")
+  monkeypatch.setattr(aot_compile, "compile_program", no_compile)
+  kw = dict(job="train", preset="tiny", topology="v5e:1x1") | request_
+  with pytest.raises(AOTError, match=match):
+    plan(**kw)
+
+
+def test_command_exit_2_on_bad_arguments(capsys):
+  assert main(["aot", "--job=train", "--preset=tiny", "--topology=v5e:2x2", "--mesh=fsdp:3"]) == 2
+  assert "fsdp" in capsys.readouterr().err
+  assert main(["aot", "--job=train", "--preset=tiny"]) == 2
+  assert "missing --topology" in capsys.readouterr().err
+  assert main(["aot", "--job=fly", "--preset=tiny", "--topology=v5e:1x1"]) == 2
+
+
+def test_missing_libtpu_names_the_extra(monkeypatch):
+  monkeypatch.setattr(topology, "libtpu_installed", lambda: False)
+  with pytest.raises(AOTError, match=r'pip install -e "\.\[aot\]"'):
+    topology.require_libtpu()
+  with pytest.raises(AOTError, match="libtpu"):
+    plan(job="train", preset="tiny", topology="v6e:2x2")
+
+
+def test_topology_devices_and_hbm_table():
+  one = topology.get_topology("v5e:1x1")
+  assert one.num_devices == 1 and topology.host_bounds((1, 1)) == (1, 1, 1)
+  four = topology.get_topology("v5e:2x2")
+  assert four.num_devices == 4 and four.chip.usable_gib == V5E_HBM
+  assert topology.get_topology("v4:2x2x1").num_devices == 8        # one device per TensorCore
+  assert topology.parse_topology("v5e:2x2x1")[1] == (2, 2)
+
+
+def test_tokens_rule():
+  s = size_for_tokens(get_preset("24B_base"), 4_194_304)
+  assert (s.height, s.width, s.chunks, s.tokens_per_chunk) == (720, 1280, 194, 21_600)
+  assert s.tokens == 4_190_400
+  s = size_for_tokens(get_preset("4.5B_base"), 40_000, 480, 832)
+  assert (s.chunks, s.tokens_per_chunk) == (4, 9_360)
+
+
+def test_steady_state_of_the_official_window():
+  cfg = get_preset("4.5B_distill")
+  n = default_chunks(cfg)
+  calls = steady_calls(cfg, n)
+  assert n == 10 and [c.name for c in calls] == ["step+refresh+nearly", "step+cache1+nearly"]
+  refresh, cached = calls
+  assert (refresh.call_chunks, refresh.cache_chunks) == (5, 0)     # window + finished chunk
+  assert (cached.call_chunks, cached.cache_chunks) == (4, 1)
