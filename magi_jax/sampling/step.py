@@ -64,7 +64,8 @@ def make_step(model, *, backend: str = "auto"):
                              kv_tokens=tok)
     n_cache = 0 if cache is None else cache.num_tokens
     local = None if local_ranges is None else np.asarray(local_ranges, np.int32)   # (drn, 2)
-    own = np.tile(np.array([[[0, tok]]], np.int32), (d, 1, 1))   # pass C: each chunk alone
+    # Pass C (each chunk alone) has static ranges too, given with the host's `local_ranges`.
+    own = None if local is None else np.tile(np.array([[[0, tok]]], np.int32), (d, 1, 1))
     if cfg_number == 3:
       x2 = jnp.concatenate([x, x], axis=0)
       t2 = jnp.stack([t, t])
@@ -143,18 +144,19 @@ def make_prefill(model, *, backend: str = "auto"):
   the cache-writing pass over clean chunks (prefix chunks of V2V), keys/values only."""
   graphdef, state = nnx.split(model)
 
-  @functools.partial(jax.jit, static_argnames=("chunk_width", "caption_dropout"))
+  @functools.partial(jax.jit, static_argnames=("chunk_width", "caption_dropout", "static_ranges"))
   def compiled(state, x, t, y, mask, kv_range, slice_point, step_size, *, chunk_width,
-               caption_dropout):
+               caption_dropout, static_ranges=False):
     m = nnx.merge(graphdef, state)
     tok = x.shape[2] // m.cfg.t_patch_size * (x.shape[3] // m.cfg.patch_size) * (
         x.shape[4] // m.cfg.patch_size)
     out = m(x, t[None], y, mask, kv_range, jnp.array([caption_dropout]), slice_point=slice_point,
             chunk_width=chunk_width, step_size=step_size, backend=backend, return_kv=True,
-            self_ranges=np.array([[[0, tok]]], np.int32))     # one chunk that sees itself
+            self_ranges=None if not static_ranges else np.array([[[0, tok]]], np.int32))
     return out.kv
 
   def prefill(**kw):
+    kw.setdefault("static_ranges", True)          # one chunk that sees itself
     return compiled(state, **kw)
 
   prefill.compiled = compiled
