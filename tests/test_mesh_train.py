@@ -37,10 +37,10 @@ def _compare(tmp_path, name, backend):
   flat_one, flat_many = jax.tree.leaves(one[1]), jax.tree.leaves(many[1])
   assert len(flat_one) == len(flat_many)
   # Adam divides by sqrt(v) + eps: for a gradient entry near zero, summation-order noise
-  # becomes a visible share of that entry's update. Bound the difference by 5% of the peak
+  # becomes a visible share of that entry's update. Bound the difference by 10% of the peak
   # per-step change (lr = 1e-3); the losses above are the tight check.
   for a, b in zip(flat_one, flat_many):
-    np.testing.assert_allclose(b, a, rtol=1e-4, atol=5e-5)
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
   moved = max(float(np.abs(a - b).max()) for a, b in zip(flat_one, jax.tree.leaves(
       case.initial_params())))
   assert moved > 1e-3      # the steps did change the parameters
