@@ -1,7 +1,8 @@
 """One program's answer: per-device memory from the TPU compiler, or its refusal.
 
-peak_gib = arguments + outputs - aliased + temporaries, per device: what the executable holds
-while it runs (donated inputs that the outputs reuse count once). When the compiler refuses a
+peak_gib is the compiler's peak memory per device (`peak_memory_in_bytes` of its memory
+analysis: the most its buffers hold at once, arguments included); where a compiler reports no
+peak, arguments + outputs - aliased + temporaries. When the compiler refuses a
 program, peak_gib is the "total memory required" figure of its message (it counts arguments,
 outputs and temporaries the same way), args_gib is computed from the input shardings, and
 temp_gib is null. GiB = 2^30 bytes; the compiler's own "G" figures are GiB too.

@@ -6,7 +6,8 @@ differ in speed and memory only; the reference backend defines the result.
 
 * 'reference' dense and exact (the yardstick), 'dot_product' `jax.nn.dot_product_attention`
   with a dense mask, 'flash' tiled online softmax with a recomputing backward (O(S·D) memory;
-  'blockwise' is its former name and still selects it);
+  'blockwise' is its former name and still selects it), 'cudnn' cuDNN's fused attention on
+  each chunk's contiguous key range (GPUs; magi_jax/attention/cudnn.py);
 * 'ring', 'ulysses' (sequence split over the mesh's 'context' axis) and 'splash' (the Pallas
   TPU kernel) live in magi_jax/parallel and load on first use;
 * 'auto' (the default) picks once per traced call from the target platform, the active mesh
@@ -18,6 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+from magi_jax.attention.cudnn import cudnn_attention
 from magi_jax.attention.flash import flash_attention
 from magi_jax.attention.masks import (ChunkMask, block_causal_chunk_ranges, caption_ranges,
                                       dense_mask)
@@ -29,6 +31,7 @@ _BACKENDS: dict[str, Callable] = {
     "dot_product": dot_product_attention,
     "flash": flash_attention,
     "blockwise": flash_attention,
+    "cudnn": cudnn_attention,
 }
 
 
@@ -65,6 +68,7 @@ def select_backend(q, k, mask: ChunkMask) -> str:
   * a mesh with a 'context' axis > 1 and self-attention over the same tokens: 'ring' (it
     falls back to flash where it cannot split);
   * a TPU target and a mask the splash kernel expresses exactly: 'splash';
+  * a GPU target, bf16 / fp16 inputs and a mask cuDNN's key lengths express exactly: 'cudnn';
   * otherwise 'flash' (any mask, any platform).
   """
   from magi_jax.parallel.rules import active, target_platform
@@ -76,6 +80,10 @@ def select_backend(q, k, mask: ChunkMask) -> str:
     from magi_jax.parallel import splash
     if splash.supports(mask, q.shape[1], k.shape[1]):
       return "splash"
+  if target_platform() == "gpu":
+    from magi_jax.attention import cudnn
+    if cudnn.supports(q, k, mask):
+      return "cudnn"
   return "flash"
 
 

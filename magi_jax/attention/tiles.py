@@ -5,7 +5,8 @@ Queries carry per-token key ranges [lo, hi) in global key positions; a key slab 
 global positions as one contiguous run per block. Forward updates an online-softmax carry
 (m, l, acc) in float32; backward takes the row log-sum-exp and delta = sum(dO * O) and returns
 dQ (accumulated) and the slab's dK, dV. Both loop over (query block, key block) pairs and skip,
-with `lax.cond`, pairs in which no query sees any key.
+with `lax.switch`, pairs in which no query sees any key, and drop the mask where every query
+sees every key of the tile (MAGI's chunk-aligned masks make most visible tiles full).
 
 Layouts: q (B, Sq, Hkv, G, D) with G query heads per kv head; k, v (B, Sk, Hkv, D);
 lo, hi (B, Sq) int32; carry m, l (B, Hkv, G, Sq) and acc (B, Hkv, G, Sq, D).
@@ -30,6 +31,13 @@ def _blocks(n: int, want: int) -> int:
 def _visible(lo, hi, k0, bk):
   """Any query of the block sees a key in [k0, k0 + bk)?"""
   return jnp.any((lo < k0 + bk) & (hi > k0) & (lo < hi))
+
+
+def _tile_case(lo, hi, k0, bk):
+  """0: no query of the block sees a key in [k0, k0 + bk); 1: every query sees all of them
+  (no mask to apply: MAGI's chunk-aligned masks make most visible tiles full); 2: partial."""
+  full = jnp.all((lo <= k0) & (hi >= k0 + bk))
+  return jnp.where(full, 1, jnp.where(_visible(lo, hi, k0, bk), 2, 0))
 
 
 def _allowed(lo, hi, kpos):
@@ -65,11 +73,12 @@ def forward(q, k, v, lo, hi, k_start, carry, *, scale: float, block_q: int, bloc
     def k_block(c, ys):
       kj, vj, k0 = ys
 
-      def compute(c):
+      def compute(c, masked=True):
         m, l, acc = c
         s = jnp.einsum("bhgsd,bhtd->bhgst", qi, kj, precision=precision,
                        preferred_element_type=F32) * scale
-        s = jnp.where(_allowed(loi, hii, k0 + jnp.arange(bk)), s, -jnp.inf)
+        if masked:
+          s = jnp.where(_allowed(loi, hii, k0 + jnp.arange(bk)), s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(s - m_safe[..., None])
@@ -79,7 +88,8 @@ def forward(q, k, v, lo, hi, k_start, carry, *, scale: float, block_q: int, bloc
         return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
 
       if skip:
-        return jax.lax.cond(_visible(loi, hii, k0, bk), compute, lambda c: c, c), None
+        return jax.lax.switch(_tile_case(loi, hii, k0, bk),
+                              (lambda c: c, lambda c: compute(c, False), compute), c), None
       return compute(c), None
 
     out, _ = jax.lax.scan(k_block, (mi, li, ai), (kb, vb, k0s), unroll=unroll)
@@ -123,12 +133,13 @@ def backward(q, k, v, do, lse, delta, lo, hi, k_start, dq, *, scale: float, bloc
     def q_block(dkv, xs):
       qi, doi, lsei, deltai, loi, hii, dqi = xs
 
-      def compute(args):
+      def compute(args, masked=True):
         (dk, dv), dqi = args
-        allowed = _allowed(loi, hii, k0 + jnp.arange(bk))
         s = jnp.einsum("bhgsd,bhtd->bhgst", qi, kj, precision=precision,
                        preferred_element_type=F32) * scale
-        p = jnp.where(allowed, jnp.exp(s - lsei[..., None]), 0.0)
+        p = jnp.exp(s - lsei[..., None])
+        if masked:
+          p = jnp.where(_allowed(loi, hii, k0 + jnp.arange(bk)), p, 0.0)
         dv = dv + jnp.einsum("bhgst,bhgsd->bhtd", p.astype(doi.dtype), doi,
                              precision=precision, preferred_element_type=F32)
         dp = jnp.einsum("bhgsd,bhtd->bhgst", doi, vj, precision=precision,
@@ -144,7 +155,8 @@ def backward(q, k, v, do, lse, delta, lo, hi, k_start, dq, *, scale: float, bloc
 
       args = (dkv, dqi)
       if skip:
-        dkv, dqi = jax.lax.cond(_visible(loi, hii, k0, bk), compute, lambda a: a, args)
+        dkv, dqi = jax.lax.switch(_tile_case(loi, hii, k0, bk),
+                                  (lambda a: a, lambda a: compute(a, False), compute), args)
       else:
         dkv, dqi = compute(args)
       return dkv, dqi

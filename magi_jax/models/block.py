@@ -22,7 +22,7 @@ F32 = jnp.float32
 GATE_SOFTCAP = 1.0
 
 
-LOCAL_BACKENDS = ("reference", "dot_product", "flash", "blockwise")
+LOCAL_BACKENDS = ("reference", "dot_product", "flash", "blockwise", "cudnn")
 
 
 def cross_backend(backend: str) -> str:
