@@ -55,13 +55,14 @@ def test_train_one_chip(train_one_chip):
   assert r.peak_gib >= r.args_gib
 
 
-@pytest.mark.parametrize("mesh, desc", [
-    ("fsdp:4", "data:1,fsdp:4,context:1,tensor:1"),
-    # Sequence over 'context' (the 'auto' backend picks ring attention), state over 'fsdp'.
-    ("context:2,fsdp:-1", "data:1,fsdp:2,context:2,tensor:1"),
+@pytest.mark.parametrize("mesh, desc, chunks", [
+    ("fsdp:4", "data:1,fsdp:4,context:1,tensor:1", None),
+    # Sequence over 'context' (the 'auto' backend picks ring attention; 4 chunks split over
+    # 2 devices zig-zag), state over 'fsdp'.
+    ("context:2,fsdp:-1", "data:1,fsdp:2,context:2,tensor:1", 4),
 ], ids=["fsdp4", "context2_fsdp2"])
-def test_train_on_four_devices(mesh, desc, train_one_chip):
-  (r,) = plan(job="train", preset="tiny", topology="v5e:2x2", mesh=mesh)
+def test_train_on_four_devices(mesh, desc, chunks, train_one_chip):
+  (r,) = plan(job="train", preset="tiny", topology="v5e:2x2", mesh=mesh, chunks=chunks)
   check_fits([r])
   assert r.devices == 4 and r.mesh == desc
   # Weights and AdamW moments are split over fsdp: less state per device than on one chip.
@@ -100,6 +101,7 @@ def test_refusal_is_reported_by_the_command(capsys):
     (dict(programs="step,decoder"), "unknown: decoder"),
     (dict(job="sample", tokens=4096), "--tokens is for --job=train"),
     (dict(tokens=8, chunks=2), "not both"),
+    (dict(topology="v5e:2x2", mesh="context:4", chunks=6), "6 chunks per row do not split"),
 ])
 def test_argument_errors_before_compiling(request_, match, monkeypatch):
   def no_compile(*a, **k):
@@ -141,6 +143,14 @@ def test_tokens_rule():
   assert s.tokens == 4_190_400
   s = size_for_tokens(get_preset("4.5B_base"), 40_000, 480, 832)
   assert (s.chunks, s.tokens_per_chunk) == (4, 9_360)
+  # On context 128 the chunks must split (zig-zag: multiples of 256): 720p would keep only
+  # 128 chunks (2.76M tokens); 480x480 keeps 768 x 5,400 = 4,147,200.
+  s = size_for_tokens(get_preset("24B_base"), 4_194_304, context=128)
+  assert (s.height, s.width, s.chunks, s.tokens) == (480, 480, 768, 4_147_200)
+  s = size_for_tokens(get_preset("4.5B_base"), 40_000, 480, 832, context=2)
+  assert s.chunks == 4                                   # 4 = 2 x 2: zig-zag on context 2
+  with pytest.raises(AOTError, match="fewer than 8 chunks"):
+    size_for_tokens(get_preset("4.5B_base"), 40_000, 480, 832, context=8)
 
 
 def test_steady_state_of_the_official_window():

@@ -7,7 +7,8 @@
 
 Sizes: sample --chunks is the video length in chunks (default: enough for the steady state,
 steady.default_chunks); train --chunks is the chunks per packed row (default: the preset's
-num_frames, 4 for the 96-frame MAGI-1 presets), or --tokens per row (sizes.size_for_tokens).
+num_frames, 4 for the 96-frame MAGI-1 presets), or --tokens per row (sizes.size_for_tokens);
+on a mesh with context > 1 the chunk count must split over it (sizes.check_context_split).
 Missing --height/--width take the preset's runtime video size.
 """
 
@@ -21,7 +22,7 @@ from magi_jax.aot.job import JOBS, Job
 from magi_jax.aot.mesh import build_mesh
 from magi_jax.aot.programs import build_programs, select_families
 from magi_jax.aot.report import ProgramReport
-from magi_jax.aot.sizes import size_for_tokens, video_size
+from magi_jax.aot.sizes import check_context_split, size_for_tokens, video_size
 from magi_jax.aot.steady import default_chunks
 from magi_jax.aot.topology import get_topology
 from magi_jax.configs import ConfigError, MagiConfig, get_preset
@@ -55,19 +56,21 @@ def resolve(*, job: str, preset: str, topology: str, mesh: str | None = None,
     if batch != 1:
       raise AOTError(f"--batch={batch}: the sampler generates one video (batch 1)")
     size = video_size(cfg, height, width, chunks, default_chunks(cfg))
-  else:
-    if not isinstance(batch, int) or batch < 1:
-      raise AOTError(f"--batch={batch}: must be a positive integer")
-    if tokens is not None:
-      if chunks is not None:
-        raise AOTError("--tokens chooses the chunk count: give --tokens or --chunks, not both")
-      size = size_for_tokens(cfg, tokens, height, width)
-    else:
-      size = video_size(cfg, height, width, chunks, _train_default_chunks(cfg))
   if t5_dtype not in T5_DTYPES:
     raise AOTError(f"--t5_dtype={t5_dtype!r}: choose one of {', '.join(T5_DTYPES)}")
   topo = get_topology(topology)
   device_mesh, desc = build_mesh(mesh, job, topo.devices)
+  if job == "train":
+    if not isinstance(batch, int) or batch < 1:
+      raise AOTError(f"--batch={batch}: must be a positive integer")
+    context = int(device_mesh.shape.get("context", 1))
+    if tokens is not None:
+      if chunks is not None:
+        raise AOTError("--tokens chooses the chunk count: give --tokens or --chunks, not both")
+      size = size_for_tokens(cfg, tokens, height, width, context)
+    else:
+      size = video_size(cfg, height, width, chunks, _train_default_chunks(cfg))
+    check_context_split(size, context)
   return Job(kind=job, preset=preset, cfg=cfg, topology=topo, mesh=device_mesh, mesh_desc=desc,
              rules=rules or ShardingRules(), size=size, batch=batch, programs=families,
              ema=ema, t5_dtype=t5_dtype)

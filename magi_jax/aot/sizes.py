@@ -9,6 +9,13 @@ STANDARD_RESOLUTIONS (largest first) one chunk of which is at most N tokens, the
 floor(N / tokens per chunk) chunks (so the row holds at most N tokens, within one chunk of it).
 With --height/--width given, only the chunk count is chosen. 4,194,304 tokens on the MAGI-1
 presets: 720x1280, 194 chunks of 21,600 tokens = 4,190,400 tokens.
+
+On a mesh with a 'context' axis of N > 1 devices, ring attention splits a row only when its
+chunk count is a multiple of N (zig-zag, balanced, when it is a multiple of 2N); otherwise each
+device would attend over the whole row. `--tokens` then rounds the chunk count down to a
+multiple of 2N (else N) and takes the resolution that keeps the most tokens (the larger one on
+ties): 4,194,304 tokens on context 128 are 480x480, 768 chunks of 5,400 tokens = 4,147,200.
+An explicit --chunks that N does not divide is an error (`check_context_split`).
 """
 
 from __future__ import annotations
@@ -77,15 +84,43 @@ def video_size(cfg: MagiConfig, height: int | None, width: int | None,
   return VideoSize(height, width, h, w, n, tokens_per_chunk(cfg, h, w))
 
 
+def check_context_split(size: VideoSize, context: int) -> None:
+  """AOTError unless ring attention can split the row's chunks over `context` devices."""
+  if context > 1 and size.chunks % context:
+    raise AOTError(
+        f"{size.chunks} chunks per row do not split over the mesh's context axis of {context}: "
+        f"ring attention needs a multiple of {context} chunks ({2 * context} for the balanced "
+        "zig-zag placement), else every device attends over the whole row. Choose --chunks "
+        "accordingly, or --tokens, which rounds for the mesh")
+
+
+def _tokens_for_context(cfg, tokens, candidates, context):
+  best = None
+  for hh, ww in candidates:
+    size = video_size(cfg, hh, ww, 1, 1)
+    for m in (2 * context, context):
+      n = tokens // size.tokens_per_chunk // m * m
+      if n:
+        if best is None or n * size.tokens_per_chunk > best.tokens:
+          best = dataclasses.replace(size, chunks=n)
+        break
+  if best is None:
+    raise AOTError(f"--tokens={tokens:,}: fewer than {context} chunks (one per device of the "
+                   f"context axis) at every resolution tried")
+  return best
+
+
 def size_for_tokens(cfg: MagiConfig, tokens: int, height: int | None = None,
-                    width: int | None = None) -> VideoSize:
-  """The `--tokens` rule (module docstring)."""
+                    width: int | None = None, context: int = 1) -> VideoSize:
+  """The `--tokens` rule (module docstring); `context` is the mesh's context-axis size."""
   if not isinstance(tokens, int) or tokens < 1:
     raise AOTError(f"--tokens={tokens}: must be a positive integer")
   if height is not None or width is not None:
     candidates = [(height, width)]
   else:
     candidates = list(STANDARD_RESOLUTIONS)
+  if context > 1:
+    return _tokens_for_context(cfg, tokens, candidates, context)
   for hh, ww in candidates:
     size = video_size(cfg, hh, ww, 1, 1)
     if size.tokens_per_chunk <= tokens:

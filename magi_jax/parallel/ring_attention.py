@@ -24,8 +24,8 @@ and two more deal the output back, so no device ever holds more than its slice.
 Under `lax.scan` over layers, pass the mask's ranges in as a scanned input (`xs`), not as a
 closed-over value: closed over, JAX differentiates the forward's loops instead of using the
 custom VJP and keeps every tile's probabilities (measured: 92 MiB of temporaries instead of 30
-for two scanned layers of 1K tokens per device; benchmarks/context_memory.py and the DiT's layer
-scan, magi_jax/models/stack.py, do it right).
+for two scanned layers of 1K tokens per device; the DiT's layer scan, magi_jax/models/stack.py,
+does it right).
 
 When the chunk count is not a multiple of 2N the layout falls back to contiguous slices with
 run-time skipping only (correct, not balanced); a key/value cache (Sk != Sq) or a mesh without a
