@@ -26,16 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magi_jax.attention.masks import ChunkMask
+from magi_jax.attention.masks import ChunkMask, concrete_ranges
 
 DTYPES = (jnp.bfloat16, jnp.float16)
-
-
-def _concrete(kv_ranges) -> np.ndarray | None:
-  try:
-    return np.asarray(kv_ranges)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return None
 
 
 def plan(mask: ChunkMask, num_queries: int, num_keys: int) -> str:
@@ -43,7 +36,7 @@ def plan(mask: ChunkMask, num_queries: int, num_keys: int) -> str:
   if num_queries != mask.num_q_blocks * mask.q_block:
     raise ValueError(f"mask covers {mask.num_q_blocks} x {mask.q_block} queries, q has "
                      f"{num_queries}")
-  r = _concrete(mask.kv_ranges)
+  r = concrete_ranges(mask)
   if r is not None and (r == r[:1]).all():
     if ((r[0, :, 0] < 0) | (r[0, :, 1] > num_keys) | (r[0, :, 0] > r[0, :, 1])).any():
       raise ValueError(f"kv ranges {r[0].tolist()} leave the {num_keys} keys")

@@ -49,6 +49,15 @@ class ChunkMask:
     return self.kv_ranges.shape[1]
 
 
+def concrete_ranges(mask: ChunkMask) -> np.ndarray | None:
+  """The mask's kv_ranges as numpy when they are known at trace time, else None (traced under
+  jit / grad / vmap): what kernels whose mask must be static check first."""
+  try:
+    return np.asarray(mask.kv_ranges)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+
+
 def dense_mask(mask: ChunkMask, num_keys: int) -> jax.Array:
   """(B, Sq, Sk) boolean matrix of the mask; Sq = num_q_blocks * q_block."""
   starts = jnp.repeat(mask.kv_ranges[..., 0], mask.q_block, axis=1)        # (B, Sq)

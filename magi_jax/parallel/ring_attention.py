@@ -43,7 +43,7 @@ from einops import rearrange
 from jax.sharding import PartitionSpec as P
 
 from magi_jax.attention.flash import flash_attention, token_ranges
-from magi_jax.attention.masks import ChunkMask
+from magi_jax.attention.masks import ChunkMask, concrete_ranges
 from magi_jax.attention import tiles as flash
 from magi_jax.parallel.rules import placement, split_axes
 
@@ -71,9 +71,8 @@ def device_work(num_chunks: int, num_devices: int, layout: str) -> np.ndarray:
 
 
 def _check_causal(mask: ChunkMask):
-  try:
-    r = np.asarray(mask.kv_ranges)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+  r = concrete_ranges(mask)
+  if r is None:
     return
   ends = (np.arange(r.shape[1]) + 1) * mask.q_block
   if np.any(r[..., 1] > ends[None]):

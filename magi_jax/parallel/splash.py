@@ -71,7 +71,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
 
-from magi_jax.attention.masks import ChunkMask
+from magi_jax.attention.masks import ChunkMask, concrete_ranges
 from magi_jax.parallel.rules import axis_size, placement, split_axes, target_platform
 
 PAD_SEGMENT = -1
@@ -151,14 +151,6 @@ class Plan(NamedTuple):
   ranges: tuple | None = None
 
 
-def _concrete(x):
-  """x as a numpy array, or None when it is a tracer (under jit / grad / vmap)."""
-  try:
-    return np.asarray(x)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return None
-
-
 def segments_problem(r: np.ndarray, q_block: int) -> str | None:
   """Why concrete ranges r (B, n, 2) are not causal segments (module docstring), or None."""
   for b in range(r.shape[0]):
@@ -208,7 +200,7 @@ def plan(mask: ChunkMask, num_queries: int, num_keys: int) -> Plan:
   nq, qb = mask.num_q_blocks, mask.q_block
   if num_queries != nq * qb:
     raise ValueError(f"mask covers {nq} x {qb} queries, q has {num_queries}")
-  r = _concrete(mask.kv_ranges)
+  r = concrete_ranges(mask)
   if mask.layout == "causal_segments":
     if num_keys != num_queries:
       raise ValueError(f"a 'causal_segments' mask is self-attention over the same tokens "
