@@ -9,7 +9,7 @@ topology on this host (libtpu's compiler; no TPU needed, nothing is allocated):
   python benchmarks/compile_time.py                           # 4.5B_distill, 480x832, v5p chip
   python benchmarks/compile_time.py --program=forward --modes=scanned   # jit_forward only
 
-What is compiled (`--program`): 'step' (default) is `magi_jax.sampling.step.make_step(model)
+What is compiled (`--program`): 'step' (default) is `magi_jax.diffusion.step.make_step(model)
 .compiled`, the sampler's jitted guided step (DiT forward(s) + Euler update) with the static
 self-attention ranges the sampler passes; 'forward' is `jit_forward(model).compiled` with traced
 ranges. Both over the preset's abstract DiT with bf16 weights (the official policy), for
@@ -111,7 +111,7 @@ def lower_program(model, cfg, mesh):
 
   from magi_jax.models import jit_forward
   from magi_jax.parallel.rules import use_mesh
-  from magi_jax.sampling.step import make_step
+  from magi_jax.diffusion.step import make_step
 
   rep = NamedSharding(mesh, P())
   i = abstract_inputs(cfg, mesh)

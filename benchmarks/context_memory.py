@@ -193,7 +193,7 @@ def attention_program(mesh, *, batch: int, tokens: int, tok: int, block: int, sk
 
   from magi_jax.attention import ChunkMask
   from magi_jax.configs import get_preset
-  from magi_jax.parallel.ring_attention import ring_attention
+  from magi_jax.attention.ring import ring_attention
   from magi_jax.parallel.rules import fit_spec
 
   cfg = get_preset(PRESET).model
@@ -343,7 +343,7 @@ def print_attention(rows, topo):
 def run_flops() -> dict:
   import jax
   from magi_jax.parallel.mesh import MeshConfig, make_mesh
-  from magi_jax.parallel.ring_attention import device_work
+  from magi_jax.attention.ring import device_work
   t0 = time.perf_counter()
   mesh = make_mesh(MeshConfig(data=1, fsdp=1, context=FLOP_CONTEXT, tensor=1),
                    jax.devices("cpu")[:FLOP_CONTEXT])

@@ -154,7 +154,7 @@ class _RandomRows:
 def run_sampler(backends):
   import jax
   from magi_jax.configs import magi_config_from_dict
-  from magi_jax.sampling import Sampler, SamplerOptions
+  from magi_jax.diffusion import Sampler, SamplerOptions
   with open(PERF_FILE) as f:
     spec = json.load(f)
   cfg = magi_config_from_dict({k: spec[k] for k in ("model_config", "runtime_config",

@@ -79,7 +79,7 @@ def _random_model(seed=0):
   """The tiny VideoDiT with random weights (what the tiny sampling preset uses)."""
   from flax import nnx
   from magi_jax.configs import tiny_config
-  from magi_jax.generate.components import random_module
+  from magi_jax.convert.load import random_module
   from magi_jax.models import Precision, VideoDiT
   return random_module(lambda: VideoDiT(tiny_config().model, precision=Precision.fp32(),
                                         rngs=nnx.Rngs(seed)), seed)
@@ -102,8 +102,8 @@ def child(n):
   import jax.numpy as jnp
   from magi_jax.configs import tiny_config
   from magi_jax.models.kv_cache import KVCacheStore
-  from magi_jax.sampling import Sampler, SamplerOptions
-  from magi_jax.sampling import sampler as sampler_module
+  from magi_jax.diffusion import Sampler, SamplerOptions
+  from magi_jax.diffusion import sampler as sampler_module
 
   use_compile_cache(FLAGS.cache_dir)
   cfg = tiny_config()

@@ -187,8 +187,9 @@ def _demo_config(variant: str):
 
 def _demo_batch(c, tokenizer):
   import numpy as np
+  from magi_jax.proj.bouncing.training import world_config
   from magi_jax.train import build
-  world = build.world_config(c)
+  world = world_config(c)
   B, K = c.data.batch_size, c.data.bin_chunks
   F = world.frames_per_chunk
   rng = np.random.default_rng(0)
@@ -305,7 +306,7 @@ def big_step_rows(m, *, rows, chunks, chunk_width, latent_hw, text_valid, backen
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from magi_jax.generate.components import random_module
+  from magi_jax.convert.load import random_module
   from magi_jax.models import Precision, VideoDiT
   from magi_jax.train.objective import Objective, TrainModel
 

@@ -100,7 +100,7 @@ def child(mode, T):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
   import numpy as np
-  from magi_jax.convert.vae_official import load_official_vae
+  from magi_jax.official.vae import load_official_vae
   from magi_jax.media import VideoWriter, to_uint8
   from magi_jax.models.vae import load_vae_config
   from magi_jax.models.vae_tiling import TileConfig, tiled_decode

@@ -9,7 +9,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/dit_smo
 
 def main(argv):
   del argv
-  from magi_jax import stream_check
+  from magi_jax.models import stream_check
   from magi_jax.configs import get_preset
 
   c = _CONFIG.value

@@ -27,7 +27,7 @@ def main(argv):
   from PIL import Image
 
   from magi_jax.train.checkpoint import CheckpointError
-  from magi_jax.train.evaluation import evaluate, format_report, sample_set
+  from magi_jax.proj.bouncing.evaluation import evaluate, format_report, sample_set
   from magi_jax.train.samples import frame_strip
   from magi_jax.train.trainer import load_trained
   try:

@@ -7,6 +7,7 @@ validated before any weights are loaded; a bad field fails with a message naming
 from absl import app, logging
 from ml_collections import config_flags
 
+from magi_jax.errors import MagiError
 from magi_jax.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py",
@@ -19,7 +20,7 @@ def build(c):
   from magi_jax.configs import ConfigError, get_preset, load_magi_config
   from magi_jax.generate import Request, load_dit, load_special_tokens, load_text_encoder, load_vae
   from magi_jax.generate.components import Components
-  from magi_jax.sampling import SamplerOptions
+  from magi_jax.diffusion import SamplerOptions
   from magi_jax.text import TextFlags
 
   try:
@@ -89,21 +90,6 @@ def _check_prompts(req, cfg):
   prompts_per_chunk(schedule, plan.infer_chunk_num - plan.clean_chunk_num)
 
 
-def user_errors():
-  """Exception types that mean "fix your input", reported as usage errors, not tracebacks."""
-  from magi_jax.configs import ConfigError
-  from magi_jax.convert import CheckpointFormatError, CheckpointMismatchError
-  from magi_jax.generate import ComponentError, RequestError
-  from magi_jax.media import MediaError
-  from magi_jax.sampling import SamplerError
-  from magi_jax.text import SpecialTokenError, TokenizerError
-  from magi_jax.text.prompts import PromptScheduleError
-  from magi_jax.text.t5 import T5ConfigError
-  return (RequestError, ComponentError, MediaError, PromptScheduleError, ConfigError,
-          CheckpointFormatError, CheckpointMismatchError, SpecialTokenError, TokenizerError,
-          T5ConfigError, SamplerError)
-
-
 def main(argv):
   del argv
   try:
@@ -117,7 +103,7 @@ def main(argv):
     comp, req, flags, opts = build(c)
     logging.info("sampling %s with %s", req.mode, c.preset)
     generate(comp, req, flags=flags, options=opts, progress=c.progress)
-  except user_errors() as e:
+  except MagiError as e:          # bad input: a usage error, not a traceback
     raise app.UsageError(str(e)) from None
 
 

@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any, Mapping
 
+from magi_jax.errors import MagiError
 from magi_jax.json_file import read_json
 
 _PARAMS_DTYPES = ("torch.bfloat16", "torch.float16", "torch.float32")
@@ -23,7 +24,7 @@ _CP_STRATEGIES = ("none", "cp_ulysses", "cp_shuffle_overlap")
 _SHORTCUT_MODES = ("8,16,16", "16,16,8")
 
 
-class ConfigError(ValueError):
+class ConfigError(MagiError, ValueError):
   """A configuration field is missing, unknown, or inconsistent with another."""
 
 

@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from experiments.configs import bouncing_tiny
+from magi_jax.proj.bouncing.training import world_config
 from magi_jax.train import build
 from magi_jax.train.trainer import train
 
@@ -45,7 +46,7 @@ def config(mesh: dict, backend: str):
 def global_batches(c, steps: int = STEPS):
   """Deterministic batches of the loader's format: 2 rows of one 4-chunk video, 2 packed rows."""
   rng = np.random.default_rng(0)
-  world = build.world_config(c)
+  world = world_config(c)
   K, F, L = c.data.bin_chunks, world.frames_per_chunk, c.text.max_length
   vocab = build.tokenizer_for(c).vocab_size
   seg = np.array([[1, 1, 1, 1], [1, 1, 2, 2], [1, 2, 2, 2], [1, 1, 2, 0]], np.int32)

@@ -26,12 +26,12 @@ def test_every_preset_constructs(name):
 
 
 def test_4p5b_parameter_count():
-  # spec §4.2: 898 tensors, 4,459,898,128 parameters.
+  # the official 4.5B checkpoint: 898 tensors, 4,459,898,128 parameters.
   assert num_parameters(get_preset("4.5B_base").model) == 4_459_898_128
 
 
 def test_24b_parameter_count_is_about_23p9b():
-  # spec §4.3: "about 23.90 B parameters".
+  # the official 24B checkpoint: about 23.90 B parameters.
   n = num_parameters(get_preset("24B_base").model)
   assert abs(n - 23.90e9) < 0.01e9, n
 

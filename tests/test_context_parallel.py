@@ -13,7 +13,7 @@ import pytest
 
 from magi_jax.attention import ChunkMask, attention
 from magi_jax.parallel.mesh import MeshConfig, make_mesh
-from magi_jax.parallel.ring_attention import device_work, ring_attention, zigzag_order
+from magi_jax.attention.ring import device_work, ring_attention, zigzag_order
 from magi_jax.parallel.rules import use_mesh
 from multidevice import eight_devices
 
@@ -89,14 +89,14 @@ def test_ring_without_skipping_is_the_same_function():
 @pytest.mark.parametrize("mesh_name", ["context8", "fsdp2_context2_tensor2"])
 @pytest.mark.parametrize("kind", ["block_causal", "kv_range", "packed"])
 def test_ulysses_matches_reference(mesh_name, kind):
-  from magi_jax.parallel.ulysses import ulysses_attention
+  from magi_jax.attention.ulysses import ulysses_attention
   _check(ulysses_attention, _ranges(kind), make_mesh(MESHES[mesh_name]), Hq=8, Hkv=2)
 
 
 @eight_devices
 def test_ulysses_with_a_kv_cache():
   """Sk != Sq (keys = [cache; current]) works through the head split."""
-  from magi_jax.parallel.ulysses import ulysses_attention
+  from magi_jax.attention.ulysses import ulysses_attention
   mesh = make_mesh(MeshConfig(data=1, context=8))
   q, k, v, _ = _inputs(Hq=8, Hkv=8)
   kc = jnp.concatenate([k, k[:, ::-1]], axis=1)
@@ -156,7 +156,7 @@ def test_ring_falls_back_without_a_context_axis():
 
 
 def test_ring_rejects_non_causal_concrete_masks():
-  from magi_jax.parallel import ring_attention as ra
+  from magi_jax.attention import ring as ra
   mask = ChunkMask(jnp.asarray([[[0, 16], [0, 16]]], jnp.int32), q_block=8)
   with pytest.raises(ValueError, match="causal chunk masks"):
     ra._check_causal(mask)
@@ -171,7 +171,7 @@ def test_sampler_on_a_mesh_matches_one_device(backend):
   from flax import nnx
   from magi_jax.configs import tiny_config
   from magi_jax.parallel.rules import ShardingRules, tree_shardings
-  from magi_jax.sampling import Sampler, SamplerOptions
+  from magi_jax.diffusion import Sampler, SamplerOptions
   from magi_jax.text import ChunkTextRows, TextFlags
   cfg = tiny_config()
   r = np.random.default_rng(0)

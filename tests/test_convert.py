@@ -12,11 +12,12 @@ from conftest import FIXTURES, make_model
 from flax import nnx
 
 from magi_jax.configs import load_magi_config, tiny_config
-from magi_jax.convert import (CheckpointFormatError, CheckpointMismatchError, dequantize_fp8,
-                              load_converted, load_official_dit, official_state_dict,
-                              save_converted, save_official_dit, save_safetensors)
-from magi_jax.convert.dit_layout import proj_to_model
-from magi_jax.convert.safetensors_io import SafetensorsFile
+from magi_jax.convert import load_converted, save_converted
+from magi_jax.formats.safetensors_io import CheckpointFormatError, save_safetensors
+from magi_jax.official.dit import (CheckpointMismatchError, dequantize_fp8, load_official_dit,
+                                   official_state_dict, save_official_dit)
+from magi_jax.official.dit_layout import proj_to_model
+from magi_jax.formats.safetensors_io import SafetensorsFile
 from magi_jax.models import Precision, jit_forward
 
 

@@ -111,7 +111,7 @@ def test_the_trainers_packed_rows_with_padding_chunks_match_reference():
   """Ranges the trainer builds (`packed_kv_range` through the DiT's local-range conversion),
   padding chunks included, under jit: the promise 'causal_segments' holds and cudnn is exact."""
   from magi_jax.models.dit import _local_ranges
-  from magi_jax.train.segments import packed_kv_range
+  from magi_jax.diffusion.segments import packed_kv_range
   seg = np.asarray([[1, 1, 2, 2, 2, 0], [1, 2, 3, 3, 0, 0]], np.int32)
   N, K = seg.shape
   tok = 4
@@ -127,7 +127,7 @@ def test_the_sampler_runs_on_cudnn_and_matches_the_reference_backend():
   self-attention call takes the static-slice encoding, captions the key lengths."""
   from conftest import make_model
   from magi_jax.configs import tiny_config
-  from magi_jax.sampling import Sampler, SamplerOptions
+  from magi_jax.diffusion import Sampler, SamplerOptions
   from test_sampler import HW, KEY, text_rows
   cfg = tiny_config()
   model = make_model()

@@ -6,7 +6,7 @@ import chex
 import numpy as np
 import pytest
 
-from magi_jax.data.bouncing import (WorldConfig, caption_words, coverage, rollout, simulate,
+from magi_jax.proj.bouncing.world import (WorldConfig, caption_words, coverage, rollout, simulate,
                                     vocabulary)
 
 MULTI = WorldConfig(min_objects=2, max_objects=3)

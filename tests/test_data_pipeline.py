@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from magi_jax.data import DataError, first_fit_decreasing, pack
-from magi_jax.data.bouncing import WorldConfig, caption_words, vocabulary
-from magi_jax.data.tfds_bouncing import make_builder
-from magi_jax.data.pipeline import (bouncing_batches, make_dataset, make_pipeline,
+from magi_jax.proj.bouncing.world import WorldConfig, caption_words, vocabulary
+from magi_jax.proj.bouncing.tfds_builder import make_builder
+from magi_jax.proj.bouncing.training import bouncing_batches
+from magi_jax.data.pipeline import (make_dataset, make_pipeline,
                                     resize_matrix)
 
 F = 2          # frames per chunk of the synthetic source

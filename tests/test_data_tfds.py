@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from magi_jax.data import DataError
-from magi_jax.data.bouncing import WorldConfig, simulate
-from magi_jax.data.tfds_bouncing import TEST_SEED_OFFSET, BouncingShapes
-from magi_jax.data.tfds_bouncing import make_builder as make_bouncing
+from magi_jax.proj.bouncing.world import WorldConfig, simulate
+from magi_jax.proj.bouncing.tfds_builder import TEST_SEED_OFFSET, BouncingShapes
+from magi_jax.proj.bouncing.tfds_builder import make_builder as make_bouncing
 from magi_jax.data.tfds_video_folder import make_builder as make_video
 from magi_jax.media.read import read_video
 from magi_jax.media.write import write_video

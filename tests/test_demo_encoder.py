@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from magi_jax.text.demo_encoder import DemoTextEncoder, WordTokenizer
+from magi_jax.proj.bouncing.text_encoder import DemoTextEncoder, WordTokenizer
 
 VOCAB = ["red", "green", "blue", "ball", "square", "moves", "left", "right"]
 #         2      3        4       5       6         7        8       9

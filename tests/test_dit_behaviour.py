@@ -1,4 +1,4 @@
-"""Behaviour of one DiT forward call (spec §1, §2) on a tiny random model: block causality and
+"""Behaviour of one DiT forward call (official dit_module.py, dit_model.py) on a tiny random model: block causality and
 kv windows, the KV-cache path, batching, caption dropout, precision modes, the distilled and
 24B-shaped variants, input validation and compile reuse.
 
@@ -296,7 +296,7 @@ def test_caption_mask_with_holes_is_packed(fwd, full, base_inputs):
 
 
 def test_caption_dropout_picks_null_rows_minus2_and_minus1(model):
-  """Kept -> null_caption_embedding[-2], dropped -> [-1] (spec §1.4): changing row -1 only
+  """Kept -> null_caption_embedding[-2], dropped -> [-1] (as the official): changing row -1 only
   changes the dropped output."""
   m2 = nnx.clone(model)
   emb = m2.y_embedder.null_caption_embedding
@@ -330,7 +330,7 @@ def test_bf16_close_to_fp32(model, full, base_inputs):
                              np.asarray(model.layers.q.kernel[...]), rtol=1e-2, atol=1e-6)
   out = jit_forward(m16, return_kv=True)(*base_inputs, BLOCK_CAUSAL, chunk_width=CW)
   chex.assert_type(out.velocity, jnp.float32)
-  # The hidden stream, and with it the KV cache, is bf16 (spec §1.9, §2.2).
+  # The hidden stream, and with it the KV cache, is bf16 (official post-load dtype promotion).
   chex.assert_type((out.kv.k, out.kv.v), jnp.bfloat16)
   chex.assert_shape(out.velocity, full.velocity.shape)
   ref = np.asarray(full.velocity)
@@ -469,7 +469,7 @@ def test_jit_reuse_across_slice_points(model):
   b = f(x, t, y, mask, chunk_ranges([3, 4], [3, 5]), slice_point=3, chunk_width=CW)
   f(x * 0.5, t * 0.5, y, mask, chunk_ranges([5, 6], [6, 7]), slice_point=5, chunk_width=CW)
   assert f.compiled._cache_size() == 1
-  # Without a cache, shifting every chunk in time changes no relative position (spec §1.5):
+  # Without a cache, shifting every chunk in time changes no relative position:
   # the output is the same up to the float32 rounding of the time rescale.
   chex.assert_trees_all_close(a.velocity, b.velocity, atol=1e-5, rtol=1e-5)
 

@@ -5,7 +5,7 @@ import chex
 import numpy as np
 import pytest
 
-from magi_jax.evaluation import bouncing_metrics as bm
+from magi_jax.proj.bouncing import metrics as bm
 
 RED, GREEN, BLUE, YELLOW = (230, 40, 40), (40, 200, 40), (60, 90, 255), (230, 220, 40)
 PALETTE = {"red": RED, "green": GREEN, "blue": BLUE, "yellow": YELLOW}

@@ -17,9 +17,9 @@ from flax import nnx
 
 from conftest import make_model
 from magi_jax.configs import tiny_config
-from magi_jax.convert import load_official_dit, official_state_dict, save_official_dit
-from magi_jax.convert.safetensors_io import SafetensorsFile, save_safetensors
-from magi_jax.generate.components import random_module
+from magi_jax.official.dit import load_official_dit, official_state_dict, save_official_dit
+from magi_jax.formats.safetensors_io import SafetensorsFile, save_safetensors
+from magi_jax.convert.load import random_module
 from magi_jax.models import Precision, VideoDiT
 from magi_jax.models.layers import Linear
 from magi_jax.train.lora import (DEFAULT_TARGETS, LoRAError, LoRALinear, apply_lora, load_lora,

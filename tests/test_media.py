@@ -1,4 +1,4 @@
-"""magi_jax.media: frame arithmetic (spec VAE_T5_IO §3.5 table), ffmpeg reading / writing round
+"""magi_jax.media: frame arithmetic (the official video_generate.py arithmetic), ffmpeg reading / writing round
 trips on clips the tests make themselves, and the error messages."""
 
 import os

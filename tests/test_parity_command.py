@@ -1,4 +1,4 @@
-"""`python -m magi_jax.parity` on the official fixtures: passes, and fails when it should."""
+"""`python -m magi_jax.official.parity` on the official fixtures: passes, and fails when it should."""
 
 import os
 import shutil
@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 from conftest import FIXTURES
 
-from magi_jax.convert.safetensors_io import SafetensorsFile, save_safetensors
-from magi_jax.parity.__main__ import main
+from magi_jax.formats.safetensors_io import SafetensorsFile, save_safetensors
+from magi_jax.official.parity.__main__ import main
 
 
 def test_dit_forward_parity_passes_with_activations(capsys):

@@ -1,4 +1,4 @@
-"""MAGI-1's learnable 3D RoPE (spec §1.5): relative positions, which dims rotate, norms, grid."""
+"""MAGI-1's learnable 3D RoPE (official dit_module.py): relative positions, which dims rotate, norms, grid."""
 
 import chex
 import jax.numpy as jnp

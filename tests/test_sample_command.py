@@ -204,12 +204,12 @@ def test_same_seed_same_video_other_seed_differs(tmp_path, t2v):
 @pytest.fixture
 def no_model_work(monkeypatch):
   """Any model construction fails the test: errors must come before it."""
-  import magi_jax.generate.components as components
+  import magi_jax.convert.load as load
 
   def refuse(*a, **k):
     raise AssertionError("a model was constructed before the input error was raised")
   for name in ("VideoDiT", "ViTVAE", "T5Encoder"):
-    monkeypatch.setattr(components, name, refuse)
+    monkeypatch.setattr(load, name, refuse)
 
 
 ERROR_CASES = {

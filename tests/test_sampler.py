@@ -1,9 +1,9 @@
-"""Behaviour of the autoregressive sampler (spec DIT_AND_SAMPLER §2-3): the f32 timestep
+"""Behaviour of the autoregressive sampler (official inference/pipeline/video_generate.py): the f32 timestep
 schedule, the window plan against the official fixture's call metadata, jit reuse, the bounded
 KV cache, streaming, causality, PRNG determinism, I2V / V2V prefixes, input errors and
 per-chunk text.
 
-Every expected value comes from the spec, from the official fixture, or is derived by hand in
+Every expected value comes from the official code, from its fixture, or is derived by hand in
 a comment; nothing is compared with numbers this code produced earlier. The tiny model runs
 with the tiny runtime (window 2, 6 steps, chunk width 2, kv ranges [3, 2]) at 4x4 latents.
 One Sampler is shared by the whole module, so its six step functions compile once.
@@ -22,11 +22,11 @@ import pytest
 from conftest import FIXTURES, make_model
 from magi_jax.configs import tiny_config
 from magi_jax.models import KVCacheStore
-from magi_jax.parity import fixtures
-from magi_jax.sampling import (Sampler, SamplerError, SamplerOptions, distill_intervals,
+from magi_jax.official.parity import fixtures
+from magi_jax.diffusion import (Sampler, SamplerError, SamplerOptions, distill_intervals,
                                guidance_bucket, nearly_clean, plan_steps, timesteps)
-from magi_jax.sampling import sampler as sampler_module
-from magi_jax.sampling.window import cache_chunks_needed, chunk_kv_range, kv_width
+from magi_jax.diffusion import sampler as sampler_module
+from magi_jax.diffusion.window import cache_chunks_needed, chunk_kv_range, kv_width
 from magi_jax.text import ChunkTextRows, TextFlags
 
 F32 = np.float32
@@ -39,7 +39,7 @@ HW = (4, 4)                          # latent size: 2x2 patches per frame
 TOK = CW * (HW[0] // 2) * (HW[1] // 2)                         # 8 tokens per chunk
 KEY = jax.random.key(7)
 
-# The 6-step schedule of the spec (§3.2), as f32 literals.
+# The official 6-step schedule, as f32 literals.
 T6 = np.array([0, 0.009433963, 0.040000007, 0.10000001, 0.21052627, 0.4310345, 1.0000001], F32)
 
 
@@ -164,7 +164,7 @@ def test_guidance_bucket_edges():
   assert guidance_bucket(timesteps(64)[32], r) == 2    # 0.10000001
   assert guidance_bucket(F32(0.0217), r) == 1
   assert guidance_bucket(F32(1.0000001), r) == 4
-  # 64 steps, released config: the bucket equals the window slot σ // 16 (spec §3.6).
+  # 64 steps, released config: the bucket equals the window slot σ // 16 (as the official).
   t = timesteps(64)
   assert [guidance_bucket(t[s], r) for s in range(64)] == [s // 16 for s in range(64)]
 
@@ -343,8 +343,8 @@ def test_call_inputs_match_official_t_and_kv_ranges(t2v3, fixture_calls):
 
 
 def test_euler_updates_chain_from_call_to_call(t2v3):
-  """x ← x + v·(t[σ+1] − t[σ]) (spec §3.3): each chunk's next input (or its emitted latent)
-  is the previous input plus the guided velocity times the spec's schedule step; the first
+  """x ← x + v·(t[σ+1] − t[σ]): each chunk's next input (or its emitted latent)
+  is the previous input plus the guided velocity times the schedule step; the first
   input is the given noise; the refresh chunk's input is the emitted clean latent."""
   noise, chunks, records, _ = t2v3
   state = {}
@@ -410,7 +410,7 @@ def test_i2v_image_frame(sampler, t2v3):
     check_chunk(c, CW)
   assert sum(c.latent.shape[2] for c in out) == 3 * CW
   # Chunk 0 is emitted whole; its frame 0 is the prefix plus the last Euler step (call 5:
-  # chunk 0 at σ = 5, dt = t[6] - t[5]), not the prefix itself (spec §3.10).
+  # chunk 0 at σ = 5, dt = t[6] - t[5]), not the prefix itself.
   last = records[5]
   assert last.plan.sigmas[0] == 5 and last.plan.c0 == 0
   np.testing.assert_allclose(np.asarray(out[0].latent)[:, :, 0],
@@ -546,7 +546,7 @@ def test_per_chunk_prompts(sampler):
   assert rec.asked == list(range(n))
   out1, _, _ = run(sampler, n, text=one)
   # Chunks 0 and 1 use prompt 0 in both runs and never attend to later chunks (block
-  # causality; clean chunks enter the cache with null-text features, spec §2.2): identical.
+  # causality; clean chunks enter the cache with null-text features, as the official): identical.
   for c in (0, 1):
     np.testing.assert_array_equal(np.asarray(out2[c].latent), np.asarray(out1[c].latent))
   for c in (2, 3):

@@ -1,6 +1,6 @@
 """The README's main job (experiments.dit_smoke) runs and its streaming check holds."""
 
-from magi_jax import stream_check
+from magi_jax.models import stream_check
 from magi_jax.configs import get_preset
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from magi_jax.attention import ChunkMask, block_causal_chunk_ranges, dense_mask
 from magi_jax.attention.reference import reference_attention
-from magi_jax.parallel.splash import (BlockCausalMask, ChunkRangeMask, check_supported,
+from magi_jax.attention.splash import (BlockCausalMask, ChunkRangeMask, check_supported,
                                       effective_mask, plan, prefix_segment_ids, segment_ids,
                                       splash_attention, supports)
 
@@ -108,7 +108,7 @@ def test_segment_ids_values():
 
 def test_packed_layout_from_training_segments():
   """The packed rows the trainer builds (`segments.segment_layout`) are covered exactly."""
-  from magi_jax.train.segments import segment_layout
+  from magi_jax.diffusion.segments import segment_layout
   seg = jnp.asarray([[1, 1, 2, 2, 2, 0], [1, 2, 3, 3, 0, 0]], jnp.int32)   # 0 = padding chunk
   _, start, _ = segment_layout(seg)
   mask = ChunkMask(ranges(3, np.asarray(start)), q_block=3)
@@ -252,7 +252,7 @@ def test_training_masks_are_causal_segments():
   """The self-attention mask of a packed training row (`packed_kv_range` through the DiT's
   official -> local range conversion) is what velocity_of_row promises: causal segments."""
   from magi_jax.models.dit import _local_ranges
-  from magi_jax.train.segments import packed_kv_range
+  from magi_jax.diffusion.segments import packed_kv_range
   tok = 3
   for seg in ([[1, 1, 2, 2, 2, 0]], [[1, 2, 3, 3, 0, 0], [1, 1, 1, 1, 1, 1]], [[1, 0, 0]]):
     seg = np.asarray(seg, np.int32)
@@ -376,9 +376,9 @@ def test_velocity_of_row_with_splash_matches_flash():
   packed-row self-attention and agrees with flash."""
   from flax import nnx
   from magi_jax.configs import tiny_config
-  from magi_jax.generate.components import random_module
+  from magi_jax.convert.load import random_module
   from magi_jax.models.dit import VideoDiT
-  from magi_jax.train.conditioning import Conditioning
+  from magi_jax.diffusion.conditioning import Conditioning
   from magi_jax.train.objective import Objective, TrainModel, velocity_of_row
   cw, L, C = 1, 8, 32
   cfg = tiny_config(num_layers=1, hidden_size=64, ffn_hidden_size=128, caption_channels=C,

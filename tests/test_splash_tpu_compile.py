@@ -24,7 +24,7 @@ pytest.importorskip("libtpu", reason="libtpu is not installed: no TPU compiler t
 
 import magi_jax.attention as attention_pkg  # noqa: E402
 from magi_jax.attention import ChunkMask, attention  # noqa: E402
-from magi_jax.parallel import splash  # noqa: E402
+from magi_jax.attention import splash  # noqa: E402
 from magi_jax.parallel.rules import (ShardingRules, fit_spec, tree_shardings,  # noqa: E402
                                      use_mesh)
 

@@ -11,11 +11,12 @@ import pytest
 from conftest import FIXTURES
 from flax import nnx
 
-from magi_jax.convert import CheckpointFormatError, CheckpointMismatchError
-from magi_jax.convert.checkpoint_dir import ShardedCheckpoint
+from magi_jax.formats.safetensors_io import CheckpointFormatError
+from magi_jax.official.strict import CheckpointMismatchError
+from magi_jax.formats.checkpoint_dir import ShardedCheckpoint
 from magi_jax.convert.orbax_io import load_converted_t5, save_converted_t5
-from magi_jax.convert.safetensors_io import SafetensorsFile, save_safetensors
-from magi_jax.convert.t5_official import load_t5, save_t5, t5_state_dict
+from magi_jax.formats.safetensors_io import SafetensorsFile, save_safetensors
+from magi_jax.official.t5 import load_t5, load_text_encoder, save_t5, t5_state_dict
 from magi_jax.text import (NULL_CAPTION_VALID, PromptScheduleError, SpecialTokenError,
                            SpecialTokens, T5Config, T5Encoder, T5Tokenizer, TextEncoder,
                            TextFlags, TokenizerError, build_text_rows, prompts_per_chunk,
@@ -277,7 +278,7 @@ def test_prompt_schedule_and_errors():
 
 
 def test_per_chunk_prompts_give_their_own_rows(tmp_path):
-  enc = TextEncoder.from_pretrained(T5_DIR, max_length=24, cache_dir=str(tmp_path / "c"))
+  enc = load_text_encoder(T5_DIR, max_length=24, cache_dir=str(tmp_path / "c"))
   null = np.zeros((24, 64), np.float32)
   rows = chunk_text_rows(enc, [("a red ball falls", 0, 1), ("the blue cube rolls", 1, 2)],
                          null, infer_chunk_num=2, clean_chunk_num=0, flags=TextFlags.none())
@@ -294,7 +295,7 @@ def test_text_encoder_matches_the_official_rows_and_zeroes_pad_rows():
   d = _fixture_io()
   with open(os.path.join(FIXTURES, "text", "t5_io.json")) as f:
     prompts = [p["prompt"] for p in json.load(f)["prompts"]]
-  enc = TextEncoder.from_pretrained(T5_DIR, max_length=24)
+  enc = load_text_encoder(T5_DIR, max_length=24)
   emb, mask = enc.encode(prompts)
   np.testing.assert_array_equal(mask, d["t5.attention_mask"])
   valid = mask == 1
@@ -304,22 +305,22 @@ def test_text_encoder_matches_the_official_rows_and_zeroes_pad_rows():
 
 def test_embedding_cache_skips_the_encoder_and_survives_corruption(tmp_path, caplog):
   cache = str(tmp_path / "cache")
-  enc = TextEncoder.from_pretrained(T5_DIR, max_length=24, cache_dir=cache)
+  enc = load_text_encoder(T5_DIR, max_length=24, cache_dir=cache)
   first, m1 = enc.encode(["A cat on a mat", "A cat on a mat", "a dog"])
   assert enc.encoder_calls == 2                          # repeats are encoded once
-  again = TextEncoder.from_pretrained(T5_DIR, max_length=24, cache_dir=cache)
+  again = load_text_encoder(T5_DIR, max_length=24, cache_dir=cache)
   second, m2 = again.encode(["A cat on a mat", "a dog"])
   assert again.encoder_calls == 0 and again.cache.hits == 2
   np.testing.assert_array_equal(second, first[1:])
   np.testing.assert_array_equal(m2, m1[1:])
-  other = TextEncoder.from_pretrained(T5_DIR, max_length=16, cache_dir=cache)
+  other = load_text_encoder(T5_DIR, max_length=16, cache_dir=cache)
   other.encode(["a dog"])
   assert other.encoder_calls == 1                        # settings are part of the key
   for root, _, files in os.walk(cache):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"corrupt")
-  third = TextEncoder.from_pretrained(T5_DIR, max_length=24, cache_dir=cache)
+  third = load_text_encoder(T5_DIR, max_length=24, cache_dir=cache)
   emb, _ = third.encode(["a dog"])
   assert third.encoder_calls == 1 and "unreadable" in caplog.text
   np.testing.assert_array_equal(emb[0], first[2])

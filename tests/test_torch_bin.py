@@ -15,10 +15,10 @@ import pytest
 from conftest import FIXTURES
 from flax import nnx
 
-from magi_jax.convert.checkpoint_dir import ShardedCheckpoint
-from magi_jax.convert.safetensors_io import CheckpointFormatError
-from magi_jax.convert.t5_official import load_t5
-from magi_jax.convert.torch_bin import TorchBinFile
+from magi_jax.formats.checkpoint_dir import ShardedCheckpoint
+from magi_jax.formats.safetensors_io import CheckpointFormatError
+from magi_jax.official.t5 import load_t5
+from magi_jax.formats.torch_bin import TorchBinFile
 
 HERE = os.path.join(FIXTURES, "torch_bin")
 MODEL_BIN = os.path.join(HERE, "model.bin")

@@ -19,8 +19,8 @@ import pytest
 from flax import nnx
 
 from experiments.configs import finetune_lora
-from magi_jax.convert.dit_official import load_official_dit, save_official_dit
-from magi_jax.generate.components import random_module
+from magi_jax.official.dit import load_official_dit, save_official_dit
+from magi_jax.convert.load import random_module
 from magi_jax.models import Precision, VideoDiT
 from magi_jax.train import build
 from magi_jax.train.lora import LoRALinear, load_lora, lora_config

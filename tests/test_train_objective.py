@@ -8,14 +8,15 @@ import pytest
 from flax import nnx
 
 from magi_jax.configs import tiny_config
-from magi_jax.generate.components import random_module
+from magi_jax.convert.load import random_module
 from magi_jax.models.dit import VideoDiT
 from magi_jax.text.rows import NULL_CAPTION_VALID
-from magi_jax.train import flow, timesteps
-from magi_jax.train.conditioning import Conditioning, ConditioningConfig, sample_conditioning
+from magi_jax.diffusion import flow
+from magi_jax.diffusion import timestep_sampling as timesteps
+from magi_jax.diffusion.conditioning import Conditioning, ConditioningConfig, sample_conditioning
 from magi_jax.train.objective import (Objective, TrainModel, caption_rows, loss_given,
                                       velocity_of_row)
-from magi_jax.train.segments import packed_frame_positions, packed_kv_range, segment_layout
+from magi_jax.diffusion.segments import packed_frame_positions, packed_kv_range, segment_layout
 
 CW = 2          # latent frames per chunk
 L, CC = 8, 32   # caption length / channels

@@ -110,9 +110,10 @@ def test_repeated_nans_stop_with_the_last_good_checkpoint(tmp_path):
   c.total_steps, c.checkpoint_every, c.max_consecutive_nans = 10, 2, 3
   c.tensorboard = False
   c.async_checkpoints = False
+  from magi_jax.proj.bouncing.training import world_config
   from magi_jax.train import build
   tok = build.tokenizer_for(c)
-  world = build.world_config(c)
+  world = world_config(c)
   K, T = c.data.bin_chunks, c.data.bin_chunks * world.frames_per_chunk
   ids, mask = tok(["a red ball; the red ball flies"] * (2 * K))
   rng = np.random.default_rng(0)

@@ -12,9 +12,9 @@ import pytest
 from conftest import FIXTURES
 
 from magi_jax.configs import ConfigError
-from magi_jax.convert import CheckpointMismatchError
-from magi_jax.convert.safetensors_io import SafetensorsFile
-from magi_jax.convert.vae_official import load_official_vae, save_official_vae
+from magi_jax.official.strict import CheckpointMismatchError
+from magi_jax.formats.safetensors_io import SafetensorsFile
+from magi_jax.official.vae import load_official_vae, save_official_vae
 from magi_jax.models import Precision
 from magi_jax.models.pos_resize import resize_axis
 from magi_jax.models.vae import head_norm, vae_config_from_dict

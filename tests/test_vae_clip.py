@@ -1,5 +1,5 @@
 """A synthetic clip through the fixture VAE (fp32): tiled encode -> tiled decode shapes and frame
-counts (spec VAE_T5_IO §1.7, §3.5), tiled == untiled where one tile covers the input, and the
+counts (official tile_parallel.py, video_generate.py), tiled == untiled where one tile covers the input, and the
 decoded frames streamed chunk by chunk into an mp4 that reads back with the right frame count."""
 
 import dataclasses
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 
-from magi_jax.convert.vae_official import load_official_vae
+from magi_jax.official.vae import load_official_vae
 from magi_jax.media import (VideoWriter, decoded_frames, prefix_latent_frames_for_video,
                             read_video, to_uint8)
 from magi_jax.models.vae import vae_config_from_dict

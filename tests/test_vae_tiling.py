@@ -1,5 +1,5 @@
 """Tiled VAE calls against a loop-by-loop numpy rendering of the official TileProcessor
-(spec VAE_T5_IO §1.7), with deterministic fake tile functions so every difference shows."""
+(official tile_parallel.py), with deterministic fake tile functions so every difference shows."""
 
 import math
 

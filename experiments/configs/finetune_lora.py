@@ -29,6 +29,7 @@ def get_config(arg=None):
   c.lora.alpha = 16.0
   c.text.kind = "precomputed"
   c.data.kind = "video_folder"
+  c.project, c.evals = "", ()      # no demo project: real video, no bouncing samples
   c.data.height, c.data.width = 480, 832
   c.data.clip_frames, c.data.stride, c.data.frames_per_chunk = 96, 96, 24
   c.objective.chunk_width = 6

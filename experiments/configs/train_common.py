@@ -31,7 +31,7 @@ def train_config():
                                    # recomputes each whole layer, dots_saveable keeps matmuls
   c.model.scan_layers = True       # layers run by a scan over stacked weights (fast compile);
                                    # False unrolls them (same values)
-  c.model.prediction = "velocity"  # velocity (official) | clean (see magi_jax/train/flow.py)
+  c.model.prediction = "velocity"  # velocity (official) | clean (see magi_jax/diffusion/flow.py)
   c.model.backend = "auto"         # attention backend: auto (by platform and mesh) | flash |
                                    # reference | dot_product | splash (TPU); ring | ulysses
                                    # split the sequence over mesh.context
@@ -54,17 +54,23 @@ def train_config():
   c.lora.export_merged = False     # also write base + adapters merged, official layout
 
   c.text = ml_collections.ConfigDict()
-  c.text.kind = "demo"             # demo (word encoder trained with the DiT) | precomputed (T5)
+  c.text.kind = "demo"             # precomputed (T5 rows in the data) | a text encoder of
+                                   # config.project trained with the DiT (demo: word encoder)
   c.text.width = 64
   c.text.layers = 1
   c.text.heads = 2
   c.text.max_length = 16
   c.text.t5_path = ""              # precomputed: the T5 checkpoint that encodes the captions
 
+  # The project that adds data sources, trained text encoders and evaluators by name
+  # (magi_jax/train/project.py); the default is the bouncing-shapes demo.
+  c.project = "magi_jax.proj.bouncing.training"
+  c.evals = ("samples",)           # evaluators of the project, run at sample_every and at the end
+
   c.data = ml_collections.ConfigDict()
-  c.data.kind = "bouncing"         # bouncing | video_folder
+  c.data.kind = "bouncing"         # video_folder | a data source of config.project (bouncing)
   c.data.data_dir = ""             # TFDS data_dir ("" = <workdir>/tfds)
-  c.data.world = ml_collections.ConfigDict()        # magi_jax.data.bouncing.WorldConfig fields
+  c.data.world = ml_collections.ConfigDict()        # magi_jax.proj.bouncing.world.WorldConfig fields
   c.data.train_episodes = 256
   c.data.test_episodes = 64
   c.data.video_dir = ""            # video_folder: folder of mp4 files + captions.json

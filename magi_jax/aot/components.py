@@ -1,13 +1,12 @@
 """The shapes of the sampler's other two models, for presets that ship no weights here.
 
-* VAE: `OFFICIAL_VAE` is the released MAGI-1 VAE's `ddconfig` as the spec gives it
-  (../shared/spec/VAE_T5_IO.md §1.1: width 1024, 24 blocks per side, 16 heads, MLP 4096;
-  values the spec marks [ext] come from third-party converters of the official checkpoint;
-  about 614M parameters). The tiny preset uses `generate.components.TINY_VAE`, the geometry
+* VAE: `OFFICIAL_VAE` is the released MAGI-1 VAE's `ddconfig` (the official
+  inference/model/vae/vae_model.py with the checkpoint's config.json: width 1024, 24 blocks
+  per side, 16 heads, MLP 4096; about 614M parameters). The tiny preset uses `convert.load.TINY_VAE`, the geometry
   its random-weight pipeline runs. Both have bf16 weights (the official pipeline casts them).
 * T5: the real t5-v1_1-xxl encoder (`text.t5.T5_V1_1_XXL`, 4.76B parameters) when the DiT's
   caption_channels is its width (4096: every MAGI-1 preset), else the tiny preset's random
-  T5 (the shape `generate.components.load_text_encoder` builds: d_model = caption_channels,
+  T5 (the shape `convert.load.load_text_encoder` builds: d_model = caption_channels,
   2 layers, 4 heads of 8, d_ff 2·d_model, the byte tokenizer's vocabulary).
 
 T5 weights are placed by T5_PARAM_RULES (the DiT's table names DiT paths only): model width on
@@ -17,7 +16,7 @@ T5 weights are placed by T5_PARAM_RULES (the DiT's table names DiT paths only): 
 from __future__ import annotations
 
 from magi_jax.configs import MagiConfig
-from magi_jax.generate.components import TINY_VAE
+from magi_jax.convert.load import TINY_VAE
 from magi_jax.models.vae import VAEConfig
 from magi_jax.models.vae_tiling import TileConfig
 from magi_jax.parallel.rules import ShardingRules

@@ -1,6 +1,6 @@
 """The sampling job's programs: the sampler steps of the steady state, T5, one VAE tile.
 
-* 'step': `magi_jax.sampling.step.make_step` over the preset's abstract DiT (bf16 weights, the
+* 'step': `magi_jax.diffusion.step.make_step` over the preset's abstract DiT (bf16 weights, the
   official policy), once per steady-state call shape (steady.py), with the inputs the sampler
   builds for that call: x (1, C, chunks·cw, h, w) f32, t / dt / guidance scales f32 per
   chunk, per-chunk text rows (L, caption_channels) f32 + masks, the null row, kv ranges and
@@ -32,7 +32,7 @@ from magi_jax.aot.steady import CallShape, steady_calls
 from magi_jax.models import Precision
 from magi_jax.models.kv_cache import KVCache
 from magi_jax.models.vae import ViTVAE
-from magi_jax.sampling.step import make_step
+from magi_jax.diffusion.step import make_step
 from magi_jax.text import T5Encoder
 
 F32, I32 = jnp.float32, jnp.int32

@@ -1,6 +1,6 @@
 """Which sampler calls a long video repeats: the steady state of the denoising window.
 
-The sampler (magi_jax.sampling.sampler) compiles one step per distinct call shape: chunks in
+The sampler (magi_jax.diffusion.sampler) compiles one step per distinct call shape: chunks in
 the call (refresh chunk included), refresh or not, cached chunks read, nearly-clean copy. Once
 the window is full, every stage repeats the same shapes, whatever the video length; those are
 the programs a capacity plan must fit. With the official kv ranges the window itself covers
@@ -19,8 +19,8 @@ import dataclasses
 import math
 
 from magi_jax.configs import MagiConfig
-from magi_jax.sampling import schedule
-from magi_jax.sampling.window import StepPlan, chunk_kv_range, kv_width, plan_steps
+from magi_jax.diffusion import schedule
+from magi_jax.diffusion.window import StepPlan, chunk_kv_range, kv_width, plan_steps
 
 
 @dataclasses.dataclass(frozen=True)

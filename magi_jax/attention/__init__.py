@@ -24,7 +24,7 @@ from magi_jax.attention.flash import flash_attention
 from magi_jax.attention.masks import (ChunkMask, block_causal_chunk_ranges, caption_ranges,
                                       dense_mask)
 from magi_jax.attention.reference import reference_attention
-from magi_jax.attention.xla_dpa import dot_product_attention
+from magi_jax.attention.dot_product import dot_product_attention
 
 _BACKENDS: dict[str, Callable] = {
     "reference": reference_attention,
@@ -37,9 +37,9 @@ _BACKENDS: dict[str, Callable] = {
 
 # Backends that live with the mesh code, imported on first use (they import this package).
 _LAZY = {
-    "ring": ("magi_jax.parallel.ring_attention", "ring_attention"),
-    "ulysses": ("magi_jax.parallel.ulysses", "ulysses_attention"),
-    "splash": ("magi_jax.parallel.splash", "splash_attention"),
+    "ring": ("magi_jax.attention.ring", "ring_attention"),
+    "ulysses": ("magi_jax.attention.ulysses", "ulysses_attention"),
+    "splash": ("magi_jax.attention.splash", "splash_attention"),
 }
 
 AUTO = "auto"
@@ -77,7 +77,7 @@ def select_backend(q, k, mask: ChunkMask) -> str:
   if mesh is not None and mesh.shape.get("context", 1) > 1 and q.shape[1] == k.shape[1]:
     return "ring"
   if target_platform() == "tpu":
-    from magi_jax.parallel import splash
+    from magi_jax.attention import splash
     if splash.supports(mask, q.shape[1], k.shape[1]):
       return "splash"
   if target_platform() == "gpu":

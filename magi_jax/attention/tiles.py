@@ -1,5 +1,5 @@
 """Flash-attention tile loops on one device's slabs: the body of the local 'flash' backend
-(magi_jax.attention.flash) and of ring attention (magi_jax.parallel.ring_attention).
+(magi_jax.attention.flash) and of ring attention (magi_jax.attention.ring).
 
 Queries carry per-token key ranges [lo, hi) in global key positions; a key slab carries its
 global positions as one contiguous run per block. Forward updates an online-softmax carry

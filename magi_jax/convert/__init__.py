@@ -1,11 +1,9 @@
-"""Checkpoint conversion: official MAGI-1 safetensors <-> magi_jax (orbax)."""
+"""Checkpoint conversion: official MAGI-1 checkpoints <-> magi_jax's orbax checkpoints.
 
-from magi_jax.convert.dit_official import (CheckpointMismatchError, dequantize_fp8,
-                                           load_official_dit, official_state_dict,
-                                           save_official_dit)
+`python -m magi_jax.convert` is the command; the official layouts it reads and writes live in
+`magi_jax.official`, the file formats in `magi_jax.formats`.
+"""
+
 from magi_jax.convert.orbax_io import load_converted, save_converted
-from magi_jax.convert.safetensors_io import CheckpointFormatError, save_safetensors
 
-__all__ = ["CheckpointFormatError", "CheckpointMismatchError", "dequantize_fp8",
-           "load_converted", "load_official_dit", "official_state_dict", "save_converted",
-           "save_official_dit", "save_safetensors"]
+__all__ = ["load_converted", "save_converted"]

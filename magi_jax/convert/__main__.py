@@ -40,14 +40,14 @@ def _config(spec: str):
 
 def main(argv):
   del argv
-  from magi_jax.convert.dit_official import load_official_dit, save_official_dit
+  from magi_jax.official.dit import load_official_dit, save_official_dit
   from magi_jax.convert.orbax_io import is_converted, load_converted, save_converted
   from magi_jax.models import Precision
 
   if FLAGS.model == "t5":
     import jax.numpy as jnp
     from magi_jax.convert.orbax_io import load_converted_t5, save_converted_t5
-    from magi_jax.convert.t5_official import load_t5, save_t5
+    from magi_jax.official.t5 import load_t5, save_t5
     if FLAGS.to == "orbax":
       dtype = jnp.float32 if FLAGS.precision == "fp32" else jnp.bfloat16
       save_converted_t5(load_t5(FLAGS.src, dtype=dtype), FLAGS.dst, tokenizer_dir=FLAGS.src)
@@ -58,7 +58,7 @@ def main(argv):
 
   if FLAGS.model == "vae":
     from magi_jax.convert.orbax_io import load_converted_vae, save_converted_vae
-    from magi_jax.convert.vae_official import load_official_vae, save_official_vae
+    from magi_jax.official.vae import load_official_vae, save_official_vae
     if FLAGS.to == "orbax":
       vae = load_official_vae(FLAGS.src, precision=Precision.named(FLAGS.precision))
       save_converted_vae(vae, FLAGS.dst, precision=FLAGS.precision)

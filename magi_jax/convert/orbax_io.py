@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from magi_jax.configs import MagiConfig, load_magi_config, save_magi_config
-from magi_jax.convert.safetensors_io import CheckpointFormatError
+from magi_jax.formats.safetensors_io import CheckpointFormatError
 from magi_jax.models import Precision, VideoDiT
 
 FORMAT = "magi_jax.dit"

@@ -7,6 +7,8 @@ broke. It subclasses ValueError so callers that already catch bad-input errors k
 
 from __future__ import annotations
 
+from magi_jax.errors import MagiError
 
-class DataError(ValueError):
+
+class DataError(MagiError, ValueError):
   """Bad training data: a file, caption, example or pipeline argument that breaks a rule."""

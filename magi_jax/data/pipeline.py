@@ -375,17 +375,3 @@ def make_pipeline(source, *, batch_size: int, bin_chunks: int, frames_per_chunk:
                     frames_per_chunk=frames_per_chunk, seed=seed, **kwargs)
   opts = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
   return iter(ds.to_iter_dataset(opts))
-
-
-def bouncing_batches(data_dir, world=None, split: str = "train", *, batch_size: int,
-                     bin_chunks: int, seed: int, train_episodes: int = 256,
-                     test_episodes: int = 32, **kwargs) -> grain.DatasetIterator:
-  """`make_pipeline` over the `bouncing_shapes` split of `world` (prepared under data_dir)."""
-  from magi_jax.data.bouncing import WorldConfig
-  from magi_jax.data.tfds_bouncing import make_builder   # lazy: tfds only when used
-  world = world or WorldConfig()
-  builder = make_builder(data_dir, world, train_episodes=train_episodes,
-                         test_episodes=test_episodes)
-  return make_pipeline(builder.as_data_source(split), batch_size=batch_size,
-                       bin_chunks=bin_chunks, frames_per_chunk=world.frames_per_chunk,
-                       seed=seed, num_chunks=world.num_chunks, **kwargs)

@@ -23,7 +23,7 @@ from magi_jax.generate.request import Request
 from magi_jax.media import (VideoWriter, pixels_to_model, plan_frames,
                             prefix_latent_frames_for_video, read_image, read_video, to_uint8)
 from magi_jax.models.vae_tiling import TileConfig, iter_tiled_decode, tiled_encode
-from magi_jax.sampling import SamplerOptions, plan_steps
+from magi_jax.diffusion import SamplerOptions, plan_steps
 from magi_jax.text import ChunkTextRows, TextFlags
 from magi_jax.text.prompts import chunk_text_rows, load_prompt_file
 

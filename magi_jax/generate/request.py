@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from magi_jax.errors import MagiError
 from magi_jax.media import MediaError, validate_num_frames, validate_size
 from magi_jax.media.write import FORMATS
 
 MODES = ("t2v", "i2v", "v2v")
 
 
-class RequestError(ValueError):
+class RequestError(MagiError, ValueError):
   pass
 
 

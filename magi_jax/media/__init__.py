@@ -1,4 +1,4 @@
-"""Media I/O and frame arithmetic (spec VAE_T5_IO §3): input image / prefix video through the
+"""Media I/O and frame arithmetic (official inference/pipeline/video_process.py): input image / prefix video through the
 official ffmpeg filter graphs, output mp4 / GIF writing, and the chunk / frame counts."""
 
 from magi_jax.media.errors import MediaError

@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import re
 
+from magi_jax.errors import MagiError
 
-class MediaError(ValueError):
+
+class MediaError(MagiError, ValueError):
   """Bad media input (file, size, frame count, array) or a failed ffmpeg call."""
 
 

@@ -1,4 +1,4 @@
-"""Frame / chunk arithmetic of the official pipeline (spec VAE_T5_IO §3.3, §3.5). Pure, no I/O.
+"""Frame / chunk arithmetic of the official pipeline (official inference/pipeline/video_process.py, video_generate.py). Pure, no I/O.
 
 Latents come in chunks of `chunk_width` (6) latent frames; one latent frame is
 `temporal_downsample` (4) video frames. A prefix of P latents (1 for I2V, 8 for a 32-frame V2V
@@ -131,7 +131,7 @@ class FramePlan:
 
 def plan_frames(num_frames: int, prefix_latent_frames: int, chunk_width: int = 6,
                 temporal_downsample: int = 4, fps: int = 24) -> FramePlan:
-  """The chunk plan and output frame count of spec §3.5 (see the module docstring)."""
+  """The chunk plan and output frame count of the official pipeline (see the module docstring)."""
   validate_num_frames(num_frames, temporal_downsample)
   p = prefix_latent_frames
   if not _is_int(p) or p < 0:

@@ -1,4 +1,4 @@
-"""Input pixels through the official ffmpeg filter graphs (spec VAE_T5_IO §3.2, §3.3, §5.14).
+"""Input pixels through the official ffmpeg filter graphs (official inference/pipeline/video_process.py).
 
 ffmpeg's bicubic swscale, its yuv -> rgb conversion and its fps resampling define the input
 pixels, so they are not re-implemented: these functions run the ffmpeg binary shipped with

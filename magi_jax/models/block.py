@@ -1,4 +1,4 @@
-"""One MAGI-1 transformer layer (spec §1.6): parallel self + cross attention, softcapped
+"""One MAGI-1 transformer layer (official dit_module.py): parallel self + cross attention, softcapped
 gates applied before sandwich post-norms, and a GELU or SwiGLU MLP.
 
 No shift/scale modulation exists: adaLN only produces two gates per chunk.

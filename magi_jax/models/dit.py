@@ -1,4 +1,4 @@
-"""The MAGI-1 video DiT (spec §1): one forward call over a few chunks of latent video.
+"""The MAGI-1 video DiT (official inference/model/dit/dit_model.py, dit_module.py): one forward call over a few chunks of latent video.
 
 Layout: latents are (N, C, T, H, W) like the official code; inside, tokens are (N, S, D) with
 S ordered T-major, then H, then W, so chunk j owns tokens [j·tok, (j+1)·tok).
@@ -15,6 +15,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
+from magi_jax.errors import MagiError
 from magi_jax.attention import ChunkMask, caption_ranges
 from magi_jax.configs import ModelConfig
 from magi_jax.models.embedders import CaptionEmbedder, TimestepEmbedder
@@ -29,7 +30,7 @@ from magi_jax.parallel.rules import constrain
 F32 = jnp.float32
 
 
-class InputError(ValueError):
+class InputError(MagiError, ValueError):
   """A forward-call input has the wrong shape or an impossible value."""
 
 

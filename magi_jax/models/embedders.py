@@ -1,4 +1,4 @@
-"""Timestep, step-size and caption embedders (spec §1.3, §1.4)."""
+"""Timestep, step-size and caption embedders (official dit_module.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def timestep_sinusoid(t):
 
 
 def distill_step_size(num_steps: int, distill_interval: int | None = None) -> float:
-  """The shortcut step-size value a distilled model embeds (spec §1.3)."""
+  """The shortcut step-size value a distilled model embeds (official dit_module.py)."""
   if num_steps == 12:
     if distill_interval not in (1, 2):
       raise ValueError("12-step shortcut sampling needs distill_interval 1 or 2, got "

@@ -13,6 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from magi_jax.errors import MagiError
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +27,7 @@ class KVCache:
     return self.k.shape[2]
 
 
-class CacheError(ValueError):
+class CacheError(MagiError, ValueError):
   """A call needs cached chunks that are not (or no longer) in the store."""
 
 

@@ -18,7 +18,7 @@ class Linear(nnx.Module):
 
   The product accumulates in float32 and is rounded once to `out_dtype`, like a bf16 GEMM
   with an f32 accumulator. Operands are promoted to a common dtype first, so a float32
-  activation times a bf16 weight is a float32 GEMM on bf16-valued operands (spec §1.6).
+  activation times a bf16 weight is a float32 GEMM on bf16-valued operands (official dit_module.py).
   """
 
   def __init__(self, d_in: int, d_out: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):

@@ -2,7 +2,7 @@
 
 The official model keeps a bf16 hidden stream and bf16 weights, with float32 islands (the
 embedders, RoPE, the self-attention q/k norms, the output projection GEMM, gates times branch,
-post-norms, residual adds and the final layer; spec §1.6 and §1.9). `Precision.bf16()`
+post-norms, residual adds and the final layer; official dit_module.py and its post-load dtype promotion). `Precision.bf16()`
 reproduces that. `Precision.fp32()` turns every bf16 rounding point into float32, which is
 what the official code does with float32 parameters: the parity fixtures and tests use it.
 """

@@ -1,4 +1,4 @@
-"""MAGI-1's learnable 3D rotary embedding (spec §1.5), as pure functions.
+"""MAGI-1's learnable 3D rotary embedding (official dit_module.py, LearnableRotaryEmbeddingCat), as pure functions.
 
 `nb = (hidden_size // heads) // 8` learned bands serve three axes (T, H, W), so 6·nb = 3/4 of
 that head width rotates, in non-interleaved halves: dim m pairs with dim m + 3·nb.
@@ -24,13 +24,13 @@ def _axis_positions(n: int, ref: float, centred: bool):
     p = p - jnp.asarray((n - 1) / 2, F32)
   if n == 1:
     return p
-  # Division first, then the multiplication, both in float32 (spec §1.5).
+  # Division first, then the multiplication, both in float32 (as the official).
   return (p / jnp.asarray(n - 1, F32)) * jnp.asarray(ref - 1, F32)
 
 
 def _rescale(p, n, ref):
   """Map coordinates of an axis of n entries onto a reference axis of `ref` entries."""
-  # Division first, then the multiplication, both in float32 (spec §1.5). n may be traced.
+  # Division first, then the multiplication, both in float32 (as the official). n may be traced.
   n = jnp.asarray(n, F32)
   ref = jnp.asarray(ref, F32)
   return jnp.where(n == 1, p, (p / (n - 1)) * (ref - 1))

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from magi_jax.errors import MagiError
 from magi_jax.attention import ChunkMask
 from magi_jax.configs import ModelConfig
 from magi_jax.models.block import TransformerLayer
@@ -52,7 +53,7 @@ DEFAULT_REMAT_POLICY = "nothing_saveable"
 STACK_NAME = "layers"          # the VideoDiT attribute that holds the stacked layer
 
 
-class RematPolicyError(ValueError):
+class RematPolicyError(MagiError, ValueError):
   """An unknown remat policy name."""
 
 

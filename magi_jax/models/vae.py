@@ -1,4 +1,4 @@
-"""MAGI-1's transformer VAE (`ViTVAE`, spec VAE_T5_IO §1): 4x8x8 patches, a class token, a
+"""MAGI-1's transformer VAE (`ViTVAE`, official inference/model/vae/vae_module.py): 4x8x8 patches, a class token, a
 learned position table resized trilinearly to the latent grid, pre-LN-free ViT blocks whose
 attention normalises q, k and v per head without parameters, erf-GELU MLPs; the decoder
 un-patchifies to 4 channels and ends with a 3x3x3 convolution.

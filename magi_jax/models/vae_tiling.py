@@ -1,4 +1,4 @@
-"""Tiled VAE encode / decode (spec VAE_T5_IO §1.7): spatial tiles with overlap and linear
+"""Tiled VAE encode / decode (official inference/infra/parallelism/tile_parallel.py): spatial tiles with overlap and linear
 blending, temporal tiles without overlap. Pure functions over a per-tile encode/decode.
 
 The official blending order matters for exact parity and is reproduced: encode blends each

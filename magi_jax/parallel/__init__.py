@@ -1,7 +1,7 @@
-"""Scale-out: the device mesh, sharding rules, context-parallel attention, multi-host start-up.
+"""Scale-out: the device mesh, sharding rules and multi-host start-up.
 
 `mesh.py` builds the ('data', 'fsdp', 'context', 'tensor') mesh from config; `rules.py` holds the
-logical-axis and parameter tables and `use_mesh` / `constrain`; `ring_attention.py` (with the
-per-device arithmetic in `flash.py`), `ulysses.py` and `splash.py` are attention backends that
-the one entry point (`magi_jax.attention.attention`) loads by name: 'ring', 'ulysses', 'splash'.
+logical-axis and parameter tables and `use_mesh` / `constrain`; `distributed.py` starts a
+multi-host job. The context-parallel attention kernels (ring, Ulysses, splash) are backends of
+`magi_jax.attention`; this package imports nothing from it.
 """

@@ -19,10 +19,12 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 
+from magi_jax.errors import MagiError
+
 AXES = ("data", "fsdp", "context", "tensor")
 
 
-class MeshError(ValueError):
+class MeshError(MagiError, ValueError):
   """A mesh config that does not fit the devices."""
 
 

@@ -133,7 +133,7 @@ _EDGES = _table(
 
 
 def clean_caption(text: str) -> str:
-  """One pass of the official caption cleaner (see the module docstring and spec 2.3).
+  """One pass of the official caption cleaner (see the module docstring).
 
   Raises:
     TypeError: `text` is not a `str` (the official code would silently clean `str(text)`,

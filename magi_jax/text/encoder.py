@@ -1,6 +1,7 @@
 """Prompt -> (T5 rows, mask): cleaning, tokenising, the encoder and the on-disk cache in one place.
 
-    enc = TextEncoder.from_pretrained("ckpt/t5/t5-v1_1-xxl", cache_dir="~/.cache/magi_jax/text")
+    enc = load_text_encoder("ckpt/t5/t5-v1_1-xxl", cache_dir="~/.cache/magi_jax/text")
+    # (magi_jax.official.t5.load_text_encoder reads a Hugging Face T5 directory)
     emb, mask = enc.encode(["a red ball bounces"])      # (1, 800, 4096) float32, (1, 800) int32
 
 As the official pipeline: the prompt is cleaned twice, tokenised to `max_length` (800), and
@@ -57,13 +58,6 @@ class TextEncoder:
     self._forward = jax.jit(lambda s, ids, m: nnx.merge(graphdef, s)(ids, m))
     self._state = state
     self.encoder_calls = 0
-
-  @classmethod
-  def from_pretrained(cls, directory: str, *, max_length: int = 800, clean: bool = True,
-                      cache_dir: str | None = None, dtype=jnp.float32) -> "TextEncoder":
-    from magi_jax.convert.t5_official import load_t5
-    return cls(load_t5(directory, dtype=dtype), T5Tokenizer(directory), max_length=max_length,
-               clean=clean, cache_dir=cache_dir, model_id=directory_fingerprint(directory))
 
   def prepare(self, prompt: str) -> str:
     if not isinstance(prompt, str):

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from magi_jax.errors import MagiError
 from magi_jax.json_file import read_json
 
 
-class PromptScheduleError(ValueError):
+class PromptScheduleError(MagiError, ValueError):
   pass
 
 

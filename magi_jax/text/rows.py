@@ -1,4 +1,4 @@
-"""The DiT's per-chunk text inputs `y` and `emb_masks` (spec VAE_T5_IO §2.4-2.5), pure numpy.
+"""The DiT's per-chunk text inputs `y` and `emb_masks` (official inference/pipeline/prompt_process.py), pure numpy.
 
 Row layout, with C = `infer_chunk_num` chunks of which the first `clean_chunk_num` are clean:
 

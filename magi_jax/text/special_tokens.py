@@ -2,7 +2,7 @@
 
 `special_tokens.npz` (official `example/assets/`) holds `caption_token` [1, D], `logo_token`
 [1, D] and `other_tokens` [100, D] in float64; the official loader rounds them through float16,
-so a token is `float32(float16(value))` (spec VAE_T5_IO §2.4). Which tokens are used is decided
+so a token is `float32(float16(value))` (official prompt_process.py, example/assets/special_tokens.npz). Which tokens are used is decided
 by flags (the official code reads them from environment variables `PAD_HQ`, `PAD_DURATION`, ...;
 `TextFlags.from_env` does the same, and the sample configs carry them as fields).
 """
@@ -14,6 +14,8 @@ import os
 import zipfile
 
 import numpy as np
+
+from magi_jax.errors import MagiError
 
 NPZ_KEYS = ("caption_token", "logo_token", "other_tokens")
 NUM_OTHER = 100
@@ -30,7 +32,7 @@ NEGATIVE_KEYS = ("CAPTION", "LOGO", "TRANS", "BORDERNESS")
 _TRUE = {"1", "true", "yes", "y", "on", "enabled"}
 
 
-class SpecialTokenError(ValueError):
+class SpecialTokenError(MagiError, ValueError):
   pass
 
 

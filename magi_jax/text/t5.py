@@ -1,7 +1,7 @@
 """The T5 v1.1 encoder (what MAGI-1 conditions on), in Flax NNX, with Hugging Face semantics.
 
 MAGI-1 runs `T5EncoderModel` (t5-v1_1-xxl) in float32 and reads its `last_hidden_state`
-(spec VAE_T5_IO §2.1). The math here is the Hugging Face encoder's:
+(official inference/model/t5/t5_model.py). The math here is the Hugging Face encoder's:
 
     h = shared[ids]                                          (no sqrt(d) scaling)
     bias = relative_position_bias (table of layer 0, reused by every layer) + mask term
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from magi_jax.errors import MagiError
 from magi_jax.json_file import read_json
 from magi_jax.models.layers import Linear
 
@@ -37,7 +38,7 @@ _ACTIVATIONS = {
 }
 
 
-class T5ConfigError(ValueError):
+class T5ConfigError(MagiError, ValueError):
   """A T5 config.json that this encoder cannot build."""
 
 

@@ -1,4 +1,4 @@
-"""The T5 tokenizer with MAGI-1's call conventions (spec VAE_T5_IO §2.2).
+"""The T5 tokenizer with MAGI-1's call conventions (official inference/pipeline/prompt_process.py).
 
 Official call: `tokenizer(prompts, max_length=800, padding="max_length", truncation=True,
 add_special_tokens=True, return_attention_mask=True)` on a `T5TokenizerFast` converted from
@@ -16,11 +16,13 @@ from typing import Sequence
 
 import numpy as np
 
+from magi_jax.errors import MagiError
+
 SPIECE = "spiece.model"
 TOKENIZER_JSON = "tokenizer.json"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MagiError, ValueError):
   pass
 
 

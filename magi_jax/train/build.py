@@ -12,13 +12,12 @@ import ml_collections
 from flax import nnx
 
 from magi_jax.configs import ConfigError, ModelConfig, get_preset
-from magi_jax.data.bouncing import WorldConfig, vocabulary
-from magi_jax.generate.components import random_module
+from magi_jax.convert.load import random_module
 from magi_jax.models import Precision, VideoDiT
 from magi_jax.models.stack import DEFAULT_REMAT_POLICY, RematPolicyError, remat_policy
-from magi_jax.text.demo_encoder import DemoTextEncoder, WordTokenizer
 from magi_jax.train import optim
-from magi_jax.train.conditioning import ConditioningConfig
+from magi_jax.train.project import text_kind
+from magi_jax.diffusion.conditioning import ConditioningConfig
 from magi_jax.train.objective import Objective, TrainModel
 from magi_jax.train.samples import SampleSettings
 
@@ -27,29 +26,24 @@ def _plain(c):
   return c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c)
 
 
-def world_config(c) -> WorldConfig:
-  return WorldConfig(**_plain(c.data.world))
-
-
 def model_config(c) -> ModelConfig:
   base = get_preset(c.model.preset).model
   over = _plain(c.model.overrides)
   unknown = [k for k in over if k not in {f.name for f in dataclasses.fields(ModelConfig)}]
   if unknown:
     raise ConfigError(f"config.model.overrides: unknown ModelConfig field(s) {unknown}")
-  if c.text.kind == "demo":
+  if c.text.kind != "precomputed":     # a text encoder trained with the DiT sets the rows
     over.setdefault("caption_channels", c.text.width)
     over.setdefault("caption_max_length", c.text.max_length)
   return dataclasses.replace(base, **over)
 
 
-def tokenizer_for(c) -> WordTokenizer | None:
-  if c.text.kind != "demo":
+def tokenizer_for(c):
+  """The tokenizer of the config's trained text encoder (config.project), or None for
+  precomputed T5 rows."""
+  if c.text.kind == "precomputed":
     return None
-  if c.data.kind != "bouncing":
-    raise ConfigError("text.kind='demo' needs the bouncing_shapes world's closed vocabulary; "
-                      "use text.kind='precomputed' (T5 rows in the dataset) for video_folder")
-  return WordTokenizer(vocabulary(world_config(c)), c.text.max_length)
+  return text_kind(c).tokenizer(c)
 
 
 def objective(c) -> Objective:
@@ -87,7 +81,7 @@ def sample_settings(c) -> SampleSettings:
                         text_scale=s.text_scale, prev_scale=s.prev_scale)
 
 
-def build_model(c, tokenizer: WordTokenizer | None) -> TrainModel:
+def build_model(c, tokenizer) -> TrainModel:
   """A TrainModel with fresh random weights (the trainer loads checkpoints over it)."""
   mcfg = model_config(c)
   precision = Precision.named(c.model.precision)
@@ -100,7 +94,7 @@ def build_model(c, tokenizer: WordTokenizer | None) -> TrainModel:
     dit = random_module(lambda: VideoDiT(mcfg, precision=precision, rngs=nnx.Rngs(c.seed)),
                         c.seed)
   elif c.init.kind == "official":
-    from magi_jax.convert.dit_official import load_official_dit
+    from magi_jax.official.dit import load_official_dit
     dit = load_official_dit(c.init.path, mcfg, precision=precision)
   elif c.init.kind == "converted":
     from magi_jax.convert.orbax_io import load_converted
@@ -117,9 +111,7 @@ def build_model(c, tokenizer: WordTokenizer | None) -> TrainModel:
                rngs=nnx.Rngs(c.seed + 1))
   text = None
   if tokenizer is not None:
-    t = c.text
-    text = DemoTextEncoder(tokenizer.vocab_size, t.max_length, t.width, mcfg.caption_channels,
-                           num_layers=t.layers, num_heads=t.heads, rngs=nnx.Rngs(c.seed + 2))
+    text = text_kind(c).encoder(c, tokenizer, mcfg.caption_channels, nnx.Rngs(c.seed + 2))
   return TrainModel(dit, text)
 
 
@@ -127,7 +119,7 @@ def frame_encoder(c):
   """The frozen VAE's per-chunk encoder for latent-space training, or None (pixel space)."""
   if c.vae.kind == "none":
     return None
-  from magi_jax.generate.components import load_vae
+  from magi_jax.convert.load import load_vae
   from magi_jax.train.step import vae_chunk_encoder
   if c.vae.kind not in ("official", "converted", "random_tiny"):
     raise ConfigError(f"config.vae.kind must be none | official | converted | random_tiny, got "

@@ -17,10 +17,12 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from magi_jax.errors import MagiError
+
 RUN_FILE = "run.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MagiError, RuntimeError):
   """A checkpoint is missing, unreadable or does not match this run."""
 
 

@@ -1,9 +1,9 @@
 """The training batches of a config: a TFDS dataset through the grain pipeline.
 
-* bouncing: the `bouncing_shapes` world of `config.data.world`, generated into the TFDS
-  data_dir on first use (array_record), captions tokenized by the demo word tokenizer;
 * video_folder: the user's mp4 files + captions.json cut into clips (magi_jax.data.
-  tfds_video_folder); text comes as T5 rows precomputed into the dataset.
+  tfds_video_folder); text comes as T5 rows precomputed into the dataset;
+* any other kind: the data source of that name in `config.project` (magi_jax/train/project.py),
+  e.g. 'bouncing' of magi_jax.proj.bouncing.training.
 
 The iterator is grain's, so its position is saved with every checkpoint.
 """
@@ -17,7 +17,7 @@ import jax
 
 from magi_jax.configs import ConfigError
 from magi_jax.data.pipeline import make_pipeline
-from magi_jax.train import build
+from magi_jax.train.project import data_source
 
 KEEP = ("frames", "latents", "segment_ids", "text_tokens", "text_mask", "text_emb")
 
@@ -50,14 +50,6 @@ def data_dir(c, workdir: str) -> str:
   return c.data.data_dir or os.path.join(workdir, "tfds")
 
 
-def bouncing_source(c, workdir: str, split: str):
-  from magi_jax.data.tfds_bouncing import make_builder
-  builder = make_builder(data_dir(c, workdir), build.world_config(c),
-                         train_episodes=c.data.train_episodes, test_episodes=c.data.test_episodes,
-                         name="bouncing")
-  return builder.as_data_source(split)
-
-
 def train_iterator(c, tokenizer, workdir: str, *, num_threads: int = 2):
   d = c.data
   # data.batch_size is the global batch; each process loads its share (trainer.check_batch).
@@ -65,19 +57,9 @@ def train_iterator(c, tokenizer, workdir: str, *, num_threads: int = 2):
                 pack_window=d.pack_window, min_chunks=d.min_chunks,
                 shard_index=jax.process_index(), shard_count=jax.process_count(),
                 num_threads=num_threads)
-  if d.kind == "bouncing":
-    world = build.world_config(c)
-    if world.frames_per_chunk != c.objective.chunk_width:
-      raise ConfigError(f"pixel-space training: objective.chunk_width ({c.objective.chunk_width}) "
-                        f"must equal the world's frames_per_chunk ({world.frames_per_chunk})")
-    def tokenize(text):
-      ids, mask = tokenizer([text])
-      return ids[0], mask[0]
-    it = make_pipeline(bouncing_source(c, workdir, "train"),
-                       frames_per_chunk=world.frames_per_chunk, num_chunks=world.num_chunks,
-                       tokenize=tokenize if tokenizer is not None else None,
-                       **common)
-  elif d.kind == "video_folder":
+  if d.kind != "video_folder":
+    it = data_source(c)(c, workdir, tokenizer, common)
+  else:
     from magi_jax.data.tfds_video_folder import make_builder
     if not d.video_dir:
       raise ConfigError("data.kind='video_folder' needs data.video_dir (a folder of mp4 files "
@@ -91,13 +73,11 @@ def train_iterator(c, tokenizer, workdir: str, *, num_threads: int = 2):
       raise ConfigError(f"objective.chunk_width ({c.objective.chunk_width}) must be {want}: "
                         f"data.frames_per_chunk {fpc}" + ("" if c.vae.kind == "none" else
                                                           " over the VAE's 4x time compression"))
-    from magi_jax.text.encoder import TextEncoder
-    encoder = TextEncoder.from_pretrained(c.text.t5_path, max_length=c.text.max_length)
+    from magi_jax.official.t5 import load_text_encoder
+    encoder = load_text_encoder(c.text.t5_path, max_length=c.text.max_length)
     builder = make_builder(data_dir(c, workdir), d.video_dir, height=d.height, width=d.width,
                            clip_frames=d.clip_frames, frames_per_chunk=d.frames_per_chunk,
                            stride=d.stride, encoder=encoder, encoder_name=c.text.t5_path)
     it = make_pipeline(builder.as_data_source("train"), frames_per_chunk=d.frames_per_chunk,
                        num_chunks=d.clip_frames // d.frames_per_chunk, **common)
-  else:
-    raise ConfigError(f"config.data.kind must be 'bouncing' or 'video_folder', got {d.kind!r}")
   return _Batches(it)

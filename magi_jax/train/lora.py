@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from magi_jax.convert.safetensors_io import (CheckpointFormatError, SafetensorsFile,
+from magi_jax.errors import MagiError
+from magi_jax.formats.safetensors_io import (CheckpointFormatError, SafetensorsFile,
                                              save_safetensors)
 from magi_jax.models.block import TransformerLayer
 from magi_jax.models.dit import VideoDiT
@@ -52,7 +53,7 @@ FILE_FORMAT = "magi_jax.lora"
 FILE_VERSION = "1"
 
 
-class LoRAError(ValueError):
+class LoRAError(MagiError, ValueError):
   """A bad LoRA configuration, or an adapter file that is unreadable or does not fit."""
 
 

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from magi_jax.text.rows import NULL_CAPTION_VALID
-from magi_jax.train import flow
-from magi_jax.train.conditioning import ConditioningConfig, sample_conditioning
-from magi_jax.train.segments import packed_frame_positions, packed_kv_range
+from magi_jax.diffusion import flow
+from magi_jax.diffusion.conditioning import ConditioningConfig, sample_conditioning
+from magi_jax.diffusion.segments import packed_frame_positions, packed_kv_range
 
 F32 = jnp.float32
 T_BUCKETS = (0.0, 0.1, 0.3, 0.6, 1.0)     # per-level loss in TensorBoard: [0, .1), [.1, .3), ...

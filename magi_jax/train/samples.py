@@ -16,8 +16,8 @@ import numpy as np
 
 from magi_jax.configs import MagiConfig, _engine, _runtime
 from magi_jax.media.read import pixels_to_model
-from magi_jax.models.prediction import as_velocity_model
-from magi_jax.sampling.sampler import Sampler, SamplerOptions, final_latent
+from magi_jax.diffusion.prediction import as_velocity_model
+from magi_jax.diffusion.sampler import Sampler, SamplerOptions, final_latent
 from magi_jax.text.rows import ChunkTextRows
 from magi_jax.text.special_tokens import TextFlags
 
@@ -125,3 +125,24 @@ def frame_strip(videos: Sequence[np.ndarray], *, scale: int = 4, gap: int = 2) -
       img = np.repeat(np.repeat(v[c], scale, axis=0), scale, axis=1)
       out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + img.shape[1]] = img
   return out
+
+
+def write_videos(c, videos: Sequence[np.ndarray], names: Sequence[str], workdir: str, step: int,
+                 log, echo) -> None:
+  """Each video in `config.sample.formats` (mp4 / gif) and their PNG frame strip, under
+  <workdir>/samples, the strip also to TensorBoard."""
+  import os
+
+  from PIL import Image
+
+  from magi_jax.media.write import write_video
+  out = os.path.join(workdir, "samples")
+  os.makedirs(out, exist_ok=True)
+  for v, name in zip(videos, names):
+    for ext in c.sample.formats:
+      write_video(os.path.join(out, f"step{step:06d}_{name}.{ext}"), v, fps=c.sample.fps)
+  strip = frame_strip(videos)
+  Image.fromarray(strip).save(os.path.join(out, f"step{step:06d}_strip.png"))
+  if log is not None:
+    log.add_image("samples/strip", strip, step)
+  echo(f"wrote {len(videos)} sample videos and a frame strip to {out}")

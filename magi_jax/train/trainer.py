@@ -17,16 +17,18 @@ import jax
 import numpy as np
 from flax import nnx
 
+from magi_jax.errors import MagiError
 from magi_jax.configs import ConfigError
 from magi_jax.parallel.mesh import describe
 from magi_jax.parallel.rules import axis_size, use_mesh
 from magi_jax.train import build
 from magi_jax.train.checkpoint import Checkpointer
 from magi_jax.train.metrics import MetricsLog, plot_loss_curve
+from magi_jax.train.project import evaluators
 from magi_jax.train.step import TrainState, init_state, make_train_step, mesh_shardings
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MagiError, RuntimeError):
   """The run cannot continue (e.g. repeated non-finite losses)."""
 
 
@@ -83,6 +85,7 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
   devices: the devices the mesh (`config.mesh`) is laid over (default: all of them).
   """
   os.makedirs(workdir, exist_ok=True)
+  evals = evaluators(c)               # resolved now: a misspelt name fails before step 0
   tokenizer = build.tokenizer_for(c)
   model = build.build_model(c, tokenizer)
   obj = build.objective(c)
@@ -154,10 +157,9 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
         last = log.flush(step)
         echo(log.line(step, last, step - first_step))
       ckpt.save(step, state, ckpt_data)
-      if (single_host and c.sample_every and step % c.sample_every == 0
-          and step < c.total_steps and c.data.kind == "bouncing"):
-        write_samples(c, nnx.merge(graphdef, final_params(state), frozen), tokenizer, workdir,
-                      step, log, echo)
+      if single_host and c.sample_every and step % c.sample_every == 0 and step < c.total_steps:
+        run_evals(evals, c, nnx.merge(graphdef, final_params(state), frozen), tokenizer, workdir,
+                  step, log, echo)
       if preempt.received:
         ckpt.save(step, state, ckpt_data, force=True)
         ckpt.wait()
@@ -174,8 +176,8 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
   trained = nnx.merge(graphdef, final_params(state), frozen)
   if c.lora.rank and not stopped and single_host:
     export_lora(c, trained, workdir, echo)
-  if single_host and not stopped and c.sample_at_end and c.data.kind == "bouncing":
-    write_samples(c, trained, tokenizer, workdir, step, None, echo)
+  if single_host and not stopped and c.sample_at_end:
+    run_evals(evals, c, trained, tokenizer, workdir, step, None, echo)
   return RunResult(step, state, trained, stopped, last)
 
 
@@ -202,7 +204,7 @@ def export_lora(c, trained, workdir: str, echo) -> None:
   save_lora(path, trained.dit)
   echo(f"wrote LoRA adapters to {path}")
   if c.lora.export_merged:
-    from magi_jax.convert.dit_official import save_official_dit
+    from magi_jax.official.dit import save_official_dit
     out = os.path.join(workdir, "merged_dit")
     save_official_dit(merge_lora(trained.dit), out)
     echo(f"wrote the merged DiT (official layout) to {out}")
@@ -212,25 +214,12 @@ def final_params(state: TrainState):
   return state.ema if state.ema is not None else state.params
 
 
-def write_samples(c, model, tokenizer, workdir, step, log, echo):
-  """Sample videos (mp4 + GIF) and a PNG frame strip of held-out prompts and prefixes."""
-  from magi_jax.train.samples import frame_strip
-  from magi_jax.train.evaluation import sample_set
-  t0 = time.time()
-  videos, names = sample_set(c, model, tokenizer, num=c.sample.num_videos)
-  out = os.path.join(workdir, "samples")
-  os.makedirs(out, exist_ok=True)
-  from magi_jax.media.write import write_video
-  from PIL import Image
-  for v, name in zip(videos, names):
-    for ext in c.sample.formats:
-      write_video(os.path.join(out, f"step{step:06d}_{name}.{ext}"), v, fps=c.sample.fps)
-  strip = frame_strip(videos)
-  Image.fromarray(strip).save(os.path.join(out, f"step{step:06d}_strip.png"))
-  if log is not None:
-    log.add_image("samples/strip", strip, step)
-  echo(f"wrote {len(videos)} sample videos and a frame strip to {out} "
-       f"({time.time() - t0:.0f} s)")
+def run_evals(evals, c, model, tokenizer, workdir, step, log, echo):
+  """Each of the config's evaluators (`config.evals`, resolved by magi_jax/train/project.py)."""
+  for fn in evals:
+    t0 = time.time()
+    fn(c, model, tokenizer, workdir, step, log, echo)
+    echo(f"eval {getattr(fn, '__name__', fn)} at step {step}: {time.time() - t0:.0f} s")
 
 
 def load_trained(workdir: str, *, step: int | None = None, use_ema: bool = True):
