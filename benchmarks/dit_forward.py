@@ -95,7 +95,8 @@ def _perf_case(name):
   kw = case["kwargs"]
   return m, dict(drn=kw["denoising_range_num"], cw=kw["chunk_width"], h=H, w=W,
                  t=np.asarray(case["t"], np.float32), slice_point=kw["slice_point"],
-                 kv=np.asarray(case["kv_range_tokens"]), valid=case["xattn_mask_valid_per_chunk"][0])
+                 kv=np.asarray(case["kv_range_tokens"]),
+                 valid=case["xattn_mask_valid_per_chunk"][0])
 
 
 def run_case(name, backends, reps):
@@ -118,15 +119,16 @@ def run_case(name, backends, reps):
   rows = []
   for b in backends:
     call = jit_forward(model, backend=b)
-    fn = lambda: call(x, c["t"], y, mask, c["kv"], slice_point=c["slice_point"], cache=cache)
+    fn = lambda call=call: call(x, c["t"], y, mask, c["kv"], slice_point=c["slice_point"],
+                                cache=cache)
     sec = _median_seconds(fn, reps)
     rows.append((b, sec, tokens / sec, _flops(call, x, c["t"], y, mask, c["kv"],
                                              slice_point=c["slice_point"], cache=cache)))
   base = rows[0][1]
   print(f"\n== {name}: {tokens} query tokens, {c['slice_point']} cached chunks, "
         f"{jax.default_backend()} ==")
-  print(f"{'backend':<12} {'median s':>9} {'tokens/s':>11} {'XLA GFLOP':>10} {'vs ' + backends[0]:>12} "
-        f"{'vs official':>12}")
+  print(f"{'backend':<12} {'median s':>9} {'tokens/s':>11} {'XLA GFLOP':>10} "
+        f"{'vs ' + backends[0]:>12} {'vs official':>12}")
   for b, sec, tps, fl in rows:
     off = OFFICIAL_SECONDS.get(name)
     print(f"{b:<12} {sec:9.3f} {tps:11,.0f} {fl / 1e9:10.2f} {base / sec:11.2f}x "
@@ -203,7 +205,8 @@ def run_gpu(reps):
   t = np.array([[0.5]], np.float32)
   for b in ("dot_product", "flash"):
     call = jit_forward(model, backend=b)
-    sec = _median_seconds(lambda: call(x, t, y, mask, kv, slice_point=3, cache=cache), reps)
+    sec = _median_seconds(lambda call=call: call(x, t, y, mask, kv, slice_point=3, cache=cache),
+                          reps)
     # Analytic FLOPs: 2·params-per-token GEMMs + attention (QK and PV over 4 chunks of keys).
     D, L, P = m.hidden_size, m.num_layers, m.num_attention_heads * m.kv_channels
     G = m.num_query_groups * m.kv_channels

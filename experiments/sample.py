@@ -28,7 +28,8 @@ def build(c):
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
   rt = cfg.runtime
-  runtime = {"video_size_h": c.height or rt.video_size_h, "video_size_w": c.width or rt.video_size_w,
+  runtime = {"video_size_h": c.height or rt.video_size_h,
+             "video_size_w": c.width or rt.video_size_w,
              "num_frames": c.num_frames or rt.num_frames, "num_steps": c.num_steps or rt.num_steps}
   if c.text_scales:
     runtime["text_scales"] = tuple(c.text_scales)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from magi_jax.errors import MagiError
 from magi_jax.json_file import read_json
@@ -75,7 +76,8 @@ class ModelConfig:
     _require(self.model_name == "videodit_ardf",
              f"model_config.model_name must be 'videodit_ardf', got {self.model_name!r}")
     _require(self.params_dtype in _PARAMS_DTYPES,
-             f"model_config.params_dtype must be one of {_PARAMS_DTYPES}, got {self.params_dtype!r}")
+             f"model_config.params_dtype must be one of {_PARAMS_DTYPES}, "
+             f"got {self.params_dtype!r}")
     _require(self.apply_layernorm_1p,
              "model_config.apply_layernorm_1p=false is not a released MAGI-1 model; only the 1p "
              "(1 + w) norms are implemented")
@@ -101,7 +103,8 @@ class ModelConfig:
              f"model_config.cond_gating_ratio must be 1.0 (gate width = hidden_size), "
              f"got {self.cond_gating_ratio}")
     _require(self.xattn_cond_hidden_ratio == 1.0,
-             f"model_config.xattn_cond_hidden_ratio must be 1.0, got {self.xattn_cond_hidden_ratio}")
+             "model_config.xattn_cond_hidden_ratio must be 1.0, "
+             f"got {self.xattn_cond_hidden_ratio}")
     _require(self.x_rescale_factor != 0, "model_config.x_rescale_factor must be non-zero")
     if self.half_channel_vae:
       _require(self.in_channels % 2 == 0 and self.out_channels % 2 == 0,
@@ -164,7 +167,8 @@ class RuntimeConfig:
   def __post_init__(self):
     for name in ("cfg_t_range", "prev_chunk_scales", "text_scales", "noise2clean_kvrange"):
       object.__setattr__(self, name, _freeze(getattr(self, name)))
-    _require(self.cfg_number in (1, 3), f"runtime_config.cfg_number must be 1 or 3, got {self.cfg_number}")
+    _require(self.cfg_number in (1, 3),
+             f"runtime_config.cfg_number must be 1 or 3, got {self.cfg_number}")
     n = len(self.cfg_t_range)
     _require(len(self.prev_chunk_scales) == n and len(self.text_scales) == n,
              f"runtime_config.cfg_t_range ({n} entries), prev_chunk_scales "
@@ -175,7 +179,8 @@ class RuntimeConfig:
     for name in ("num_steps", "window_size", "chunk_width", "num_frames", "fps",
                  "temporal_downsample_factor"):
       v = getattr(self, name)
-      _require(isinstance(v, int) and v > 0, f"runtime_config.{name} must be a positive integer, got {v!r}")
+      _require(isinstance(v, int) and v > 0,
+               f"runtime_config.{name} must be a positive integer, got {v!r}")
     _require(self.num_steps % self.window_size == 0,
              f"runtime_config.num_steps ({self.num_steps}) must be divisible by window_size "
              f"({self.window_size})")
@@ -189,16 +194,19 @@ class RuntimeConfig:
     _require(self.clean_chunk_kvrange == -1 or self.clean_chunk_kvrange >= 1,
              f"runtime_config.clean_chunk_kvrange must be -1 (all earlier chunks) or >= 1, got "
              f"{self.clean_chunk_kvrange}")
-    _require(0.0 < self.clean_t <= 1.0, f"runtime_config.clean_t must be in (0, 1], got {self.clean_t}")
+    _require(0.0 < self.clean_t <= 1.0,
+             f"runtime_config.clean_t must be in (0, 1], got {self.clean_t}")
     for name in ("video_size_h", "video_size_w"):
       v = getattr(self, name)
       _require(isinstance(v, int) and v > 0 and v % 16 == 0,
-               f"runtime_config.{name} must be a positive multiple of 16 (VAE 8x, patch 2x), got {v!r}")
+               f"runtime_config.{name} must be a positive multiple of 16 (VAE 8x, patch 2x), "
+               f"got {v!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-  """Engine settings (official `engine_config`); most are distribution knobs without numerical effect."""
+  """Engine settings (official `engine_config`); most are distribution knobs without numerical
+  effect."""
 
   distributed_backend: str
   distributed_timeout_minutes: int
@@ -217,7 +225,8 @@ class EngineConfig:
     _require(self.cp_strategy in _CP_STRATEGIES,
              f"engine_config.cp_strategy must be one of {_CP_STRATEGIES}, got {self.cp_strategy!r}")
     _require(self.shortcut_mode in _SHORTCUT_MODES,
-             f"engine_config.shortcut_mode must be one of {_SHORTCUT_MODES}, got {self.shortcut_mode!r}")
+             f"engine_config.shortcut_mode must be one of {_SHORTCUT_MODES}, "
+             f"got {self.shortcut_mode!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +252,7 @@ class MagiConfig:
             "runtime_config": plain(dataclasses.asdict(self.runtime)),
             "engine_config": plain(dataclasses.asdict(self.engine))}
 
-  def replace(self, **sections) -> "MagiConfig":
+  def replace(self, **sections) -> MagiConfig:
     """`cfg.replace(runtime={"num_steps": 12}, engine={"distill": True})`."""
     kw = {}
     for attr, fields in sections.items():

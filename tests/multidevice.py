@@ -40,7 +40,8 @@ def _run_module(path: str) -> dict:
       for case in ET.parse(report).getroot().iter("testcase"):
         bad = case.find("failure") if case.find("failure") is not None else case.find("error")
         skipped = case.find("skipped")
-        results[case.get("name")] = ("failed", (bad.get("message") or "") + "\n" + (bad.text or "")) \
+        results[case.get("name")] = ("failed",
+                                     (bad.get("message") or "") + "\n" + (bad.text or "")) \
             if bad is not None else ("skipped", skipped.get("message")) if skipped is not None \
             else ("passed", "")
   return {"results": results, "log": proc.stdout[-4000:] + proc.stderr[-2000:]}

@@ -133,7 +133,7 @@ def test_dit_forward_on_a_mesh_matches_one_device():
   mesh = make_mesh(MeshConfig(data=2, context=2, tensor=2))
   for backend in ("ring", "ulysses"):
     with use_mesh(mesh):
-      got = jax.jit(lambda: call(model, backend))()
+      got = jax.jit(lambda backend=backend: call(model, backend))()
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5, err_msg=backend)
 
 

@@ -67,14 +67,16 @@ def test_strict_loading_names_the_bad_tensor(problem):
     key = "videodit_blocks.layers.2.mlp.linear_fc1.weight"
   else:
     sd[key] = sd[key][:-1]
-  with pytest.raises(CheckpointMismatchError, match=problem.replace("misshaped", "mis-shaped")) as e:
+  with pytest.raises(CheckpointMismatchError,
+                     match=problem.replace("misshaped", "mis-shaped")) as e:
     load_official_dit(sd, _cfg().model)
   assert key in str(e.value)
 
 
 def test_sharded_directory_roundtrip_and_bf16_dtypes(tmp_path):
   model = make_model()
-  save_official_dit(model, str(tmp_path / "ckpt"), max_shard_bytes=200_000, dtype=ml_dtypes.bfloat16)
+  save_official_dit(model, str(tmp_path / "ckpt"), max_shard_bytes=200_000,
+                    dtype=ml_dtypes.bfloat16)
   files = sorted(os.listdir(tmp_path / "ckpt"))
   assert "model.safetensors.index.json" in files and len(files) > 2
   loaded = load_official_dit(str(tmp_path / "ckpt"), model.cfg, precision=Precision.bf16())
@@ -86,7 +88,8 @@ def test_sharded_directory_roundtrip_and_bf16_dtypes(tmp_path):
   assert p[("layers", "qx_norm", "weight")].dtype == jnp.bfloat16
   ref = _params(model)
   for k, v in p.items():
-    np.testing.assert_allclose(v.astype(np.float32), ref[k].astype(ml_dtypes.bfloat16).astype(np.float32),
+    np.testing.assert_allclose(v.astype(np.float32),
+                               ref[k].astype(ml_dtypes.bfloat16).astype(np.float32),
                                err_msg=str(k))
 
 

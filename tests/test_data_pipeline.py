@@ -256,7 +256,7 @@ def test_process_shards_are_disjoint_and_cover():
 def test_random_crop_takes_a_window_and_resize_averages():
   H, W = 8, 10
   src = []
-  for i in range(6):
+  for _ in range(6):
     fr = np.zeros((2 * F, H, W, 3), np.uint8)
     fr[..., 0] = (np.arange(H) * 8)[None, :, None]
     fr[..., 1] = (np.arange(W) * 8)[None, None, :]

@@ -1,6 +1,6 @@
-"""Behaviour of one DiT forward call (official dit_module.py, dit_model.py) on a tiny random model: block causality and
-kv windows, the KV-cache path, batching, caption dropout, precision modes, the distilled and
-24B-shaped variants, input validation and compile reuse.
+"""Behaviour of one DiT forward call (official dit_module.py, dit_model.py) on a tiny random model:
+block causality and kv windows, the KV-cache path, batching, caption dropout, precision modes, the
+distilled and 24B-shaped variants, input validation and compile reuse.
 
 Compiled functions are shared through module-level fixtures: a 2-core CI machine runs this file
 in well under a minute.

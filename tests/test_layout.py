@@ -98,7 +98,7 @@ def test_the_core_never_imports_the_adapter_or_a_project():
 def test_the_layer_test_sees_a_violation(tmp_path):
   """The import reader finds an edge written inside a function (the lazy-import form)."""
   bad = tmp_path / "m.py"
-  bad.write_text("def f():\n  from magi_jax.proj.bouncing import world\n  import magi_jax.train.step\n"
-                 "from magi_jax import official\n")
+  bad.write_text("def f():\n  from magi_jax.proj.bouncing import world\n"
+                 "  import magi_jax.train.step\nfrom magi_jax import official\n")
   assert sorted(_imports(bad)) == [(2, "magi_jax.proj.bouncing"), (3, "magi_jax.train.step"),
                                    (4, "magi_jax.official")]

@@ -239,7 +239,7 @@ def test_split_trainable_round_trips_and_works_under_jit():
   flat_t = dict(nnx.to_flat_state(trainable))
   assert flat_t and all(isinstance(v, nnx.LoRAParam) for v in flat_t.values())
   assert not any(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(frozen))
-  assert set(p for p, _ in nnx.to_flat_state(frozen)) == set(base_flat(model))
+  assert {p for p, _ in nnx.to_flat_state(frozen)} == set(base_flat(model))
   back = nnx.merge(graphdef, trainable, frozen)
   assert type(back.layers.q) is LoRALinear
   for p, v in lora_flat(back).items():

@@ -1,5 +1,5 @@
-"""magi_jax.media: frame arithmetic (the official video_generate.py arithmetic), ffmpeg reading / writing round
-trips on clips the tests make themselves, and the error messages."""
+"""magi_jax.media: frame arithmetic (the official video_generate.py arithmetic), ffmpeg reading /
+writing round trips on clips the tests make themselves, and the error messages."""
 
 import os
 import subprocess

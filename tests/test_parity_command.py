@@ -1,4 +1,5 @@
-"""`python -m magi_jax.official.parity` on the official fixtures: passes, and fails when it should."""
+"""`python -m magi_jax.official.parity` on the official fixtures:
+passes, and fails when it should."""
 
 import os
 import shutil

@@ -1,4 +1,5 @@
-"""MAGI-1's learnable 3D RoPE (official dit_module.py): relative positions, which dims rotate, norms, grid."""
+"""MAGI-1's learnable 3D RoPE (official dit_module.py): relative positions, which dims rotate,
+norms, grid."""
 
 import chex
 import jax.numpy as jnp

@@ -1,6 +1,6 @@
-"""Behaviour of the autoregressive sampler (official inference/pipeline/video_generate.py): the f32 timestep
-schedule, the window plan against the official fixture's call metadata, jit reuse, the bounded
-KV cache, streaming, causality, PRNG determinism, I2V / V2V prefixes, input errors and
+"""Behaviour of the autoregressive sampler (official inference/pipeline/video_generate.py): the f32
+timestep schedule, the window plan against the official fixture's call metadata, jit reuse, the
+bounded KV cache, streaming, causality, PRNG determinism, I2V / V2V prefixes, input errors and
 per-chunk text.
 
 Every expected value comes from the official code, from its fixture, or is derived by hand in
@@ -283,10 +283,11 @@ def test_cache_and_live_latents_are_bounded(sampler, monkeypatch):
   peak = {}
   for n in (4, 12):
     del stores[:]
-    live = []
+    live, box = [], []                                      # box: this iteration's generator
     gen = sampler.sample(text_rows(n), latent_hw=HW, num_chunks=n, key=KEY,
-                         on_call=lambda r: live.append((r.x.shape[2],
-                                                        len(gen.gi_frame.f_locals["latents"]))))
+                         on_call=lambda r, live=live, box=box: live.append(
+                             (r.x.shape[2], len(box[0].gi_frame.f_locals["latents"]))))
+    box.append(gen)
     out = list(gen)
     assert [c.index for c in out] == list(range(n))
     assert len({s[0] for s in stores}) == 1                 # one store per video
@@ -540,7 +541,8 @@ def test_per_chunk_prompts(sampler):
   null_y, null_m = two.null()
   assert len(given) == len(plans)
   for plan, (y, m) in zip(plans, given):
-    rows = ([(null_y, null_m)] if plan.refresh else []) + [two.cond(c) for c in range(plan.c0, plan.c1)]
+    rows = (([(null_y, null_m)] if plan.refresh else [])
+            + [two.cond(c) for c in range(plan.c0, plan.c1)])
     np.testing.assert_array_equal(y, np.stack([r for r, _ in rows]), err_msg=str(plan))
     np.testing.assert_array_equal(m, np.stack([k for _, k in rows]), err_msg=str(plan))
   assert rec.asked == list(range(n))

@@ -146,8 +146,8 @@ def test_plan_kinds():
     r = seg if layout == "causal_segments" else kp
     sk = S if layout == "causal_segments" else 40
     sq = r.shape[1] * QB
-    assert traced(lambda a: plan(ChunkMask(a, q_block=QB, layout=layout), sq, sk).kind,
-                  r) == kind
+    assert traced(lambda a, layout=layout, sq=sq, sk=sk:
+                  plan(ChunkMask(a, q_block=QB, layout=layout), sq, sk).kind, r) == kind
 
 
 def test_traced_general_mask_raises():
@@ -219,13 +219,14 @@ def test_supports_truth_table():
                                   (kp, "key_prefix", QB, 40, True),
                                   (kp, "general", QB, 40, False),
                                   (seg, "causal_segments", S, S + QB, False)]:
-    assert traced(lambda a: supports(mk(a, layout), sq, sk), r) is want, (layout, sq, sk)
+    assert traced(lambda a, layout=layout, sq=sq, sk=sk: supports(mk(a, layout), sq, sk),
+                  r) is want, (layout, sq, sk)
 
 
 def test_chunk_range_mask_is_dense_mask():
   """The static per-chunk mask equals dense_mask, padded queries take the last chunk's range,
   and the in-kernel mask function agrees with the per-block (numpy) one."""
-  qb, n, sk = 4, 3, 20
+  qb, sk = 4, 20
   r = np.array([[[0, 8], [4, 12], [6, 20]]])
   m = ChunkRangeMask((16, 24), qb, r[0])
   np.testing.assert_array_equal(m[:12, :20], np.asarray(dense_mask(ChunkMask(r, qb), sk))[0])

@@ -18,9 +18,8 @@ from magi_jax.convert.orbax_io import load_converted_t5, save_converted_t5
 from magi_jax.formats.safetensors_io import SafetensorsFile, save_safetensors
 from magi_jax.official.t5 import load_t5, load_text_encoder, save_t5, t5_state_dict
 from magi_jax.text import (NULL_CAPTION_VALID, PromptScheduleError, SpecialTokenError,
-                           SpecialTokens, T5Config, T5Encoder, T5Tokenizer, TextEncoder,
-                           TextFlags, TokenizerError, build_text_rows, prompts_per_chunk,
-                           chunk_text_rows)
+                           SpecialTokens, T5Config, T5Encoder, T5Tokenizer, TextFlags,
+                           TokenizerError, build_text_rows, prompts_per_chunk, chunk_text_rows)
 from magi_jax.text.t5 import T5ConfigError, relative_position_bucket, t5_config_from_dict
 
 T5_DIR = os.path.join(FIXTURES, "text", "t5_tiny")
@@ -87,7 +86,8 @@ def _rand_t5(seed=0, layers=2, gated=True):
 def test_hf_layout_written_by_a_test_loads_strictly(tmp_path, sharded):
   model = _rand_t5()
   save_t5(model, str(tmp_path), max_shard_bytes=4000 if sharded else None)
-  assert os.path.exists(tmp_path / ("model.safetensors.index.json" if sharded else "model.safetensors"))
+  assert os.path.exists(tmp_path / ("model.safetensors.index.json" if sharded
+                                    else "model.safetensors"))
   back = load_t5(str(tmp_path))
   ids = np.array([[3, 9, 1, 0]])
   mask = np.array([[1, 1, 1, 0]])
@@ -243,7 +243,8 @@ def test_rows_layout_with_a_prefix_and_negative_tokens(tmp_path):
   sp = SpecialTokens.load(_npz(tmp_path)[0])
   L, D = 60, 8
   emb = np.arange(L * D, dtype=np.float32).reshape(1, L, D)
-  mask = np.zeros((1, L)); mask[0, :5] = 1
+  mask = np.zeros((1, L))
+  mask[0, :5] = 1
   null = -np.ones((L, D), np.float32)
   y, m = build_text_rows(emb, mask, null, infer_chunk_num=4, clean_chunk_num=1, special=sp,
                          flags=TextFlags(neg_prompt=True))

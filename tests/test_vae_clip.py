@@ -1,6 +1,7 @@
 """A synthetic clip through the fixture VAE (fp32): tiled encode -> tiled decode shapes and frame
-counts (official tile_parallel.py, video_generate.py), tiled == untiled where one tile covers the input, and the
-decoded frames streamed chunk by chunk into an mp4 that reads back with the right frame count."""
+counts (official tile_parallel.py, video_generate.py), tiled == untiled where one tile covers the
+input, and the decoded frames streamed chunk by chunk into an mp4 that reads back with the right
+frame count."""
 
 import dataclasses
 import json

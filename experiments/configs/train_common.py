@@ -70,7 +70,7 @@ def train_config():
   c.data = ml_collections.ConfigDict()
   c.data.kind = "bouncing"         # video_folder | a data source of config.project (bouncing)
   c.data.data_dir = ""             # TFDS data_dir ("" = <workdir>/tfds)
-  c.data.world = ml_collections.ConfigDict()        # magi_jax.proj.bouncing.world.WorldConfig fields
+  c.data.world = ml_collections.ConfigDict()  # magi_jax.proj.bouncing.world.WorldConfig fields
   c.data.train_episodes = 256
   c.data.test_episodes = 64
   c.data.video_dir = ""            # video_folder: folder of mp4 files + captions.json

@@ -2,8 +2,9 @@
 
 * VAE: `OFFICIAL_VAE` is the released MAGI-1 VAE's `ddconfig` (the official
   inference/model/vae/vae_model.py with the checkpoint's config.json: width 1024, 24 blocks
-  per side, 16 heads, MLP 4096; about 614M parameters). The tiny preset uses `convert.load.TINY_VAE`, the geometry
-  its random-weight pipeline runs. Both have bf16 weights (the official pipeline casts them).
+  per side, 16 heads, MLP 4096; about 614M parameters). The tiny preset uses
+  `convert.load.TINY_VAE`, the geometry its random-weight pipeline runs. Both have bf16 weights (the
+  official pipeline casts them).
 * T5: the real t5-v1_1-xxl encoder (`text.t5.T5_V1_1_XXL`, 4.76B parameters) when the DiT's
   caption_channels is its width (4096: every MAGI-1 preset), else the tiny preset's random
   T5 (the shape `convert.load.load_text_encoder` builds: d_model = caption_channels,

@@ -24,10 +24,10 @@ DEFAULT_AXIS = {"train": "fsdp", "sample": "tensor"}
 def parse_mesh(text: str | None, job: str) -> MeshConfig:
   """The flag's axis sizes as a MeshConfig (missing axes 1; empty -> the job's default)."""
   if not text:
-    sizes = {a: 1 for a in AXES}
+    sizes = dict.fromkeys(AXES, 1)
     sizes[DEFAULT_AXIS[job]] = -1
     return MeshConfig(**sizes)
-  sizes = {a: 1 for a in AXES}
+  sizes = dict.fromkeys(AXES, 1)
   seen = set()
   for part in text.split(","):
     name, sep, value = part.strip().partition(":")

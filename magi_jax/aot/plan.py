@@ -15,7 +15,7 @@ Missing --height/--width take the preset's runtime video size.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 from magi_jax.aot.errors import AOTError
 from magi_jax.aot.job import JOBS, Job

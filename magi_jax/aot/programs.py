@@ -12,7 +12,8 @@ Program families per job (`--programs` selects among them):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from magi_jax.aot.abstract import per_device_bytes
 from magi_jax.aot.errors import AOTError

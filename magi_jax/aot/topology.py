@@ -102,7 +102,7 @@ def host_bounds(dims: tuple[int, ...]) -> tuple[int, int, int] | None:
   return (dims[0], dims[1], dims[2] if len(dims) > 2 else 1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_topology(name: str) -> Topology:
   """The devices of slice `name` (cached per name). AOTError for unknown names, shapes libtpu
   rejects, or libtpu missing."""

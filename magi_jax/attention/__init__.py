@@ -17,7 +17,7 @@ differ in speed and memory only; the reference backend defines the result.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 from magi_jax.attention.cudnn import cudnn_attention
 from magi_jax.attention.flash import flash_attention
@@ -94,7 +94,8 @@ def attention(q, k, v, mask: ChunkMask, *, scale: float, backend: str = AUTO, pr
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
   if q.shape[1] != mask.num_q_blocks * mask.q_block:
-    raise ValueError(f"mask covers {mask.num_q_blocks} x {mask.q_block} queries, q has {q.shape[1]}")
+    raise ValueError(f"mask covers {mask.num_q_blocks} x {mask.q_block} queries, "
+                     f"q has {q.shape[1]}")
   if backend == AUTO:
     backend = select_backend(q, k, mask)
   fn = get_backend(backend)

@@ -1,4 +1,5 @@
-"""python -m magi_jax.convert --src=DIR --dst=DIR [--model=dit|vae] [--config=PRESET|JSON] [--to=orbax|official]
+"""python -m magi_jax.convert --src=DIR --dst=DIR [--model=dit|vae] [--config=PRESET|JSON]
+  [--to=orbax|official]
 
 official -> orbax (default): reads an official MAGI-1 DiT checkpoint directory
 (`inference_weight*`: model.safetensors or shards + index, optionally .zst), strictly, with
@@ -26,7 +27,8 @@ flags.DEFINE_string("config", None, f"preset ({', '.join(PRESETS)}) or an offici
                     "required when --src is an official checkpoint")
 flags.DEFINE_enum("model", "dit", ["dit", "vae", "t5"], "which network the checkpoint holds")
 flags.DEFINE_enum("to", "orbax", ["orbax", "official"], "output format")
-flags.DEFINE_enum("precision", "bf16", ["bf16", "fp32"], "parameter precision of the converted model")
+flags.DEFINE_enum("precision", "bf16", ["bf16", "fp32"],
+                  "parameter precision of the converted model")
 flags.DEFINE_float("shard_gb", 5.0, "shard size for --to=official")
 
 
@@ -52,7 +54,8 @@ def main(argv):
       dtype = jnp.float32 if FLAGS.precision == "fp32" else jnp.bfloat16
       save_converted_t5(load_t5(FLAGS.src, dtype=dtype), FLAGS.dst, tokenizer_dir=FLAGS.src)
     else:
-      save_t5(load_converted_t5(FLAGS.src), FLAGS.dst, max_shard_bytes=int(FLAGS.shard_gb * 2 ** 30))
+      save_t5(load_converted_t5(FLAGS.src), FLAGS.dst,
+              max_shard_bytes=int(FLAGS.shard_gb * 2 ** 30))
     print(f"wrote {FLAGS.dst} (T5 encoder, {FLAGS.to})")
     return
 
@@ -79,7 +82,8 @@ def main(argv):
     if not is_converted(FLAGS.src):
       raise app.UsageError(f"--src={FLAGS.src} is not a converted magi_jax checkpoint")
     model, cfg = load_converted(FLAGS.src, precision=FLAGS.precision)
-    save_official_dit(model, FLAGS.dst, max_shard_bytes=int(FLAGS.shard_gb * 2 ** 30), progress=True)
+    save_official_dit(model, FLAGS.dst, max_shard_bytes=int(FLAGS.shard_gb * 2 ** 30),
+                      progress=True)
     print(f"wrote the official layout to {FLAGS.dst}")
 
 

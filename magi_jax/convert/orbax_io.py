@@ -51,7 +51,8 @@ def _save_params(model, directory: str, meta: dict) -> str:
 def _read_meta(directory: str, fmt: str) -> dict:
   meta_path = os.path.join(directory, "magi_jax.json")
   if not os.path.exists(meta_path):
-    raise CheckpointFormatError(f"{directory}: not a converted magi_jax checkpoint (no magi_jax.json)")
+    raise CheckpointFormatError(f"{directory}: not a converted magi_jax checkpoint "
+                                "(no magi_jax.json)")
   with open(meta_path) as f:
     meta = json.load(f)
   if meta.get("format") != fmt:

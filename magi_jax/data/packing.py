@@ -12,7 +12,7 @@ items longest first (ties: lower index first) and put each into the first open b
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -40,7 +40,7 @@ import collections
 import functools
 import sys
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import numpy as np

@@ -1,8 +1,8 @@
 """What each training video conditions on: clean chunks, noise levels, text dropout.
 
 T2V, I2V and V2V are one task that differs in how much of the video is clean (MAGI-1
-report, arXiv 2505.13211). Per video (segment) of a packed row, with probabilities from `ConditioningConfig`
-(the report leaves them open; our defaults below):
+report, arXiv 2505.13211). Per video (segment) of a packed row, with probabilities from
+`ConditioningConfig` (the report leaves them open; our defaults below):
 
 * V2V: the first n chunks are clean, n uniform in [1, length - 1] (videos of one chunk fall
   back to T2V);

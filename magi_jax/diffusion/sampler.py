@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 
 import dataclasses
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +84,7 @@ class Sampler:
     self.ts = schedule.timesteps(rt.num_steps, eng.shortcut_mode)
     self.intervals = schedule.distill_intervals(rt.num_steps, eng.shortcut_mode)
 
-  def with_runtime(self, **fields) -> "Sampler":
+  def with_runtime(self, **fields) -> Sampler:
     """The same model and compiled steps under other runtime settings (guidance scales,
     steps, ...): the step functions depend on the model only, scales and t are traced."""
     other = copy.copy(self)
@@ -184,7 +184,8 @@ class Sampler:
       need = max(0, sp - int(kv_range[:, 0].min()) // tok)
       cache = store.read(sp, need)
       nearly = (rt.cfg_number == 1
-                and schedule.nearly_clean(t_den[0], self.cfg.engine.distill_nearly_clean_chunk_threshold))
+                and schedule.nearly_clean(t_den[0],
+                                          self.cfg.engine.distill_nearly_clean_chunk_threshold))
       s_p, s_t = self._scales(t_den)
       x_next, v, kv = self._step(
           x=x, t=jnp.asarray(t), dt=jnp.asarray(dt), y_cond=y_cond, m_cond=m_cond,

@@ -49,8 +49,8 @@ def make_step(model, *, backend: str = "auto"):
   """Returns `step(**inputs) -> (x_next, v, refresh_kv)` over a snapshot of `model`'s params."""
   graphdef, state = nnx.split(model)
 
-  @functools.partial(jax.jit, static_argnames=("cfg_number", "refresh", "nearly_clean", "chunk_width",
-                                               "local_ranges"))
+  @functools.partial(jax.jit, static_argnames=("cfg_number", "refresh", "nearly_clean",
+                                               "chunk_width", "local_ranges"))
   def compiled(state, x, t, dt, y_cond, m_cond, y_null, m_null, kv_range, slice_point, cache,
                scale_prev, scale_text, blend, step_size, *, cfg_number, refresh, nearly_clean,
                chunk_width, local_ranges=None):

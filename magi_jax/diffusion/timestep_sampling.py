@@ -1,4 +1,5 @@
-"""The training timestep sampler (MAGI-1 report, arXiv 2505.13211, §2): logit-normal, shifted toward noise.
+"""The training timestep sampler (MAGI-1 report, arXiv 2505.13211, §2): logit-normal,
+shifted toward noise.
 
 t = 0 is noise, t = 1 clean. u = sigmoid(n), n ~ N(mean, std²), then the SD3-style shift
 t = w·u / (1 - (1 - w)·u) with w = 1/3 moves mass to the noisy side: with (0, 0.5, 1/3)

@@ -1,4 +1,5 @@
-"""The window schedule (official inference/pipeline/video_generate.py): which chunks each step denoises.
+"""The window schedule (official inference/pipeline/video_generate.py): which chunks
+each step denoises.
 
 Up to `window` chunks are in flight, staggered by `dsps = num_steps // window` steps, the
 oldest (cleanest) first. Stage i (= n_clean + stage counter) holds chunks [c0, c1); a chunk in

@@ -60,11 +60,11 @@ class ShardedCheckpoint:
     if exists(INDEX):
       self._key_to_shard = _weight_map(os.path.join(directory, INDEX))
     elif exists(SINGLE) or exists(SINGLE + ".zst"):
-      self._key_to_shard = {k: SINGLE for k in self._shard(SINGLE).keys()}
+      self._key_to_shard = dict.fromkeys(self._shard(SINGLE).keys(), SINGLE)
     elif exists(BIN_INDEX):
       self._key_to_shard = _weight_map(os.path.join(directory, BIN_INDEX))
     elif exists(BIN_SINGLE):
-      self._key_to_shard = {k: BIN_SINGLE for k in self._shard(BIN_SINGLE).keys()}
+      self._key_to_shard = dict.fromkeys(self._shard(BIN_SINGLE).keys(), BIN_SINGLE)
     elif glob.glob(os.path.join(directory, "pytorch_model*.bin")):
       found = [os.path.basename(p) for p in
                sorted(glob.glob(os.path.join(directory, "pytorch_model*.bin")))]

@@ -61,7 +61,8 @@ class SafetensorsFile:
     self._entries = header
     for key, e in header.items():
       if e.get("dtype") not in DTYPES:
-        raise CheckpointFormatError(f"{path}: tensor {key!r} has unsupported dtype {e.get('dtype')!r}")
+        raise CheckpointFormatError(f"{path}: tensor {key!r} has unsupported dtype "
+                                    f"{e.get('dtype')!r}")
       a, b = e["data_offsets"]
       want = int(np.prod(e["shape"], dtype=np.int64)) * np.dtype(DTYPES[e["dtype"]]).itemsize
       if b - a != want or self._start + b > len(self._buf):
@@ -83,8 +84,8 @@ class SafetensorsFile:
   def get(self, key) -> np.ndarray:
     e = self._entries[key]
     a, b = e["data_offsets"]
-    arr = np.frombuffer(self._buf, dtype=DTYPES[e["dtype"]], count=(b - a) // self.dtype(key).itemsize,
-                        offset=self._start + a)
+    arr = np.frombuffer(self._buf, dtype=DTYPES[e["dtype"]],
+                        count=(b - a) // self.dtype(key).itemsize, offset=self._start + a)
     return arr.reshape(e["shape"])
 
 

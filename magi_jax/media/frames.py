@@ -1,4 +1,5 @@
-"""Frame / chunk arithmetic of the official pipeline (official inference/pipeline/video_process.py, video_generate.py). Pure, no I/O.
+"""Frame / chunk arithmetic of the official pipeline (official inference/pipeline/video_process.py,
+video_generate.py). Pure, no I/O.
 
 Latents come in chunks of `chunk_width` (6) latent frames; one latent frame is
 `temporal_downsample` (4) video frames. A prefix of P latents (1 for I2V, 8 for a 32-frame V2V

@@ -1,4 +1,5 @@
-"""Input pixels through the official ffmpeg filter graphs (official inference/pipeline/video_process.py).
+"""Input pixels through the official ffmpeg filter graphs (official
+inference/pipeline/video_process.py).
 
 ffmpeg's bicubic swscale, its yuv -> rgb conversion and its fps resampling define the input
 pixels, so they are not re-implemented: these functions run the ffmpeg binary shipped with
@@ -65,7 +66,7 @@ def _run(args, path, what: str, stdin: bytes | None = None) -> bytes:
   """Runs ffmpeg, returns its stdout; failures become MediaError naming `path`."""
   cmd = [_ffmpeg_exe(), "-hide_banner", "-loglevel", "error"] + args
   try:
-    res = subprocess.run(cmd, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    res = subprocess.run(cmd, input=stdin, capture_output=True,
                          stdin=None if stdin is not None else subprocess.DEVNULL, check=False)
   except OSError as e:
     raise media_error(path, f"cannot run ffmpeg ({e})") from e

@@ -1,4 +1,5 @@
-"""Writing generated frames: streaming H.264 mp4 (the official settings of inference/pipeline/video_process.py) or GIF.
+"""Writing generated frames: streaming H.264 mp4 (the official settings of
+inference/pipeline/video_process.py) or GIF.
 
 mp4: the official ffmpeg call, `-f rawvideo -pix_fmt rgb24 -s WxH -r FPS -i -` ->
 `-f mp4 -vcodec libx264 -pix_fmt yuv420p` with x264's defaults written out (CRF 23, preset

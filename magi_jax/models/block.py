@@ -1,5 +1,5 @@
-"""One MAGI-1 transformer layer (official dit_module.py): parallel self + cross attention, softcapped
-gates applied before sandwich post-norms, and a GELU or SwiGLU MLP.
+"""One MAGI-1 transformer layer (official dit_module.py): parallel self + cross attention,
+softcapped gates applied before sandwich post-norms, and a GELU or SwiGLU MLP.
 
 No shift/scale modulation exists: adaLN only produces two gates per chunk.
 """

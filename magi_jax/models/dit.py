@@ -1,4 +1,5 @@
-"""The MAGI-1 video DiT (official inference/model/dit/dit_model.py, dit_module.py): one forward call over a few chunks of latent video.
+"""The MAGI-1 video DiT (official inference/model/dit/dit_model.py, dit_module.py): one forward call
+over a few chunks of latent video.
 
 Layout: latents are (N, C, T, H, W) like the official code; inside, tokens are (N, S, D) with
 S ordered T-major, then H, then W, so chunk j owns tokens [j·tok, (j+1)·tok).

@@ -1,4 +1,5 @@
-"""MAGI-1's learnable 3D rotary embedding (official dit_module.py, LearnableRotaryEmbeddingCat), as pure functions.
+"""MAGI-1's learnable 3D rotary embedding (official dit_module.py, LearnableRotaryEmbeddingCat),
+as pure functions.
 
 `nb = (hidden_size // heads) // 8` learned bands serve three axes (T, H, W), so 6·nb = 3/4 of
 that head width rotates, in non-interleaved halves: dim m pairs with dim m + 3·nb.

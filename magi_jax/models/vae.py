@@ -1,6 +1,6 @@
-"""MAGI-1's transformer VAE (`ViTVAE`, official inference/model/vae/vae_module.py): 4x8x8 patches, a class token, a
-learned position table resized trilinearly to the latent grid, pre-LN-free ViT blocks whose
-attention normalises q, k and v per head without parameters, erf-GELU MLPs; the decoder
+"""MAGI-1's transformer VAE (`ViTVAE`, official inference/model/vae/vae_module.py): 4x8x8 patches, a
+class token, a learned position table resized trilinearly to the latent grid, pre-LN-free ViT blocks
+whose attention normalises q, k and v per head without parameters, erf-GELU MLPs; the decoder
 un-patchifies to 4 channels and ends with a 3x3x3 convolution.
 """
 
@@ -160,7 +160,8 @@ class _Trunk(nnx.Module):
     n = cfg.grid[0] * cfg.grid[1] * cfg.grid[2] + 1
     self.cfg = cfg
     self.cls_token = nnx.Param(jax.random.normal(rngs.params(), (1, 1, D), F32).astype(dtype))
-    self.pos_embed = nnx.Param((0.02 * jax.random.normal(rngs.params(), (1, n, D), F32)).astype(dtype))
+    self.pos_embed = nnx.Param(
+        (0.02 * jax.random.normal(rngs.params(), (1, n, D), F32)).astype(dtype))
     self.blocks = nnx.List([VAEBlock(cfg, dtype, rngs=rngs) for _ in range(cfg.depth)])
     self.norm = LayerNorm(D, eps=_LN_EPS, one_plus=False, dtype=dtype, rngs=rngs)
 
@@ -237,7 +238,8 @@ class ViTDecoder(nnx.Module):
 
 
 class ViTVAE(nnx.Module):
-  """encode: pixels -> posterior mean (single images as 4 repeated frames); decode: latents -> pixels."""
+  """encode: pixels -> posterior mean (single images as 4 repeated frames);
+  decode: latents -> pixels."""
 
   def __init__(self, cfg: VAEConfig, *, precision: Precision = Precision.fp32(), rngs: nnx.Rngs):
     self.cfg = cfg

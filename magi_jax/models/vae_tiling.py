@@ -1,5 +1,6 @@
-"""Tiled VAE encode / decode (official inference/infra/parallelism/tile_parallel.py): spatial tiles with overlap and linear
-blending, temporal tiles without overlap. Pure functions over a per-tile encode/decode.
+"""Tiled VAE encode / decode (official inference/infra/parallelism/tile_parallel.py): spatial tiles
+with overlap and linear blending, temporal tiles without overlap. Pure functions over a per-tile
+encode/decode.
 
 The official blending order matters for exact parity and is reproduced: encode blends each
 tile IN PLACE against neighbours that were already blended; decode blends a copy of each tile

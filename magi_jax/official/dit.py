@@ -65,7 +65,7 @@ def save_sharded(sd: dict, directory: str, *, max_shard_bytes: int, progress: bo
   for i, shard in it:
     name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
     save_safetensors(shard, os.path.join(directory, name))
-    weight_map.update({k: name for k in shard})
+    weight_map.update(dict.fromkeys(shard, name))
   with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
     json.dump({"metadata": {"total_size": sum(a.nbytes for a in sd.values())},
                "weight_map": weight_map}, f, indent=2)

@@ -1,4 +1,5 @@
-"""The official MAGI-1 DiT state-dict layout (official dit_module.py, inference/infra/checkpoint/checkpointing.py) and its map onto `VideoDiT`.
+"""The official MAGI-1 DiT state-dict layout (official dit_module.py,
+inference/infra/checkpoint/checkpointing.py) and its map onto `VideoDiT`.
 
 Each `Entry` ties official keys to model paths with a forward transform (official tensors ->
 model tensors) and its inverse. One-time weight permutations live here, not in the forward:
@@ -10,7 +11,7 @@ PyTorch (out, in) weights become (in, out) kernels, the fused cross-attention K/
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np

@@ -140,8 +140,10 @@ def expected_shapes(flat_abstract: dict, entries) -> dict[str, tuple]:
   return shapes
 
 
-def load_strict(checkpoint, entries, abstract_model, *, progress: bool = False, desc: str = "loading"):
-  """Fills `abstract_model` (from nnx.eval_shape) with the checkpoint's tensors; returns the model."""
+def load_strict(checkpoint, entries, abstract_model, *, progress: bool = False,
+                desc: str = "loading"):
+  """Fills `abstract_model` (from nnx.eval_shape) with the checkpoint's tensors;
+  returns the model."""
   reader = _Reader(_as_source(checkpoint))
   graphdef, abs_state = nnx.split(abstract_model)
   targets = dict(nnx.to_flat_state(abs_state))

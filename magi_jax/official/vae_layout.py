@@ -1,4 +1,5 @@
-"""The official ViTVAE state-dict layout (official inference/model/vae/vae_module.py) and its map onto `ViTVAE`."""
+"""The official ViTVAE state-dict layout (official inference/model/vae/vae_module.py) and its map
+onto `ViTVAE`."""
 
 from __future__ import annotations
 

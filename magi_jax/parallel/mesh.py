@@ -37,7 +37,7 @@ class MeshConfig:
   dcn_data: int = 1
 
   @classmethod
-  def from_config(cls, c) -> "MeshConfig":
+  def from_config(cls, c) -> MeshConfig:
     """From a ConfigDict / dict with any of the fields (missing ones take the defaults)."""
     c = c.to_dict() if hasattr(c, "to_dict") else dict(c or {})
     unknown = sorted(set(c) - {f.name for f in dataclasses.fields(cls)})

@@ -4,10 +4,12 @@ axes. Model code only names its activations' axes (`constrain(h, ("batch", "leng
 
 Parameter names are the paths of the DiT's NNX state (`layers/q/kernel`); kernels are
 (in, out), and the transformer layers' parameters carry a leading layer axis (one stacked
-layer, run by a scan), which is never sharded: each device holds its share of every layer. 'embed' (the model width of a weight) goes to 'fsdp' and 'context' (ZeRO-3 over every
-device that holds different tokens: at 4M tokens a 24B model's weights and AdamW moments do not
-fit when only 'fsdp' splits them), attention heads and MLP columns to 'tensor'. Activation names start with `act_` where they differ from the weight's: a weight's
-width is sharded over fsdp, an activation's is not (its batch is).
+layer, run by a scan), which is never sharded: each device holds its share of every layer. 'embed'
+(the model width of a weight) goes to 'fsdp' and 'context' (ZeRO-3 over every device that holds
+different tokens: at 4M tokens a 24B model's weights and AdamW moments do not fit when only 'fsdp'
+splits them), attention heads and MLP columns to 'tensor'. Activation names start with `act_` where
+they differ from the weight's: a weight's width is sharded over fsdp, an activation's is not (its
+batch is).
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ class ShardingRules:
   params: tuple = PARAM_RULES
 
   @classmethod
-  def from_config(cls, c) -> "ShardingRules":
-    """From `config.sharding` (`logical`, `params`: lists of pairs); empty or missing -> defaults."""
+  def from_config(cls, c) -> ShardingRules:
+    """From `config.sharding` (`logical`, `params`: lists of pairs);
+    empty or missing -> defaults."""
     if c is None:
       return cls()
     c = c.to_dict() if hasattr(c, "to_dict") else dict(c)
@@ -96,7 +99,7 @@ def fit_spec(spec: P, shape, mesh) -> P:
   return P(*(a if fits(i, a) else None for i, a in enumerate(spec)))
 
 
-def split_axes(rules: "ShardingRules", name: str, size: int, mesh):
+def split_axes(rules: ShardingRules, name: str, size: int, mesh):
   """The mesh axes logical axis `name` maps to, or None where they do not divide `size`."""
   return fit_spec(rules.spec((name,)), (size,), mesh)[0]
 

@@ -1,4 +1,5 @@
-"""Prompt cleaner used by MAGI-1 before T5 tokenisation (a port of the DeepFloyd-IF caption cleaner).
+"""Prompt cleaner used by MAGI-1 before T5 tokenisation
+(a port of the DeepFloyd-IF caption cleaner).
 
 MAGI-1's `T5Embedder.text_preprocessing` passes every prompt through the DeepFloyd-IF / PixArt
 `clean_caption` routine: URL-unquote and lowercase, delete URLs, HTML markup, @handles, CJK

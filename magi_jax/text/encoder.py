@@ -15,7 +15,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

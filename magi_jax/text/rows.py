@@ -1,4 +1,5 @@
-"""The DiT's per-chunk text inputs `y` and `emb_masks` (official inference/pipeline/prompt_process.py), pure numpy.
+"""The DiT's per-chunk text inputs `y` and `emb_masks` (official
+inference/pipeline/prompt_process.py), pure numpy.
 
 Row layout, with C = `infer_chunk_num` chunks of which the first `clean_chunk_num` are clean:
 
@@ -17,7 +18,7 @@ its caption length; here it is the length of the given rows (800 for the officia
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -133,6 +134,8 @@ def build_text_rows(chunk_embs, chunk_masks, null_caption, *, infer_chunk_num: i
                        clean_chunk_num=clean_chunk_num, special=special, flags=flags)
   cond = [rows.cond(c) for c in range(infer_chunk_num)]
   neg, neg_m = rows.null()
-  y = np.stack([np.stack([e for e, _ in cond]), np.broadcast_to(neg, (infer_chunk_num,) + neg.shape)])
-  m = np.stack([np.stack([k for _, k in cond]), np.broadcast_to(neg_m, (infer_chunk_num,) + neg_m.shape)])
+  y = np.stack([np.stack([e for e, _ in cond]),
+                np.broadcast_to(neg, (infer_chunk_num,) + neg.shape)])
+  m = np.stack([np.stack([k for _, k in cond]),
+                np.broadcast_to(neg_m, (infer_chunk_num,) + neg_m.shape)])
   return y.astype(np.float32), m.astype(np.float32)

@@ -2,9 +2,10 @@
 
 `special_tokens.npz` (official `example/assets/`) holds `caption_token` [1, D], `logo_token`
 [1, D] and `other_tokens` [100, D] in float64; the official loader rounds them through float16,
-so a token is `float32(float16(value))` (official prompt_process.py, example/assets/special_tokens.npz). Which tokens are used is decided
-by flags (the official code reads them from environment variables `PAD_HQ`, `PAD_DURATION`, ...;
-`TextFlags.from_env` does the same, and the sample configs carry them as fields).
+so a token is `float32(float16(value))` (official prompt_process.py,
+example/assets/special_tokens.npz). Which tokens are used is decided by flags (the official code
+reads them from environment variables `PAD_HQ`, `PAD_DURATION`, ...; `TextFlags.from_env` does the
+same, and the sample configs carry them as fields).
 """
 
 from __future__ import annotations
@@ -49,11 +50,11 @@ class TextFlags:
   neg_prompt: bool = False     # pad the null (negative) rows with CAPTION/LOGO/TRANS/BORDERNESS
 
   @classmethod
-  def none(cls) -> "TextFlags":
+  def none(cls) -> TextFlags:
     return cls(hq=False, duration=False)
 
   @classmethod
-  def from_env(cls, env=None) -> "TextFlags":
+  def from_env(cls, env=None) -> TextFlags:
     """The official environment variables: PAD_STATIC, ..., PAD_DURATION, NEG_PROMPT."""
     env = os.environ if env is None else env
     on = lambda name: str(env.get(name, "")).strip().lower() in _TRUE
@@ -84,7 +85,7 @@ class SpecialTokens:
     return cls(rounded["caption_token"][0], rounded["logo_token"][0], rounded["other_tokens"])
 
   @classmethod
-  def load(cls, path: str) -> "SpecialTokens":
+  def load(cls, path: str) -> SpecialTokens:
     if not os.path.exists(path):
       raise SpecialTokenError(f"{path}: special-token file not found")
     try:

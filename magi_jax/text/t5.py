@@ -156,7 +156,8 @@ class T5Block(nnx.Module):
     inner = cfg.num_heads * cfg.d_kv
     lin = lambda i, o: Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs)
     self.attn_norm = _Norm(cfg.d_model, dtype)
-    self.q, self.k, self.v = lin(cfg.d_model, inner), lin(cfg.d_model, inner), lin(cfg.d_model, inner)
+    self.q, self.k, self.v = (lin(cfg.d_model, inner), lin(cfg.d_model, inner),
+                              lin(cfg.d_model, inner))
     self.o = lin(inner, cfg.d_model)
     self.relative_attention_bias = (
         nnx.Param(jax.random.normal(rngs.params(), (cfg.relative_attention_num_buckets,

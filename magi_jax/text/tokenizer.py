@@ -12,7 +12,7 @@ is read with `tokenizers` instead. Literal special-token strings in a prompt (`<
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -27,7 +27,8 @@ class TokenizerError(MagiError, ValueError):
 
 
 class T5Tokenizer:
-  """`tokenizer(texts, max_length)` -> (ids, mask), int32 arrays of shape (len(texts), max_length)."""
+  """`tokenizer(texts, max_length)` -> (ids, mask), int32 arrays of shape
+  (len(texts), max_length)."""
 
   def __init__(self, directory: str):
     self.directory = directory

@@ -53,8 +53,8 @@ def data_dir(c, workdir: str) -> str:
 def train_iterator(c, tokenizer, workdir: str, *, num_threads: int = 2):
   d = c.data
   # data.batch_size is the global batch; each process loads its share (trainer.check_batch).
-  common = dict(batch_size=d.batch_size // jax.process_count(), bin_chunks=d.bin_chunks, seed=d.shuffle_seed,
-                pack_window=d.pack_window, min_chunks=d.min_chunks,
+  common = dict(batch_size=d.batch_size // jax.process_count(), bin_chunks=d.bin_chunks,
+                seed=d.shuffle_seed, pack_window=d.pack_window, min_chunks=d.min_chunks,
                 shard_index=jax.process_index(), shard_count=jax.process_count(),
                 num_threads=num_threads)
   if d.kind != "video_folder":

@@ -1,5 +1,5 @@
-"""The optimizer of the report (MAGI-1 report, arXiv 2505.13211): AdamW (0.9, 0.95), weight decay 0.1,
-linear warm-up, global-norm clipping, as one optax chain built from the config.
+"""The optimizer of the report (MAGI-1 report, arXiv 2505.13211): AdamW (0.9, 0.95), weight decay
+0.1, linear warm-up, global-norm clipping, as one optax chain built from the config.
 
 Weight decay applies to matrices only (kernels, embeddings); norms, biases, the learned RoPE
 bands and the null caption rows are not decayed (the report does not say; this is the usual

@@ -8,7 +8,7 @@ latent models go through the VAE decoder given as `decode`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -100,8 +100,9 @@ class VideoSampler:
     prefix = None if prefix_frames is None else self.encode(prefix_frames)
     clean = 0 if prefix is None else int(prefix.shape[2]) // self.chunk_width
     rows = self.text_rows(chunk_captions, num_chunks, clean)
-    chunks = list(self._sampler(text_scale).sample(rows, latent_hw=(height, width), num_chunks=num_chunks,
-                                                   key=jax.random.key(seed), prefix=prefix))
+    chunks = list(self._sampler(text_scale).sample(rows, latent_hw=(height, width),
+                                                   num_chunks=num_chunks, key=jax.random.key(seed),
+                                                   prefix=prefix))
     video = final_latent(chunks)
     if prefix is not None:
       video = jnp.concatenate([prefix[:, :, :chunks[0].start], video], axis=2)

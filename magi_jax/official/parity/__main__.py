@@ -25,9 +25,11 @@ CHECKS = {
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m magi_jax.official.parity", description=__doc__.split("\n\n")[1])
+  ap = argparse.ArgumentParser(prog="python -m magi_jax.official.parity",
+                               description=__doc__.split("\n\n")[1])
   ap.add_argument("directory", help="fixture directory (e.g. tests/fixtures)")
-  ap.add_argument("--only", default="", help=f"comma-separated checks; available: {', '.join(CHECKS)}")
+  ap.add_argument("--only", default="",
+                  help=f"comma-separated checks; available: {', '.join(CHECKS)}")
   ap.add_argument("--activations", action="store_true",
                   help="also compare the intermediate activations / every sampler call "
                        "(to localise an error)")

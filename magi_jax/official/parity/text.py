@@ -60,7 +60,8 @@ def run(directory: str, *, activations: bool = False, backend: str = "reference"
   tok = T5Tokenizer(ckpt)
   cleaned = [p["cleaned"] for p in info["prompts"]]
   results.append(_strings("text/clean_caption (t5_io prompts)",
-                          [(preprocess_prompt(p["prompt"]), p["cleaned"]) for p in info["prompts"]]))
+                          [(preprocess_prompt(p["prompt"]), p["cleaned"])
+                           for p in info["prompts"]]))
   ids, mask = tok(cleaned, max_length)
   results.append(_exact("text/token_ids", ids, d["t5.input_ids"]))
   results.append(_exact("text/attention_mask", mask, d["t5.attention_mask"]))
@@ -91,7 +92,7 @@ def run(directory: str, *, activations: bool = False, backend: str = "reference"
                                         r["in.special.other_tokens"])
     for case in cases:
       name = case["name"]
-      flags = TextFlags.from_env({flag: "1" for flag in case["flags"]})
+      flags = TextFlags.from_env(dict.fromkeys(case["flags"], "1"))
       y, m = build_text_rows(r["in.caption_embs"][0], r[f"{name}.in.emb_masks"],
                              r["in.null_caption_embedding"],
                              infer_chunk_num=case["infer_chunk_num"],

@@ -50,6 +50,7 @@ def run(directory: str, *, activations: bool = False, backend: str = "reference"
       results.append(compare("vae_io/tiled_encode (bf16)", tiled_encode(bf, x, tc),
                              d["tiled_enc.out.z_mode.bf16"], atol=BF16_ATOL, rtol=BF16_RTOL))
     if "tiled_dec.in.z" in d:
-      results.append(compare("vae_io/tiled_decode (bf16)", tiled_decode(bf, d["tiled_dec.in.z"], tc),
+      results.append(compare("vae_io/tiled_decode (bf16)",
+                             tiled_decode(bf, d["tiled_dec.in.z"], tc),
                              d["tiled_dec.out.x.bf16"], atol=BF16_ATOL, rtol=BF16_RTOL))
   return results

@@ -23,7 +23,7 @@ Conventions (pure numpy, no dependency on the world's code):
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

@@ -4,7 +4,7 @@ text encoder and its sample writer (magi_jax/train/project.py says what each hoo
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import ml_collections
 from flax import nnx

@@ -320,7 +320,7 @@ def rollout(cfg: WorldConfig, objects, centres, velocities, seed: int | None = N
   """
   objects = [(str(c), str(s), float(r)) for c, s, r in objects]
   colour_of = dict(cfg.colours)
-  for c, s, r in objects:
+  for c, s, _ in objects:
     if c not in colour_of:
       raise ValueError(f"unknown colour {c!r}; the world has {list(colour_of)}")
     if s not in SHAPES:
