@@ -109,9 +109,9 @@ def lower_program(model, cfg, mesh):
   from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from magi_jax.models import jit_forward
+  from magi_jax.official.forward import jit_forward
   from magi_jax.parallel.rules import use_mesh
-  from magi_jax.diffusion.step import make_step
+  from magi_jax.diffusion.step import StepInputs, StepOptions, make_step
 
   rep = NamedSharding(mesh, P())
   i = abstract_inputs(cfg, mesh)
@@ -129,11 +129,13 @@ def lower_program(model, cfg, mesh):
     local = tuple((0, (c + j + 1) * tok) for j in range(n))
     fn = make_step(model, backend=FLAGS.backend).compiled
     d = n - int(FLAGS.refresh)
-    return fn.lower(state, i["x"], a((n,)), a((d,)), i["y"], i["mask"],
-                    a((1,) + i["y"].shape[1:]), a((1,) + i["mask"].shape[1:]), i["kv_range"],
-                    i["slice_point"], i["cache"], a((d,)), a((d,)), a(()), i["step_size"],
-                    cfg_number=int(FLAGS.cfg), refresh=FLAGS.refresh, nearly_clean=False,
-                    chunk_width=cw, local_ranges=local)
+    inputs = StepInputs(x=i["x"], t=a((n,)), dt=a((d,)), y_cond=i["y"], m_cond=i["mask"],
+                        y_null=a((1,) + i["y"].shape[1:]), m_null=a((1,) + i["mask"].shape[1:]),
+                        ranges=i["kv_range"], first_chunk=i["slice_point"], cache=i["cache"],
+                        scale_prev=a((d,)), scale_text=a((d,)), blend=a(()),
+                        step_size=i["step_size"])
+    options = StepOptions(cfg_number=int(FLAGS.cfg), refresh=FLAGS.refresh, ranges=local)
+    return fn.lower(state, inputs, options=options)
 
 
 def compile_program(model, cfg, mesh):

@@ -103,7 +103,7 @@ def run_case(name, backends, reps):
   import jax
   import numpy as np
   from magi_jax.configs import tiny_config
-  from magi_jax.models import jit_forward
+  from magi_jax.official.forward import jit_forward
 
   if name == "tiny":
     m = tiny_config().model
@@ -192,7 +192,7 @@ def run_gpu(reps):
   import jax
   import numpy as np
   from magi_jax.configs import get_preset
-  from magi_jax.models import jit_forward
+  from magi_jax.official.forward import jit_forward
   if jax.default_backend() != "gpu":
     print("\n== gpu720p: skipped (no GPU) ==")
     return

@@ -126,18 +126,16 @@ def child(n):
   def spec(a):
     return None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)
 
-  def recording_step(**kw):                           # shapes of every (static, shape) signature
+  def recording_step(inputs, options):                # shapes of every (static, shape) signature
     calls[0] += 1
-    static = {k: kw[k] for k in ("cfg_number", "refresh", "nearly_clean", "chunk_width")}
-    arrays = {k: jax.tree_util.tree_map(spec, v) for k, v in kw.items() if k not in static}
-    sig = (tuple(sorted(static.items())),
-           tuple((k, str(jax.tree_util.tree_structure(v)),
-                  tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(v)))
-                 for k, v in sorted(arrays.items())))
-    variants.setdefault(sig, (arrays, static))
-    return step(**kw)
+    arrays = jax.tree_util.tree_map(spec, inputs)
+    sig = (options, str(jax.tree_util.tree_structure(arrays)),
+           tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(arrays)))
+    variants.setdefault(sig, (arrays, options))
+    return step(inputs, options)
 
   recording_step.compiled = step.compiled
+  recording_step.variants = step.variants
   sampler._step = recording_step
 
   hw = FLAGS.latent_hw
@@ -174,12 +172,12 @@ def child(n):
   # XLA memory analysis of every step variant called, from the recorded shapes (no arrays kept).
   _, state = __import__("flax").nnx.split(model)
   per_variant = []
-  for arrays, static in variants.values():
-    ma = step.compiled.lower(state, **arrays, **static).compile().memory_analysis()
+  for arrays, options in variants.values():
+    ma = step.compiled.lower(state, arrays, options=options).compile().memory_analysis()
     per_variant.append(dict(
-        chunks=int(arrays["x"].shape[2] // cfg.runtime.chunk_width), refresh=static["refresh"],
-        nearly_clean=static["nearly_clean"],
-        cached_tokens=0 if arrays["cache"] is None else int(arrays["cache"].k.shape[2]),
+        chunks=int(arrays.x.shape[2] // cfg.runtime.chunk_width), refresh=options.refresh,
+        nearly_clean=options.nearly_clean,
+        cached_tokens=0 if arrays.cache is None else int(arrays.cache.k.shape[2]),
         arg=ma.argument_size_in_bytes, out=ma.output_size_in_bytes, temp=ma.temp_size_in_bytes,
         total=ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes))
   res = dict(n=n, emitted=emitted, calls=calls[0], compilations=sampler.compilations(),

@@ -15,6 +15,7 @@ from magi_jax.attention import ChunkMask, attention
 from magi_jax.parallel.mesh import MeshConfig, make_mesh
 from magi_jax.attention.ring import device_work, ring_attention, zigzag_order
 from magi_jax.parallel.rules import use_mesh
+from magi_jax.official.forward import official_forward
 from multidevice import eight_devices
 
 CHUNKS, TOK = 8, 8
@@ -128,7 +129,8 @@ def test_dit_forward_on_a_mesh_matches_one_device():
   per = (cw // cfg.t_patch_size) * (H // cfg.patch_size) * (W // cfg.patch_size)
   kv = np.stack([np.zeros(chunks), (np.arange(chunks) + 1) * per], -1)
   kv_range = jnp.asarray(np.concatenate([kv + b * chunks * per for b in range(N)]), jnp.int32)
-  call = lambda m, backend: m(x, t, y, ymask, kv_range, chunk_width=cw, backend=backend).velocity
+  call = lambda m, backend: official_forward(m, x, t, y, ymask, kv_range, chunk_width=cw,
+                                             backend=backend).velocity
   want = jax.jit(lambda: call(model, "blockwise"))()
   mesh = make_mesh(MeshConfig(data=2, context=2, tensor=2))
   for backend in ("ring", "ulysses"):

@@ -18,7 +18,8 @@ from magi_jax.official.dit import (CheckpointMismatchError, dequantize_fp8, load
                                    official_state_dict, save_official_dit)
 from magi_jax.official.dit_layout import proj_to_model
 from magi_jax.formats.safetensors_io import SafetensorsFile
-from magi_jax.models import Precision, jit_forward
+from magi_jax.models import Precision
+from magi_jax.official.forward import jit_forward
 
 
 def _weights():

@@ -108,16 +108,13 @@ def test_auto_picks_cudnn_only_for_gpu_targets_bf16_and_expressible_masks(monkey
 
 
 def test_the_trainers_packed_rows_with_padding_chunks_match_reference():
-  """Ranges the trainer builds (`packed_kv_range` through the DiT's local-range conversion),
-  padding chunks included, under jit: the promise 'causal_segments' holds and cudnn is exact."""
-  from magi_jax.models.dit import _local_ranges
-  from magi_jax.diffusion.segments import packed_kv_range
+  """Ranges the trainer builds (`packed_kv_ranges`), padding chunks included, under jit: the
+  promise 'causal_segments' holds and cudnn is exact."""
+  from magi_jax.diffusion.segments import packed_kv_ranges
   seg = np.asarray([[1, 1, 2, 2, 2, 0], [1, 2, 3, 3, 0, 0]], np.int32)
   N, K = seg.shape
   tok = 4
-  local = _local_ranges(np.asarray(packed_kv_range(seg, tok)), N, K, K * tok, 0, 0)
-  mask = ChunkMask(jnp.asarray(np.asarray(local).reshape(N, K, 2), jnp.int32), tok,
-                   "causal_segments")
+  mask = ChunkMask(jnp.asarray(packed_kv_ranges(seg, tok), jnp.int32), tok, "causal_segments")
   _check(mask, N, K * tok, K * tok, jit_ranges=True)
 
 

@@ -14,8 +14,8 @@ import pytest
 from flax import nnx
 
 from conftest import make_model
-from magi_jax.models import (CacheError, InputError, KVCache, KVCacheStore, Precision,
-                             jit_forward)
+from magi_jax.models import CacheError, InputError, KVCache, KVCacheStore, Precision
+from magi_jax.official.forward import jit_forward, official_forward
 
 C_LAT, L, C_CAP = 16, 64, 32            # latent channels, caption length / channels (tiny)
 CW = 2                                  # chunk width (latent frames)
@@ -454,7 +454,8 @@ def test_input_errors(fwd, full, base_inputs):
 def test_input_errors_from_direct_model_call(model, base_inputs):
   x, t, y, mask = base_inputs
   with pytest.raises(InputError, match="channels"):
-    model(jnp.asarray(x[:, :4]), jnp.asarray(t), jnp.asarray(y), jnp.asarray(mask), BLOCK_CAUSAL)
+    official_forward(model, jnp.asarray(x[:, :4]), jnp.asarray(t), jnp.asarray(y),
+                     jnp.asarray(mask), BLOCK_CAUSAL)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from conftest import make_model
 from magi_jax.configs import tiny_config
 from magi_jax.models import KVCache, VideoDiT
 from magi_jax.models.stack import REMAT_POLICIES, RematPolicyError
+from magi_jax.official.forward import official_forward
 
 C_LAT, L, C_CAP = 16, 64, 32
 CW, TOK = 2, 32                           # chunk width, tokens per chunk at 8x8 latents
@@ -59,8 +60,9 @@ def test_every_layer_parameter_is_stacked_and_layers_differ():
 
 
 def test_scan_and_unrolled_agree_on_velocity_kv_and_activations(model):
-  outs = [nnx.jit(lambda m: m(*INPUTS, KV, chunk_width=CW, backend="flash", return_kv=True,
-                              return_activations=True))(_variant(model, scan=s))
+  outs = [nnx.jit(lambda m: official_forward(m, *INPUTS, KV, chunk_width=CW, backend="flash",
+                                             return_kv=True, return_activations=True))(
+              _variant(model, scan=s))
           for s in (True, False)]
   a, b = outs
   chex.assert_shape(a.kv.k, (2, 1, 3 * TOK, 2, 32))
@@ -76,8 +78,8 @@ def test_scan_and_unrolled_agree_on_velocity_kv_and_activations(model):
   x, t, y, m = INPUTS
   cache = KVCache(a.kv.k[:, :, TOK:2 * TOK], a.kv.v[:, :, TOK:2 * TOK])
   for scan in (True, False):
-    c = _variant(model, scan=scan)(x[:, :, 2 * CW:], t[:, 2:], y[2:], m[2:], KV[2:],
-                                   slice_point=2, chunk_width=CW, cache=cache, backend="flash")
+    c = official_forward(_variant(model, scan=scan), x[:, :, 2 * CW:], t[:, 2:], y[2:], m[2:],
+                         KV[2:], slice_point=2, chunk_width=CW, cache=cache, backend="flash")
     chex.assert_trees_all_close(c.velocity, a.velocity[:, :, 2 * CW:], atol=2e-5, rtol=2e-5)
 
 
@@ -88,7 +90,7 @@ def _grads(model, backend):
 
   def loss(params, x):
     m = nnx.merge(graphdef, params)
-    v = m(x, *INPUTS[1:], KV, chunk_width=CW, backend=backend).velocity
+    v = official_forward(m, x, *INPUTS[1:], KV, chunk_width=CW, backend=backend).velocity
     return jnp.mean(jnp.square(v - target))
 
   return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, INPUTS[0])
@@ -120,7 +122,7 @@ def test_remat_policies_change_memory_not_gradients(model, remat_grads, policy):
 
 def test_unknown_remat_policy_is_a_clear_error(model):
   with pytest.raises(RematPolicyError, match="unknown remat policy 'save_all'.*dots_saveable"):
-    _variant(model, remat=True, policy="save_all")(*INPUTS, KV, chunk_width=CW)
+    official_forward(_variant(model, remat=True, policy="save_all"), *INPUTS, KV, chunk_width=CW)
 
 
 def test_scan_backward_memory_is_not_inflated_by_the_masks():
@@ -135,7 +137,8 @@ def test_scan_backward_memory_is_not_inflated_by_the_masks():
     def loss(params, x):
       dit = nnx.merge(graphdef, params)
       dit.scan_layers = scan
-      return jnp.sum(dit(x, t, y, mask, kv, chunk_width=CW, backend="flash").velocity ** 2)
+      out = official_forward(dit, x, t, y, mask, kv, chunk_width=CW, backend="flash")
+      return jnp.sum(out.velocity ** 2)
     compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 

@@ -24,6 +24,7 @@ from magi_jax.models import Precision, VideoDiT
 from magi_jax.models.layers import Linear
 from magi_jax.train.lora import (DEFAULT_TARGETS, LoRAError, LoRALinear, apply_lora, load_lora,
                                  lora_config, lora_state, merge_lora, save_lora, split_trainable)
+from magi_jax.official.forward import official_forward
 
 C_LAT, L, C_CAP = 16, 64, 32          # tiny latent channels, caption length / channels
 CW, DRN, TOK = 2, 2, 32               # chunk width, chunks per call, tokens per chunk (8x8)
@@ -48,7 +49,8 @@ INPUTS, TARGET = make_inputs(0)
 
 def _velocity(model, x, t, y, mask, kv_range):
   # The dense reference attention compiles fastest at this size.
-  return model(x, t, y, mask, kv_range, chunk_width=CW, backend="reference").velocity
+  return official_forward(model, x, t, y, mask, kv_range, chunk_width=CW,
+                          backend="reference").velocity
 
 
 velocity = nnx.jit(_velocity)

@@ -26,7 +26,7 @@ from magi_jax.official.parity import fixtures
 from magi_jax.diffusion import (Sampler, SamplerError, SamplerOptions, distill_intervals,
                                guidance_bucket, nearly_clean, plan_steps, timesteps)
 from magi_jax.diffusion import sampler as sampler_module
-from magi_jax.diffusion.window import cache_chunks_needed, chunk_kv_range, kv_width
+from magi_jax.diffusion.window import cache_chunks_needed, call_ranges, call_widths
 from magi_jax.text import ChunkTextRows, TextFlags
 
 F32 = np.float32
@@ -196,9 +196,8 @@ def test_plan_matches_official_call_metadata(fixture_calls):
     assert nearly_clean(ts[p.sigmas[0]], 0.3) == c["distill_nearly_clean_chunk"], i
     t = np.concatenate([[F32(0.9999)] * p.refresh, ts[list(p.sigmas)]]).astype(F32)
     np.testing.assert_array_equal(t, d[f"call{i:02d}.timestep"][0])
-    widths = [1] * p.refresh + [kv_width(s, 6, (3, 2)) for s in p.sigmas]
-    ranges = [chunk_kv_range(ch, w, tok) for ch, w in zip(p.chunks, widths)]
-    np.testing.assert_array_equal(np.array(ranges), d[f"call{i:02d}.kv_range"])
+    ranges, _ = call_ranges(p, call_widths(p, 6, (3, 2), 1), tok)
+    np.testing.assert_array_equal(ranges, d[f"call{i:02d}.kv_range"])
 
 
 # (chunks, clean chunks, window, steps) -> dsps·(n_chunks + W − 1 − n_clean) steps, by hand
@@ -527,9 +526,9 @@ def test_per_chunk_prompts(sampler):
   given, plans = [], []
   step = sampler._step
 
-  def recording_step(**kw):
-    given.append((np.asarray(kw["y_cond"]), np.asarray(kw["m_cond"])))
-    return step(**kw)
+  def recording_step(inputs, options):
+    given.append((np.asarray(inputs.y_cond), np.asarray(inputs.m_cond)))
+    return step(inputs, options)
 
   sampler._step = recording_step
   try:

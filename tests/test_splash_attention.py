@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from magi_jax.attention import ChunkMask, block_causal_chunk_ranges, dense_mask
+from magi_jax.attention import ChunkMask, chunk_kv_ranges, dense_mask
 from magi_jax.attention.reference import reference_attention
 from magi_jax.attention.splash import (BlockCausalMask, ChunkRangeMask, check_supported,
                                       effective_mask, plan, prefix_segment_ids, segment_ids,
@@ -122,7 +122,8 @@ def test_packed_layout_from_training_segments():
 
 def window_ranges(width, n=N_CHUNKS, cache_chunks=0, B=1):
   """(B, n, 2) int32: chunk c of n (after `cache_chunks` cached chunks) sees `width` chunks."""
-  r = block_causal_chunk_ranges(cache_chunks, n, [width] * n) * QB
+  r = chunk_kv_ranges(range(cache_chunks, cache_chunks + n), widths=[width] * n,
+                      tokens_per_chunk=QB)
   return jnp.asarray(np.repeat(r[None], B, 0), jnp.int32)
 
 
@@ -250,16 +251,14 @@ def test_prefix_segment_ids_reproduce_dense_mask():
 
 
 def test_training_masks_are_causal_segments():
-  """The self-attention mask of a packed training row (`packed_kv_range` through the DiT's
-  official -> local range conversion) is what velocity_of_row promises: causal segments."""
-  from magi_jax.models.dit import _local_ranges
-  from magi_jax.diffusion.segments import packed_kv_range
+  """The self-attention mask of a packed training row (`packed_kv_ranges`, what
+  velocity_of_row passes the DiT) is what it promises: causal segments."""
+  from magi_jax.diffusion.segments import packed_kv_ranges
   tok = 3
   for seg in ([[1, 1, 2, 2, 2, 0]], [[1, 2, 3, 3, 0, 0], [1, 1, 1, 1, 1, 1]], [[1, 0, 0]]):
     seg = np.asarray(seg, np.int32)
     N, K = seg.shape
-    official = np.asarray(packed_kv_range(seg, tok))
-    local = _local_ranges(official, N, K, K * tok, 0, 0).reshape(N, K, 2)
+    local = np.asarray(packed_kv_ranges(seg, tok))
     mask = ChunkMask(jnp.asarray(local, jnp.int32), q_block=tok, layout="causal_segments")
     check_supported(mask, K * tok, K * tok)
     assert plan(ChunkMask(mask.kv_ranges, q_block=tok), K * tok, K * tok).kind == "segments"

@@ -25,6 +25,7 @@ from magi_jax.models import Precision, VideoDiT
 from magi_jax.train import build
 from magi_jax.train.lora import LoRALinear, load_lora, lora_config
 from magi_jax.train.trainer import load_trained, train
+from magi_jax.official.forward import official_forward
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
@@ -33,7 +34,8 @@ F32 = jnp.float32
 
 
 def _velocity(dit, x, t, y, mask, kv_range, *, chunk_width):
-  return dit(x, t, y, mask, kv_range, chunk_width=chunk_width, backend="reference").velocity
+  return official_forward(dit, x, t, y, mask, kv_range, chunk_width=chunk_width,
+                          backend="reference").velocity
 
 
 velocity = nnx.jit(_velocity, static_argnames="chunk_width")

@@ -16,7 +16,7 @@ from magi_jax.diffusion import timestep_sampling as timesteps
 from magi_jax.diffusion.conditioning import Conditioning, ConditioningConfig, sample_conditioning
 from magi_jax.train.objective import (Objective, TrainModel, caption_rows, loss_given,
                                       velocity_of_row)
-from magi_jax.diffusion.segments import packed_frame_positions, packed_kv_range, segment_layout
+from magi_jax.diffusion.segments import packed_frame_positions, packed_kv_ranges, segment_layout
 
 CW = 2          # latent frames per chunk
 L, CC = 8, 32   # caption length / channels
@@ -134,10 +134,10 @@ def test_segment_layout_and_packed_ranges():
   np.testing.assert_array_equal(index, [[0, 1, 0, 1, 2, 0]])
   np.testing.assert_array_equal(start, [[0, 0, 2, 2, 2, 5]])
   np.testing.assert_array_equal(length, [[2, 2, 3, 3, 3, 1]])
-  r = np.asarray(packed_kv_range(jnp.concatenate([seg, seg]), 10))
+  r = np.asarray(packed_kv_ranges(jnp.concatenate([seg, seg]), 10))
   want = [[0, 10], [0, 20], [20, 30], [20, 40], [20, 50], [50, 60]]
-  np.testing.assert_array_equal(r[:6], want)
-  np.testing.assert_array_equal(r[6:], np.array(want) + 60)    # row 1 starts at K·tok
+  np.testing.assert_array_equal(r[0], want)
+  np.testing.assert_array_equal(r[1], want)                    # each row its own keys
   fi, ft = (np.asarray(a) for a in packed_frame_positions(seg, 2))
   np.testing.assert_array_equal(fi[0], [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 0, 1])
   np.testing.assert_array_equal(ft[0], [4] * 4 + [6] * 6 + [2] * 2)

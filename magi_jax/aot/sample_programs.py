@@ -32,7 +32,7 @@ from magi_jax.aot.steady import CallShape, steady_calls
 from magi_jax.models import Precision
 from magi_jax.models.kv_cache import KVCache
 from magi_jax.models.vae import ViTVAE
-from magi_jax.diffusion.step import make_step
+from magi_jax.diffusion.step import StepInputs, StepOptions, make_step
 from magi_jax.text import T5Encoder
 
 F32, I32 = jnp.float32, jnp.int32
@@ -46,24 +46,28 @@ def step_program(job, step, state, call: CallShape) -> Program:
   n, d = call.call_chunks, call.plan.num_denoised
   L, Cc = m.caption_max_length, m.caption_channels
   a = functools.partial(array, mesh=mesh, rules=rules)
-  inputs = dict(
-      x=a((1, m.latent_channels, n * cw, h, w), F32), t=a((n,), F32), dt=a((d,), F32),
-      y_cond=a((n, L, Cc), F32), m_cond=a((n, L), F32), y_null=a((1, L, Cc), F32),
-      m_null=a((1, L), F32), kv_range=a((n, 2), I32), slice_point=a((), I32))
+  x = a((1, m.latent_channels, n * cw, h, w), F32)
+  y_cond = a((n, L, Cc), F32)
   cache = None
   if call.cache_chunks:
     shape = (m.num_layers, 1, call.cache_chunks * job.size.tokens_per_chunk,
              m.num_query_groups, m.head_dim)
     dtype = Precision.bf16().compute_dtype
     cache = KVCache(a(shape, dtype, names=CACHE_AXES), a(shape, dtype, names=CACHE_AXES))
-  inputs.update(cache=cache, scale_prev=a((d,), F32), scale_text=a((d,), F32),
-                blend=a((), F32), step_size=a((), F32) if cfg.engine.distill else None)
-  notes = call.describe() + "; " + describe_inputs(x=inputs["x"], y_cond=inputs["y_cond"])
+  # The ranges stay traced (options.ranges None): one program serves every window position,
+  # and splash's static mask tables, quadratic in blocks, are not built for the plan.
+  inputs = StepInputs(
+      x=x, t=a((n,), F32), dt=a((d,), F32), y_cond=y_cond, m_cond=a((n, L), F32),
+      y_null=a((1, L, Cc), F32), m_null=a((1, L), F32), ranges=a((n, 2), I32),
+      first_chunk=a((), I32), cache=cache, scale_prev=a((d,), F32), scale_text=a((d,), F32),
+      blend=a((), F32), step_size=a((), F32) if cfg.engine.distill else None)
+  notes = call.describe() + "; " + describe_inputs(x=x, y_cond=y_cond)
   if cache is not None:
     notes += ", " + describe_inputs(cache_k=cache.k) + " (and v)"
-  static = dict(cfg_number=rt.cfg_number, refresh=call.plan.refresh,
-                nearly_clean=call.nearly_clean, chunk_width=cw)
-  return Program(call.name, step.compiled, (state,), inputs, static, notes)
+  options = StepOptions(cfg_number=rt.cfg_number, refresh=call.plan.refresh,
+                        nearly_clean=call.nearly_clean)
+  return Program(call.name, step.compiled, (state, inputs), static=dict(options=options),
+                 notes=notes)
 
 
 def t5_program(job) -> Program:

@@ -20,7 +20,7 @@ import math
 
 from magi_jax.configs import MagiConfig
 from magi_jax.diffusion import schedule
-from magi_jax.diffusion.window import StepPlan, chunk_kv_range, kv_width, plan_steps
+from magi_jax.diffusion.window import StepPlan, call_ranges, call_widths, plan_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +54,8 @@ class CallShape:
 def cache_chunks(plan: StepPlan, cfg: MagiConfig) -> int:
   """Cached chunks this call reads (the sampler's `need`)."""
   rt = cfg.runtime
-  widths = [rt.clean_chunk_kvrange] * plan.refresh + [
-      kv_width(s, rt.num_steps, rt.noise2clean_kvrange) for s in plan.sigmas]
-  starts = [chunk_kv_range(c, w, 1)[0] for c, w in zip(plan.chunks, widths)]
-  return max(0, plan.slice_point - min(starts))
+  widths = call_widths(plan, rt.num_steps, rt.noise2clean_kvrange, rt.clean_chunk_kvrange)
+  return call_ranges(plan, widths, 1)[1]
 
 
 def default_chunks(cfg: MagiConfig) -> int:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from magi_jax.attention.cudnn import cudnn_attention
 from magi_jax.attention.flash import flash_attention
-from magi_jax.attention.masks import (ChunkMask, block_causal_chunk_ranges, caption_ranges,
+from magi_jax.attention.masks import (ChunkMask, chunk_kv_ranges, caption_ranges,
                                       dense_mask)
 from magi_jax.attention.reference import reference_attention
 from magi_jax.attention.dot_product import dot_product_attention
@@ -102,5 +102,5 @@ def attention(q, k, v, mask: ChunkMask, *, scale: float, backend: str = AUTO, pr
   return fn(q, k, v, mask, scale=scale, precision=precision)
 
 
-__all__ = ["AUTO", "ChunkMask", "attention", "backends", "block_causal_chunk_ranges",
+__all__ = ["AUTO", "ChunkMask", "attention", "backends", "chunk_kv_ranges",
            "caption_ranges", "dense_mask", "get_backend", "register_backend", "select_backend"]

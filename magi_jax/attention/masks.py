@@ -5,9 +5,11 @@ MAGI-1's masks are all of one shape. The queries are cut into blocks of `q_block
 `[kv_ranges[b, i, 0], kv_ranges[b, i, 1])`, with full (non-causal) attention inside that range:
 
 * block-causal self-attention with a sliding window: chunk c sees chunks
-  `[max(0, c + 1 - r), c + 1)` of `[KV cache; current chunks]`, r from the kv-range config;
+  `[max(0, c + 1 - r), c + 1)` of `[KV cache; current chunks]`, r from the kv-range config
+  (`chunk_kv_ranges`, the one place this rule is written);
 * cross-attention: each chunk is its own batch row and sees its caption tokens `[0, n_valid)`;
-* packed training sequences: each segment's chunks see only keys inside the segment.
+* packed training sequences: each segment's chunks see only keys inside the segment (the same
+  rule, floored at the segment's first chunk).
 
 Everything here is a pure function of small integer arrays.
 """
@@ -66,20 +68,42 @@ def dense_mask(mask: ChunkMask, num_keys: int) -> jax.Array:
   return (keys >= starts[..., None]) & (keys < ends[..., None])
 
 
-def block_causal_chunk_ranges(first_chunk: int, num_chunks: int, widths, *,
-                              cache_start_chunk: int = 0) -> np.ndarray:
-  """Chunk-unit ranges [max(0, c + 1 - r), c + 1) for chunks c = first_chunk + j.
+def chunk_kv_ranges(chunks, *, widths=None, segment_starts=None, cache_start=0,
+                    tokens_per_chunk: int = 1):
+  """THE block-causal window rule: the key range of each chunk, in one place.
 
-  `widths[j]` is the kv-range width r of chunk j (None or <= 0 means "every earlier chunk").
-  Returned in chunk units relative to `cache_start_chunk`, shape (num_chunks, 2).
+  Chunk c sees chunks [lo, c + 1) with lo = max(first chunk of c's video, c + 1 - width):
+  itself, the `width - 1` chunks before it and no chunk of an earlier video. `width` None is
+  no window (every earlier chunk of the video: the official default when
+  `noise2clean_kvrange` is empty); a width must otherwise be >= 1, a chunk always sees itself.
+
+  Args:
+    chunks: absolute chunk indices (any shape; numpy, or jax for traced segment layouts).
+    widths: None, or one int | None per chunk (host values: the sampler's window plan).
+    segment_starts: the first chunk of each chunk's video (packed training rows; default 0).
+    cache_start: the first chunk the key sequence holds ([cache; current] starts there).
+    tokens_per_chunk: the unit of the result (1: chunks).
+
+  Returns (*chunks.shape, 2) int32 [start, end) in units of `tokens_per_chunk`, relative to
+  `cache_start`; numpy unless an input is a jax array.
   """
-  out = np.zeros((num_chunks, 2), np.int64)
-  for j in range(num_chunks):
-    c = first_chunk + j
-    r = widths[j]
-    lo = 0 if (r is None or r <= 0) else max(0, c + 1 - r)
-    out[j] = (lo - cache_start_chunk, c + 1 - cache_start_chunk)
-  return out
+  xp = jnp if any(isinstance(a, jax.Array) for a in (chunks, segment_starts)) else np
+  c = xp.asarray(chunks, xp.int32)
+  lo = xp.zeros_like(c) if segment_starts is None else xp.asarray(segment_starts, xp.int32)
+  if widths is not None:
+    widths = list(widths)
+    if len(widths) != c.size:
+      raise ValueError(f"{len(widths)} kv-range widths for {c.size} chunks")
+    bad = [w for w in widths if w is not None and (isinstance(w, bool) or int(w) < 1)]
+    if bad:
+      raise ValueError(f"kv-range widths must be >= 1 (a chunk sees itself) or None (every "
+                       f"earlier chunk), got {widths}")
+    # No window is the same as a window reaching back past chunk 0.
+    w = np.array([int(ci) + 1 if wi is None else int(wi)
+                  for ci, wi in zip(np.asarray(c).reshape(-1), widths)], np.int32)
+    lo = xp.maximum(lo, c + 1 - xp.asarray(w.reshape(c.shape)))
+  out = xp.stack([lo, c + 1], axis=-1) - cache_start
+  return (out * tokens_per_chunk).astype(xp.int32)
 
 
 def caption_ranges(valid_counts: jax.Array) -> jax.Array:

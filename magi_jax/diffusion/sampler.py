@@ -31,9 +31,9 @@ from magi_jax.media.frames import emitted_latent_range
 from magi_jax.models.embedders import distill_step_size
 from magi_jax.models.kv_cache import KVCacheStore
 from magi_jax.diffusion import schedule
-from magi_jax.diffusion.step import make_prefill, make_step
-from magi_jax.diffusion.window import (StepPlan, cache_chunks_needed, chunk_kv_range, kv_width,
-                                      plan_steps)
+from magi_jax.diffusion.step import StepInputs, StepOptions, make_prefill, make_step
+from magi_jax.diffusion.window import (StepPlan, cache_chunks_needed, call_ranges, call_widths,
+                                       plan_steps)
 
 F32 = np.float32
 
@@ -62,7 +62,7 @@ class CallRecord:
   plan: StepPlan
   x: np.ndarray               # the call's input, refresh chunk and prefix padding included
   t: np.ndarray
-  kv_range: np.ndarray
+  kv_range: np.ndarray        # the official kv_range of the call: absolute key-token ranges
   velocity: np.ndarray        # guided velocity of the denoised chunks
 
 
@@ -95,7 +95,7 @@ class Sampler:
   # ------------------------------------------------------------------ helpers
   def compilations(self) -> int:
     """How many distinct step functions have been compiled so far."""
-    return self._step.compiled._cache_size()
+    return self._step.variants()
 
   def _step_size(self, idx: int):
     if not self.cfg.engine.distill:
@@ -172,28 +172,30 @@ class Sampler:
       t_den = self.ts[list(plan.sigmas)]
       t = np.concatenate([[F32(rt.clean_t)] * plan.refresh, t_den]).astype(F32)
       dt = (self.ts[[s + 1 for s in plan.sigmas]] - t_den).astype(F32)
-      widths = [clean_w] * plan.refresh + [kv_width(s, steps, rt.noise2clean_kvrange)
-                                           for s in plan.sigmas]
-      kv_range = np.array([chunk_kv_range(c, wd, tok) for c, wd in zip(chunks, widths)], np.int32)
+      widths = call_widths(plan, steps, rt.noise2clean_kvrange, clean_w)
+      kv_range, need = call_ranges(plan, widths, tok)
+      ranges = kv_range - (sp - need) * tok            # inside [cache; current]
       call_rows = [(null_y[0], null_m[0]) if (plan.refresh and i == 0) else cond_row(c)
                    for i, c in enumerate(chunks)]
       y_cond = jnp.stack([r for r, _ in call_rows])
       m_cond = jnp.stack([k for _, k in call_rows])
       for c in [c for c in rows if c < plan.c0]:      # chunks that left the window
         del rows[c]
-      need = max(0, sp - int(kv_range[:, 0].min()) // tok)
       cache = store.read(sp, need)
       nearly = (rt.cfg_number == 1
                 and schedule.nearly_clean(t_den[0],
                                           self.cfg.engine.distill_nearly_clean_chunk_threshold))
       s_p, s_t = self._scales(t_den)
-      x_next, v, kv = self._step(
+      inputs = StepInputs(
           x=x, t=jnp.asarray(t), dt=jnp.asarray(dt), y_cond=y_cond, m_cond=m_cond,
-          y_null=null_y, m_null=null_m, kv_range=jnp.asarray(kv_range),
-          slice_point=jnp.asarray(sp, jnp.int32), cache=cache, scale_prev=jnp.asarray(s_p),
+          y_null=null_y, m_null=null_m, ranges=jnp.asarray(ranges, jnp.int32),
+          first_chunk=jnp.asarray(sp, jnp.int32), cache=cache, scale_prev=jnp.asarray(s_p),
           scale_text=jnp.asarray(s_t), blend=jnp.asarray(self.options.nearly_clean_weight, F32),
-          step_size=self._step_size(plan.idx), cfg_number=rt.cfg_number, refresh=plan.refresh,
-          nearly_clean=bool(nearly), chunk_width=cw)
+          step_size=self._step_size(plan.idx))
+      options = StepOptions(cfg_number=rt.cfg_number, refresh=plan.refresh,
+                            nearly_clean=bool(nearly),
+                            ranges=tuple(map(tuple, ranges.tolist())))
+      x_next, v, kv = self._step(inputs, options)
       if plan.refresh:
         store.write(sp, kv)
         del latents[sp]
@@ -217,10 +219,9 @@ class Sampler:
     for c in range(n_clean):
       kv = self._prefill_fn(
           x=prefix[:, :, c * cw:(c + 1) * cw], t=jnp.asarray([rt.clean_t], F32),
-          y=null_y, mask=null_m,
-          kv_range=jnp.asarray([[c * tok, (c + 1) * tok]], jnp.int32),
-          slice_point=jnp.asarray(c, jnp.int32), step_size=self._step_size(0), chunk_width=cw,
-          caption_dropout=rt.cfg_number == 3)         # the cache-writing pass of each mode
+          y=null_y, mask=null_m, first_chunk=jnp.asarray(c, jnp.int32),
+          step_size=self._step_size(0),
+          caption_dropped=rt.cfg_number == 3)         # the cache-writing pass of each mode
       store.write(c, kv)
 
 

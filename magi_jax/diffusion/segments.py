@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from magi_jax.attention.masks import chunk_kv_ranges
+
 
 def same_segment(segment_ids):
   """(N, K, K) bool: chunk i and chunk j belong to the same (non-padding) video."""
@@ -35,20 +37,13 @@ def segment_layout(segment_ids):
   return index, start, length
 
 
-def packed_kv_range(segment_ids, tokens_per_chunk: int):
-  """Official-format kv ranges (N·K, 2) for a DiT call over packed rows (slice_point 0).
-
-  Row b's keys start at b·K·tok (the official element-major layout), chunk c sees
-  [start·tok, (c + 1)·tok) of its row.
-  """
+def packed_kv_ranges(segment_ids, tokens_per_chunk: int):
+  """(N, K, 2) key ranges of packed rows, each row its own key sequence: chunk c of a video that
+  starts at chunk s sees [s·tok, (c + 1)·tok) (`chunk_kv_ranges` with the segment floor)."""
   seg = jnp.asarray(segment_ids, jnp.int32)
-  N, K = seg.shape
   _, start, _ = segment_layout(seg)
-  c = jnp.arange(K, dtype=jnp.int32)[None, :]
-  row = (jnp.arange(N, dtype=jnp.int32) * K * tokens_per_chunk)[:, None]
-  lo = row + start * tokens_per_chunk
-  hi = row + (c + 1) * tokens_per_chunk
-  return jnp.stack([lo, hi], axis=-1).reshape(N * K, 2)
+  chunks = jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32), seg.shape)
+  return chunk_kv_ranges(chunks, segment_starts=start, tokens_per_chunk=tokens_per_chunk)
 
 
 def packed_frame_positions(segment_ids, token_frames_per_chunk: int):

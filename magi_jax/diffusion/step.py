@@ -1,26 +1,30 @@
-"""One sampler step as a single jitted function: the guided velocity and the Euler update.
+"""One sampler step: the guided velocity of the window's chunks and the Euler update.
 
-Inputs are the call's chunks (the refresh chunk first when there is one), already padded with
-the prefix latents. Guidance (official inference/pipeline/video_generate.py):
+The call's chunks (the refresh chunk first when there is one) arrive padded with the prefix
+latents, with their self-attention key ranges inside [cache; current] from the window plan
+(`magi_jax.attention.masks.chunk_kv_ranges`). Guidance (official
+inference/pipeline/video_generate.py), as pure functions of a `StepInputs` record:
 
-* cfg 3: pass A (text rows, adaLN row -2) and pass B (null rows, adaLN row -1) share x, t, kv
-  ranges and the cache and run as one batch of two; pass C runs each denoised chunk alone (its
-  own batch element, no cache, null rows, time positions from 0). Per chunk,
-  v = (1 - s_p)·C + (s_p - s_t)·B + s_t·A. The refresh chunk's K/V comes from pass B.
-* cfg 1: one pass with the text rows (adaLN row -2) that also yields the refresh K/V. With
+* `cfg3_velocity`: pass A (text rows, the caption-kept adaLN row) and pass B (null rows, the
+  caption-dropped row) share x, t, ranges and the cache and run as one batch of two; pass C
+  runs each denoised chunk alone (its own batch element, no cache, null rows, time positions
+  from 0). Per chunk v = (1 - s_p)·C + (s_p - s_t)·B + s_t·A; the refresh K/V comes from B.
+* `cfg1_velocity`: one pass with the text rows that also yields the refresh K/V. With
   `nearly_clean`, a copy of the oldest denoised chunk that sees only itself is appended and
   v_oldest = w·v_oldest + (1 - w)·v_copy (w = 0.7 officially).
+* `euler_update`: x + v·dt per chunk.
 
-The step compiles once per distinct (chunks in the call, refresh?, cached tokens, nearly_clean,
-guidance, self-attention ranges) combination; `slice_point`, t, dt, scales and step size are
-traced. The self-attention ranges inside [cache; current] are fixed by the window plan, so
-`step` passes them as static values (`local_ranges`): kernels whose mask must be known at
-trace time (splash on TPU) then compute the exact mask, and the refresh pass returns only the
-refresh chunk's keys / values (`kv_tokens`), not every layer's K/V of the whole call.
+`make_step(model)` jits `guided_step` once per distinct `StepOptions` (chunks in the call,
+refresh, cached tokens, nearly_clean, guidance, static ranges) and input shapes; t, dt, the
+scales, the first chunk index and the step size are traced. When the ranges are given as
+static `StepOptions.ranges` (the sampler knows them on the host), kernels whose mask must be
+known at trace time (splash on TPU) compute the exact mask; the traced `StepInputs.ranges`
+serve the planner, which lowers one program for every window position.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -28,15 +32,43 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from magi_jax.attention import ChunkMask
 from magi_jax.models.kv_cache import KVCache
 
-F32 = jnp.float32
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+  """The traced inputs of one step (arrays; `cache` and `step_size` may be None)."""
+  x: jax.Array              # (1, C, n·cw, H, W): the call's chunks, refresh chunk first
+  t: jax.Array              # (n,) each chunk's level (the refresh chunk at clean_t)
+  dt: jax.Array             # (d,) each denoised chunk's step t[σ + 1] - t[σ]
+  y_cond: jax.Array         # (n, L, C) the chunks' caption rows (null for the refresh chunk)
+  m_cond: jax.Array         # (n, L) their valid tokens
+  y_null: jax.Array         # (1, L, C) the null caption row
+  m_null: jax.Array         # (1, L)
+  ranges: jax.Array         # (n, 2) self-attention key ranges inside [cache; current]
+  first_chunk: jax.Array    # () absolute index of the call's first chunk (RoPE time)
+  cache: KVCache | None     # K/V of the cached chunks right before first_chunk
+  scale_prev: jax.Array     # (d,) guidance scale on the previous chunks (cfg 3)
+  scale_text: jax.Array     # (d,) guidance scale on the text (cfg 3)
+  blend: jax.Array          # () nearly-clean weight w (cfg 1)
+  step_size: jax.Array | None = None   # () the distilled model's step-size value
 
 
-def _split_chunks(x, n, cw):
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """What a compiled step depends on besides shapes (hashable)."""
+  cfg_number: int                          # 3: three-pass guidance; 1: one pass
+  refresh: bool                            # the first chunk is re-run to write its K/V
+  nearly_clean: bool = False               # cfg 1: blend the oldest chunk with its copy
+  ranges: tuple | None = None              # static ((lo, hi), ...) replacing inputs.ranges
+
+
+def _split_chunks(x, n):
   """(1, C, n·cw, H, W) -> (n, C, cw, H, W)."""
-  _, c, _, h, w = x.shape
-  return jnp.transpose(x.reshape(c, n, cw, h, w), (1, 0, 2, 3, 4))
+  _, c, f, h, w = x.shape
+  return jnp.transpose(x.reshape(c, n, f // n, h, w), (1, 0, 2, 3, 4))
 
 
 def _join_chunks(x):
@@ -45,118 +77,131 @@ def _join_chunks(x):
   return jnp.transpose(x, (1, 0, 2, 3, 4)).reshape(1, c, n * cw, h, w)
 
 
+def _geometry(model, inp: StepInputs):
+  n = inp.t.shape[0]
+  cw = inp.x.shape[2] // n
+  p, pt = model.cfg.patch_size, model.cfg.t_patch_size
+  tok = (inp.x.shape[3] // p) * (inp.x.shape[4] // p) * (cw // pt)
+  return n, cw, tok
+
+
+def _ranges(inp: StepInputs, opts: StepOptions):
+  """The call's (n, 2) ranges, static numpy when the options carry them."""
+  return inp.ranges if opts.ranges is None else np.asarray(opts.ranges, np.int32)
+
+
+def cfg3_velocity(model, inp: StepInputs, opts: StepOptions, backend: str = "auto"):
+  """(v of the denoised chunks (1, C, d·cw, H, W), the refresh chunk's K/V or None)."""
+  n, cw, tok = _geometry(model, inp)
+  d = n - int(opts.refresh)
+  r = _ranges(inp, opts)
+  stack = np.stack if isinstance(r, np.ndarray) else jnp.stack
+  call = functools.partial(model, step_size=inp.step_size, backend=backend, kv_tokens=tok)
+  ab = call(jnp.concatenate([inp.x, inp.x]), jnp.stack([inp.t, inp.t]),
+            jnp.concatenate([inp.y_cond, jnp.broadcast_to(inp.y_null, inp.y_cond.shape)]),
+            jnp.concatenate([inp.m_cond, jnp.broadcast_to(inp.m_null, inp.m_cond.shape)]),
+            ChunkMask(stack([r, r]), q_block=tok), caption_dropped=jnp.array([False, True]),
+            first_chunk=inp.first_chunk, cache=inp.cache, return_kv=opts.refresh)
+  text, prev = ab.velocity[:1], ab.velocity[1:]
+  off = (n - d) * cw
+  # Pass C: each denoised chunk alone, so it sees only itself.
+  own = np.tile(np.array([[[0, tok]]], np.int32), (d, 1, 1))
+  if opts.ranges is None:
+    own = jnp.asarray(own)
+  alone = call(_split_chunks(inp.x[:, :, off:], d), inp.t[n - d:, None],
+               jnp.broadcast_to(inp.y_null, (d,) + inp.y_null.shape[1:]),
+               jnp.broadcast_to(inp.m_null, (d,) + inp.m_null.shape[1:]),
+               ChunkMask(own, q_block=tok), caption_dropped=jnp.array([True]),
+               first_chunk=0).velocity
+  s_p = jnp.repeat(inp.scale_prev, cw)[None, None, :, None, None]
+  s_t = jnp.repeat(inp.scale_text, cw)[None, None, :, None, None]
+  v = (1 - s_p) * _join_chunks(alone) + (s_p - s_t) * prev[:, :, off:] + s_t * text[:, :, off:]
+  kv = KVCache(ab.kv.k[:, 1:2], ab.kv.v[:, 1:2]) if opts.refresh else None
+  return v, kv
+
+
+def cfg1_velocity(model, inp: StepInputs, opts: StepOptions, backend: str = "auto"):
+  """(v of the denoised chunks, the refresh chunk's K/V or None) with one guided pass."""
+  n, cw, tok = _geometry(model, inp)
+  d = n - int(opts.refresh)
+  o = n - d                                            # the oldest denoised chunk
+  x, t, y, m, r = inp.x, inp.t, inp.y_cond, inp.m_cond, _ranges(inp, opts)
+  if opts.nearly_clean:                                # its copy sees only itself
+    x = jnp.concatenate([x, x[:, :, o * cw:(o + 1) * cw]], axis=2)
+    t = jnp.concatenate([t, t[o:o + 1]])
+    y = jnp.concatenate([y, y[o:o + 1]])
+    m = jnp.concatenate([m, m[o:o + 1]])
+    end = 0 if inp.cache is None else inp.cache.num_tokens
+    end += n * tok
+    if isinstance(r, np.ndarray):
+      r = np.concatenate([r, np.array([[end, end + tok]], np.int32)])
+    else:
+      r = jnp.concatenate([r, jnp.array([[end, end + tok]], jnp.int32)])
+  out = model(x, t[None], y, m, ChunkMask(r[None], q_block=tok),
+              caption_dropped=jnp.array([False]), first_chunk=inp.first_chunk,
+              step_size=inp.step_size, cache=inp.cache, backend=backend,
+              return_kv=opts.refresh, kv_tokens=tok)
+  vel = out.velocity
+  if opts.nearly_clean:
+    mixed = vel[:, :, o * cw:(o + 1) * cw] * inp.blend + vel[:, :, n * cw:] * (1 - inp.blend)
+    vel = jnp.concatenate([vel[:, :, :o * cw], mixed, vel[:, :, (o + 1) * cw:n * cw]], axis=2)
+  kv = KVCache(out.kv.k, out.kv.v) if opts.refresh else None
+  return vel[:, :, o * cw:], kv
+
+
+def euler_update(x, v, dt):
+  """x + v·dt, chunk by chunk: x, v (1, C, d·cw, H, W), dt (d,)."""
+  cw = x.shape[2] // dt.shape[0]
+  return x + v * jnp.repeat(dt, cw)[None, None, :, None, None]
+
+
+def guided_step(model, inp: StepInputs, opts: StepOptions, backend: str = "auto"):
+  """(x_next, v, refresh K/V) of the denoised chunks."""
+  velocity = cfg3_velocity if opts.cfg_number == 3 else cfg1_velocity
+  v, kv = velocity(model, inp, opts, backend)
+  _, cw, _ = _geometry(model, inp)
+  x_noisy = inp.x[:, :, int(opts.refresh) * cw:]
+  return euler_update(x_noisy, v, inp.dt), v, kv
+
+
 def make_step(model, *, backend: str = "auto"):
-  """Returns `step(**inputs) -> (x_next, v, refresh_kv)` over a snapshot of `model`'s params."""
+  """`step(inputs: StepInputs, options: StepOptions) -> (x_next, v, refresh_kv)` over a
+  snapshot of `model`'s parameters; `step.compiled(state, inputs, options)` is the jitted
+  function (what the planner lowers)."""
   graphdef, state = nnx.split(model)
 
-  @functools.partial(jax.jit, static_argnames=("cfg_number", "refresh", "nearly_clean",
-                                               "chunk_width", "local_ranges"))
-  def compiled(state, x, t, dt, y_cond, m_cond, y_null, m_null, kv_range, slice_point, cache,
-               scale_prev, scale_text, blend, step_size, *, cfg_number, refresh, nearly_clean,
-               chunk_width, local_ranges=None):
-    m = nnx.merge(graphdef, state)
-    cw = chunk_width
-    drn = t.shape[0]
-    d = drn - int(refresh)
-    tok = (x.shape[3] // m.cfg.patch_size) * (x.shape[4] // m.cfg.patch_size) * (
-        cw // m.cfg.t_patch_size)
-    call = functools.partial(m, chunk_width=cw, step_size=step_size, backend=backend,
-                             kv_tokens=tok)
-    n_cache = 0 if cache is None else cache.num_tokens
-    local = None if local_ranges is None else np.asarray(local_ranges, np.int32)   # (drn, 2)
-    # Pass C (each chunk alone) has static ranges too, given with the host's `local_ranges`.
-    own = None if local is None else np.tile(np.array([[[0, tok]]], np.int32), (d, 1, 1))
-    if cfg_number == 3:
-      x2 = jnp.concatenate([x, x], axis=0)
-      t2 = jnp.stack([t, t])
-      y2 = jnp.concatenate([y_cond, jnp.broadcast_to(y_null, y_cond.shape)], axis=0)
-      m2 = jnp.concatenate([m_cond, jnp.broadcast_to(m_null, m_cond.shape)], axis=0)
-      kv2 = jnp.concatenate([kv_range, kv_range + (slice_point + drn) * tok], axis=0)
-      # Both passes read the same cache (batch 1, broadcast per layer inside the DiT).
-      out = call(x2, t2, y2, m2, kv2, jnp.array([False, True]), slice_point=slice_point,
-                 cache=cache, return_kv=refresh,
-                 self_ranges=None if local is None else np.stack([local, local]))
-      cond_text, cond_pre = out.velocity[:1], out.velocity[1:]
-      noisy = _split_chunks(x[:, :, (drn - d) * cw:], d, cw)
-      t_noisy = t[drn - d:]
-      y_c = jnp.broadcast_to(y_null, (d,) + y_null.shape[1:])
-      m_c = jnp.broadcast_to(m_null, (d,) + m_null.shape[1:])
-      kv_own = jnp.asarray(np.arange(d)[:, None] * tok + np.array([0, tok]), jnp.int32)
-      uncond = call(noisy, t_noisy[:, None], y_c, m_c, kv_own, jnp.array([True]), slice_point=0,
-                    self_ranges=own).velocity
-      uncond = _join_chunks(uncond)
-      sp_ = jnp.repeat(scale_prev, cw)[None, None, :, None, None]
-      st_ = jnp.repeat(scale_text, cw)[None, None, :, None, None]
-      off = (drn - d) * cw
-      v = ((1 - sp_) * uncond + (sp_ - st_) * cond_pre[:, :, off:]
-           + st_ * cond_text[:, :, off:])
-      kv = None if not refresh else KVCache(out.kv.k[:, 1:2], out.kv.v[:, 1:2])
-    else:
-      xs, ts, ys, ms, kvs = x, t, y_cond, m_cond, kv_range
-      rng = local
-      if nearly_clean:
-        o = drn - d                                   # the oldest denoised chunk
-        xs = jnp.concatenate([x, x[:, :, o * cw:(o + 1) * cw]], axis=2)
-        ts = jnp.concatenate([t, t[o:o + 1]])
-        ys = jnp.concatenate([y_cond, y_cond[o:o + 1]])
-        ms = jnp.concatenate([m_cond, m_cond[o:o + 1]])
-        end = (slice_point + drn) * tok
-        kvs = jnp.concatenate([kv_range, jnp.stack([end, end + tok])[None].astype(jnp.int32)])
-        if rng is not None:                          # the copy sees only itself
-          own_end = n_cache + drn * tok
-          rng = np.concatenate([rng, np.array([[own_end, own_end + tok]], np.int32)])
-      out = call(xs, ts[None], ys, ms, kvs, jnp.array([False]), slice_point=slice_point,
-                 cache=cache, return_kv=refresh, self_ranges=None if rng is None else rng[None])
-      vel = out.velocity
-      if nearly_clean:
-        o = drn - d
-        mixed = vel[:, :, o * cw:(o + 1) * cw] * blend + vel[:, :, drn * cw:] * (1 - blend)
-        vel = jnp.concatenate([vel[:, :, :o * cw], mixed, vel[:, :, (o + 1) * cw:drn * cw]], axis=2)
-      v = vel[:, :, (drn - d) * cw:]
-      kv = None if not refresh else KVCache(out.kv.k, out.kv.v)
-    x_noisy = x[:, :, (drn - d) * cw:]
-    x_next = x_noisy + v * jnp.repeat(dt, cw)[None, None, :, None, None]
-    return x_next, v, kv
+  @functools.partial(jax.jit, static_argnames=("options",))
+  def compiled(state, inputs: StepInputs, options: StepOptions):
+    return guided_step(nnx.merge(graphdef, state), inputs, options, backend)
 
-  def step(**kw):
-    if "local_ranges" not in kw:
-      kw["local_ranges"] = local_self_ranges(model, kw["x"], kw["kv_range"], kw["slice_point"],
-                                             kw["cache"], kw["chunk_width"])
-    return compiled(state, **kw)
+  variants = set()
+
+  def step(inputs: StepInputs, options: StepOptions):
+    leaves, tree = jax.tree.flatten(inputs)
+    variants.add((options, tree, tuple((x.shape, str(x.dtype)) for x in leaves)))
+    return compiled(state, inputs, options)
 
   step.compiled = compiled
+  step.variants = lambda: len(variants)       # distinct compiled signatures called so far
   return step
 
 
-def local_self_ranges(model, x, kv_range, slice_point, cache, chunk_width: int):
-  """The call's self-attention ranges inside its own [cache; current] keys, as a static
-  tuple ((lo, hi), ...) per chunk: the official absolute ranges shifted by where the cache
-  starts (it holds the chunks right before `slice_point`)."""
-  p, pt = model.cfg.patch_size, model.cfg.t_patch_size
-  tok = (x.shape[3] // p) * (x.shape[4] // p) * (chunk_width // pt)
-  n_cache = 0 if cache is None else cache.num_tokens
-  local = np.asarray(kv_range, np.int64) - (int(slice_point) * tok - n_cache)
-  return tuple((int(lo), int(hi)) for lo, hi in local)
-
-
 def make_prefill(model, *, backend: str = "auto"):
-  """`prefill(x, t, y, mask, kv_range, slice_point, step_size, caption_dropout) -> KVCache`:
-  the cache-writing pass over clean chunks (prefix chunks of V2V), keys/values only."""
+  """`prefill(x, t, y, mask, first_chunk, step_size, caption_dropped) -> KVCache`: the
+  cache-writing pass over one clean chunk (a V2V prefix chunk) that sees only itself."""
   graphdef, state = nnx.split(model)
 
-  @functools.partial(jax.jit, static_argnames=("chunk_width", "caption_dropout", "static_ranges"))
-  def compiled(state, x, t, y, mask, kv_range, slice_point, step_size, *, chunk_width,
-               caption_dropout, static_ranges=False):
+  @functools.partial(jax.jit, static_argnames=("caption_dropped",))
+  def compiled(state, x, t, y, mask, first_chunk, step_size, *, caption_dropped):
     m = nnx.merge(graphdef, state)
-    tok = x.shape[2] // m.cfg.t_patch_size * (x.shape[3] // m.cfg.patch_size) * (
+    tok = (x.shape[2] // m.cfg.t_patch_size) * (x.shape[3] // m.cfg.patch_size) * (
         x.shape[4] // m.cfg.patch_size)
-    out = m(x, t[None], y, mask, kv_range, jnp.array([caption_dropout]), slice_point=slice_point,
-            chunk_width=chunk_width, step_size=step_size, backend=backend, return_kv=True,
-            self_ranges=None if not static_ranges else np.array([[[0, tok]]], np.int32))
-    return out.kv
+    own = ChunkMask(np.array([[[0, tok]]], np.int32), q_block=tok)
+    return m(x, t[None], y, mask, own, caption_dropped=jnp.array([caption_dropped]),
+             first_chunk=first_chunk, step_size=step_size, backend=backend,
+             return_kv=True).kv
 
   def prefill(**kw):
-    kw.setdefault("static_ranges", True)          # one chunk that sees itself
     return compiled(state, **kw)
 
   prefill.compiled = compiled

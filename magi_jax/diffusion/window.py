@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from magi_jax.attention.masks import chunk_kv_ranges
+
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
@@ -65,19 +67,24 @@ def kv_width(sigma: int, num_steps: int, noise2clean_kvrange) -> int | None:
   return int(noise2clean_kvrange[sigma // q])
 
 
-def chunk_kv_range(chunk: int, width: int | None, tokens_per_chunk: int) -> tuple[int, int]:
-  """Absolute key-token range [start, end) of `chunk` attending to `width` chunks."""
-  start = 0 if width is None or width < 0 else max(0, chunk + 1 - width)
-  return start * tokens_per_chunk, (chunk + 1) * tokens_per_chunk
+def call_widths(plan: StepPlan, num_steps: int, noise2clean_kvrange,
+                clean_chunk_kvrange: int) -> list[int | None]:
+  """The kv-range width of each chunk of a call, refresh chunk first: the refresh chunk's is
+  `clean_chunk_kvrange` (-1 in the official config: every earlier chunk, None here)."""
+  clean = None if clean_chunk_kvrange == -1 else clean_chunk_kvrange
+  return [clean] * plan.refresh + [kv_width(s, num_steps, noise2clean_kvrange)
+                                   for s in plan.sigmas]
+
+
+def call_ranges(plan: StepPlan, widths, tokens_per_chunk: int):
+  """(absolute ranges, cached chunks read): the call's key ranges from the start of the video
+  (the official kv_range of one element) and how many chunks before `slice_point` they reach."""
+  absolute = chunk_kv_ranges(list(plan.chunks), widths=widths)
+  need = max(0, plan.slice_point - int(absolute[:, 0].min()))
+  return absolute * tokens_per_chunk, need
 
 
 def cache_chunks_needed(plans, num_steps: int, noise2clean_kvrange, clean_width: int) -> int:
   """The most cached chunks any call reads (how many the bounded cache must keep)."""
-  need = 0
-  for p in plans:
-    widths = [clean_width] * p.refresh + [kv_width(s, num_steps, noise2clean_kvrange)
-                                          for s in p.sigmas]
-    for c, w in zip(p.chunks, widths):
-      start = 0 if w is None or w < 0 else max(0, c + 1 - w)
-      need = max(need, p.slice_point - start)
-  return need
+  return max((call_ranges(p, call_widths(p, num_steps, noise2clean_kvrange, clean_width), 1)[1]
+              for p in plans), default=0)

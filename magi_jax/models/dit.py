@@ -1,5 +1,9 @@
-"""The MAGI-1 video DiT (official inference/model/dit/dit_model.py, dit_module.py): one forward call
-over a few chunks of latent video.
+"""The MAGI-1 video DiT (official inference/model/dit/dit_model.py, dit_module.py).
+
+One forward call over a few consecutive chunks of latent video, with JAX-native inputs:
+per-chunk levels, a `ChunkMask` of self-attention key ranges, caption rows and an explicit
+choice of the adaLN null-caption row. The official call format (absolute kv ranges,
+slice_point, caption dropout) is the adapter `magi_jax.official.forward`.
 
 Layout: latents are (N, C, T, H, W) like the official code; inside, tokens are (N, S, D) with
 S ordered T-major, then H, then W, so chunk j owns tokens [j·tok, (j+1)·tok).
@@ -18,6 +22,7 @@ from flax import nnx
 
 from magi_jax.errors import MagiError
 from magi_jax.attention import ChunkMask, caption_ranges
+from magi_jax.attention.masks import concrete_ranges
 from magi_jax.configs import ModelConfig
 from magi_jax.models.embedders import CaptionEmbedder, TimestepEmbedder
 from magi_jax.models.kv_cache import KVCache
@@ -46,26 +51,24 @@ jax.tree_util.register_dataclass(DiTOutput, data_fields=["velocity", "kv", "acti
                                  meta_fields=[])
 
 
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
+def tok_per_chunk(T, H, W, chunks, p, pt) -> int:
+  return (T // pt) * (H // p) * (W // p) // chunks
 
 
-def tok_per_chunk(T, H, W, drn, p, pt) -> int:
-  return (T // pt) * (H // p) * (W // p) // drn
-
-
-def _local_ranges(kv_range, N: int, drn: int, S: int, slice_point, n_cache: int):
-  """Official kv ranges -> ranges inside each element's own [cache; current] key sequence.
-
-  Official ranges are absolute token positions from the start of the video (the official cache
-  starts at chunk 0), and for N > 1 element b's keys start at b·(slice_point·tok + S). Our key
-  sequence starts at slice_point·tok - n_cache (the cache holds only the chunks needed).
-  """
-  tok = S // drn
-  elem = np.arange(N * drn) // drn
-  xp = np if isinstance(kv_range, np.ndarray) else jnp
-  per_elem = slice_point * tok + S
-  return kv_range - (xp.asarray(elem) * per_elem)[:, None] - (slice_point * tok - n_cache)
+def check_cache(cfg: ModelConfig, cache: KVCache | None, N: int, tok: int) -> None:
+  """Raises InputError unless `cache` fits a call of N elements with tok-token chunks."""
+  if cache is None:
+    return
+  want = (cfg.num_layers, None, None, cfg.num_query_groups, cfg.head_dim)
+  for name, arr in (("k", cache.k), ("v", cache.v)):
+    if (arr.ndim != 5 or arr.shape[1] not in (1, N)
+        or any(w is not None and a != w for a, w in zip(arr.shape, want))):
+      raise InputError(f"cache.{name} has shape {tuple(arr.shape)}; this call needs "
+                       f"(layers={cfg.num_layers}, N={N} or 1 (shared by every element), "
+                       f"tokens, kv_groups={cfg.num_query_groups}, head_dim={cfg.head_dim})")
+  if cache.num_tokens % tok:
+    raise InputError(f"cache holds {cache.num_tokens} tokens, not a whole number of "
+                     f"{tok}-token chunks")
 
 
 class VideoDiT(nnx.Module):
@@ -108,17 +111,12 @@ class VideoDiT(nnx.Module):
     return stacked_axes(path)
 
   # -------------------------------------------------------------------------------------------
-  def check_inputs(self, x, t, y, xattn_mask, kv_range, caption_dropout_mask=None, *,
-                   slice_point=0, chunk_width=None, step_size=None,
-                   cache: KVCache | None = None):
-    """Raises InputError naming the problem; kv ranges are checked when they are concrete."""
+  def check_inputs(self, x, t, captions, caption_mask, self_mask: ChunkMask, *,
+                   caption_dropped=None, step_size=None, cache: KVCache | None = None):
+    """Raises InputError naming the problem; the key ranges are checked when concrete."""
     cfg = self.cfg
     if self.distill and step_size is None:
       raise InputError("a distilled model needs step_size (see distill_step_size)")
-    if y.ndim == 4:
-      y = y[:, 0]
-    if xattn_mask.ndim == 3:
-      xattn_mask = xattn_mask[:, 0]
     if x.ndim != 5:
       raise InputError(f"x must be (N, C, T, H, W), got shape {x.shape}")
     N, C, T, H, W = x.shape
@@ -129,95 +127,72 @@ class VideoDiT(nnx.Module):
       raise InputError(f"latent height/width ({H}x{W}) must be divisible by patch_size {p}")
     if t.ndim != 2 or t.shape[0] != N:
       raise InputError(f"t must be (N, chunks) = ({N}, chunks), got {t.shape}")
-    drn = t.shape[1]
-    if T % (drn * pt):
-      raise InputError(f"{T} latent frames cannot be split into {drn} equal chunks")
-    if chunk_width is not None and chunk_width * drn != T:
-      raise InputError(f"chunk_width {chunk_width} x {drn} chunks != {T} latent frames")
-    if y.shape[0] != N * drn or y.shape[-1] != cfg.caption_channels:
-      raise InputError(f"y must have N*chunks = {N * drn} rows of {cfg.caption_channels} "
-                       f"channels, got {y.shape}")
-    if xattn_mask.shape[0] != N * drn or xattn_mask.shape[-1] != y.shape[-2]:
-      raise InputError(f"xattn_mask {xattn_mask.shape} does not match y {y.shape}")
-    if tuple(kv_range.shape) != (N * drn, 2):
-      raise InputError(f"kv_range must be (N*chunks, 2) = ({N * drn}, 2), got {kv_range.shape}")
-    if cache is not None:
-      want = (cfg.num_layers, None, None, cfg.num_query_groups, cfg.head_dim)
-      for name, arr in (("k", cache.k), ("v", cache.v)):
-        if (arr.ndim != 5 or arr.shape[1] not in (1, N)
-            or any(w is not None and a != w for a, w in zip(arr.shape, want))):
-          raise InputError(f"cache.{name} has shape {tuple(arr.shape)}; this call needs "
-                           f"(layers={cfg.num_layers}, N={N} or 1 (shared by every element), "
-                           f"tokens, kv_groups={cfg.num_query_groups}, head_dim={cfg.head_dim})")
-      if cache.num_tokens % tok_per_chunk(T, H, W, drn, p, pt):
-        raise InputError(f"cache holds {cache.num_tokens} tokens, not a whole number of "
-                         f"{tok_per_chunk(T, H, W, drn, p, pt)}-token chunks")
-    if caption_dropout_mask is not None and not (
-        np.size(caption_dropout_mask) in (1, N)
-        or tuple(np.shape(caption_dropout_mask)) == (N, drn)):
-      raise InputError(f"caption_dropout_mask must have 1 or N={N} entries, or one per chunk "
-                       f"({N}, {drn}), got shape {np.shape(caption_dropout_mask)}")
-    S = (T // pt) * (H // p) * (W // p)
+    chunks = t.shape[1]
+    if T % (chunks * pt):
+      raise InputError(f"{T} latent frames cannot be split into {chunks} equal chunks")
+    if (captions.ndim != 3 or captions.shape[0] != N * chunks
+        or captions.shape[-1] != cfg.caption_channels):
+      raise InputError(f"captions must be (N*chunks, L, C) = ({N * chunks}, L, "
+                       f"{cfg.caption_channels}), got {captions.shape}")
+    if caption_mask.shape != captions.shape[:2]:
+      raise InputError(f"caption_mask {caption_mask.shape} does not match captions "
+                       f"{captions.shape}")
+    if not isinstance(self_mask, ChunkMask):
+      raise InputError(f"self_mask must be a ChunkMask, got {type(self_mask).__name__}")
+    tok = tok_per_chunk(T, H, W, chunks, p, pt)
+    if tuple(self_mask.kv_ranges.shape) != (N, chunks, 2) or self_mask.q_block != tok:
+      raise InputError(f"self_mask must hold (N, chunks, 2) = ({N}, {chunks}, 2) key ranges of "
+                       f"{tok}-token chunks, got {tuple(self_mask.kv_ranges.shape)} with "
+                       f"q_block {self_mask.q_block}")
+    check_cache(cfg, cache, N, tok)
     n_cache = 0 if cache is None else cache.num_tokens
-    if all(_is_concrete(a) for a in (kv_range, slice_point)):
-      local = _local_ranges(np.asarray(kv_range), N, drn, S, int(slice_point), n_cache)
-      lo, hi = int(local.min()), int(local.max())
-      if lo < 0 or hi > n_cache + S or np.any(local[:, 0] > local[:, 1]):
-        raise InputError(
-            f"kv_range {np.asarray(kv_range).tolist()} reaches keys outside [cache; current] "
-            f"(in local units [{lo}, {hi}) vs {n_cache} cached + {S} current tokens, "
-            f"slice_point {int(slice_point)}): pass a cache that covers the chunks the ranges need")
+    if caption_dropped is not None and not (
+        np.size(caption_dropped) in (1, N) or tuple(np.shape(caption_dropped)) == (N, chunks)):
+      raise InputError(f"caption_dropped must have 1 or N={N} entries, or one per chunk "
+                       f"({N}, {chunks}), got shape {np.shape(caption_dropped)}")
+    ranges = concrete_ranges(self_mask)
+    if ranges is not None and ranges.size:
+      S = chunks * tok
+      if ranges.min() < 0 or ranges.max() > n_cache + S or np.any(ranges[..., 0] > ranges[..., 1]):
+        raise InputError(f"self-attention key ranges {ranges.tolist()} reach keys outside "
+                         f"[cache; current] ({n_cache} cached + {S} current tokens): pass a "
+                         "cache that covers the chunks the ranges need")
 
-  def __call__(self, x, t, y, xattn_mask, kv_range, caption_dropout_mask=None, *,
-               slice_point=0, chunk_width: int | None = None, step_size=None,
-               cache: KVCache | None = None, backend: str = "auto",
+  def __call__(self, x, t, captions, caption_mask, self_mask: ChunkMask, *,
+               caption_dropped=None, first_chunk=0, frame_index=None, frame_total=None,
+               step_size=None, cache: KVCache | None = None, backend: str = "auto",
                return_kv: bool = False, return_activations: bool = False,
-               frame_index=None, frame_total=None,
-               self_mask_layout: str = "general", self_ranges=None,
                kv_tokens: int | None = None) -> DiTOutput:
-    """One official `VideoDiTModel.forward`.
+    """One forward call over a few consecutive chunks of latent video.
 
     Args:
-      x: (N, C_lat, T, H, W) latents of the call's chunks.
-      t: (N, chunks) timesteps, 0 = noise, 1 = clean.
-      y: (N*chunks, [1,] L, C) caption rows; xattn_mask (N*chunks, [1,] L) valid tokens.
-      kv_range: (N*chunks, 2) official key-token ranges: absolute positions from the start
-        of the video, element-major for N > 1 (element b's keys start at b·range_num·tok).
-      caption_dropout_mask: (N,) or (1,) bool, or (N, chunks) per chunk (packed training rows);
-        picks the adaLN null row (default False).
-      slice_point: index of the call's first chunk (earlier chunks come from `cache`).
+      x: (N, C_lat, T, H, W) latents of the call's chunks (T = chunks · chunk width).
+      t: (N, chunks) the chunks' levels, 0 = noise, 1 = clean.
+      captions: (N·chunks, L, C) one caption row per chunk (T5 features);
+        caption_mask (N·chunks, L) its valid tokens.
+      self_mask: the self-attention `ChunkMask`: (N, chunks, 2) key ranges of each chunk inside
+        its element's own keys [cache; current], q_block = tokens per chunk
+        (`magi_jax.attention.chunk_kv_ranges(...)` with `tokens_per_chunk`).
+      caption_dropped: which of the two learned null-caption rows conditions the chunk through
+        adaLN: False (default) the row of chunks that see their caption, True the row of the
+        caption-dropped (unconditional) pass. (N,) or (1,) bool, or (N, chunks) per chunk.
+      first_chunk: absolute index of the call's first chunk: RoPE time positions start at its
+        first frame (may be traced). frame_index, frame_total: (N, token frames) instead, for
+        packed rows: each token frame's index inside its own video and that video's length
+        (RoPE time restarts per video).
       step_size: the distilled model's step-size value (`distill_step_size`).
-      cache: keys/values of the chunks right before `slice_point`, all layers.
+      cache: keys / values of the chunks before the call that the ranges reach, all layers.
       backend: attention backend name (see `magi_jax.attention.backends()`).
-      frame_index, frame_total: (N, token frames) for packed rows: each token frame's index
-        inside its own video and that video's length; RoPE time then restarts per video
-        (default: one video per row, time from `slice_point`).
-      self_mask_layout: static promise about the self-attention ranges (`ChunkMask.layout`):
-        "causal_segments" when kv_range is packed rows or unlimited-window block-causal
-        attention over the call's own chunks (no cache), which lets backends with a static
-        mask (splash) run under jit; "general" (default) promises nothing.
-      self_ranges: optional static (numpy) (N, chunks, 2) self-attention ranges inside each
-        element's own [cache; current] keys; used instead of the ranges derived from kv_range
-        (the same ranges, known on the host: a sampler step's window plan fixes them), so
-        kernels that need a static mask (splash) compute it exactly.
       kv_tokens: with return_kv, keep only each layer's first kv_tokens keys / values.
     """
     cfg, policy = self.cfg, self.precision
-    if y.ndim == 4:
-      y = y[:, 0]
-    if xattn_mask.ndim == 3:
-      xattn_mask = xattn_mask[:, 0]
-    kv_range = jnp.asarray(kv_range) if _is_concrete(kv_range) else kv_range
-    self.check_inputs(x, t, y, xattn_mask, kv_range, caption_dropout_mask,
-                      slice_point=slice_point, chunk_width=chunk_width, step_size=step_size,
-                      cache=cache)
+    self.check_inputs(x, t, captions, caption_mask, self_mask, caption_dropped=caption_dropped,
+                      step_size=step_size, cache=cache)
     N, _, T, H, W = x.shape
-    drn = t.shape[1]
+    chunks = t.shape[1]
     p, pt = cfg.patch_size, cfg.t_patch_size
     Tt, Ht, Wt = T // pt, H // p, W // p
-    S = Tt * Ht * Wt
-    tok = S // drn
-    cw = chunk_width if chunk_width is not None else T // drn
+    tok = Tt * Ht * Wt // chunks
     acts = {} if return_activations else None
 
     # Patch embedding, float32.
@@ -231,48 +206,35 @@ class VideoDiT(nnx.Module):
       acts["x_embedder"] = rearrange(h, "n (t h w) d -> n d t h w", t=Tt, h=Ht)
     h = constrain(policy.low(h), ("batch", "length", "act_embed"))
 
-    # Conditioning: per-chunk timestep embedding + the adaLN null-caption row.
+    # Conditioning: per-chunk timestep embedding + the chosen adaLN null-caption row.
     temb = self.t_embedder(t.reshape(-1), policy)
     if acts is not None:
       acts["t_embedder"] = temb
     if self.distill:
-      dt = jnp.broadcast_to(jnp.asarray(step_size, F32), (N * drn,))
+      dt = jnp.broadcast_to(jnp.asarray(step_size, F32), (N * chunks,))
       temb = temb + self.t_embedder(dt, policy)
-    if caption_dropout_mask is None:
-      caption_dropout_mask = jnp.zeros((1,), bool)
-    drop = jnp.asarray(caption_dropout_mask).astype(bool)
-    if drop.ndim == 2 and drop.shape == (N, drn):                 # one adaLN row per chunk
-      ya = self.y_embedder.adaln(drop.reshape(-1), policy).reshape(N, drn, -1)
+    if caption_dropped is None:
+      caption_dropped = jnp.zeros((1,), bool)
+    drop = jnp.asarray(caption_dropped).astype(bool)
+    if drop.ndim == 2 and drop.shape == (N, chunks):              # one adaLN row per chunk
+      ya = self.y_embedder.adaln(drop.reshape(-1), policy).reshape(N, chunks, -1)
     else:
       ya = self.y_embedder.adaln(jnp.broadcast_to(drop.reshape(-1), (N,)), policy)[:, None, :]
-    cond = policy.low(temb.reshape(N, drn, -1) + ya)
+    cond = policy.low(temb.reshape(N, chunks, -1) + ya)
 
     # Caption features: valid tokens first (the official code packs them), one row per chunk.
-    feats = self.y_embedder.xattn_features(y, policy)
+    feats = self.y_embedder.xattn_features(captions, policy)
     if acts is not None:
       acts["y_embedder.0"] = feats[:, None]
       acts["y_embedder.1"] = ya[:, :1]
-    valid = xattn_mask.astype(bool)
+    valid = caption_mask.astype(bool)
     order = jnp.argsort(~valid, axis=1, stable=True)
     feats = policy.low(jnp.take_along_axis(feats, order[:, :, None], axis=1))
     xmask = ChunkMask(caption_ranges(valid.sum(axis=1)), q_block=tok, layout="key_prefix")
 
-    # Self-attention mask: official absolute ranges -> ranges in each element's own keys.
-    n_cache = 0 if cache is None else cache.num_tokens
-    local = _local_ranges(kv_range, N, drn, S, slice_point, n_cache)
-    if self_ranges is not None:
-      self_ranges = np.asarray(self_ranges, np.int32)
-      if self_ranges.shape != (N, drn, 2) or self_ranges.min() < 0 or (
-          self_ranges.max() > n_cache + S):
-        raise InputError(f"self_ranges must be (N, chunks, 2) = ({N}, {drn}, 2) inside the "
-                         f"{n_cache + S} keys of [cache; current], got {self_ranges.tolist()}")
-      self_mask = ChunkMask(self_ranges, q_block=tok, layout=self_mask_layout)
-    else:
-      self_mask = ChunkMask(jnp.clip(local, 0, n_cache + S).reshape(N, drn, 2).astype(jnp.int32),
-                            q_block=tok, layout=self_mask_layout)
-
     if frame_index is None:
-      rope = rope_table(self.rope_bands[...], Tt, Ht, Wt, frame_offset=slice_point * cw // pt)
+      rope = rope_table(self.rope_bands[...], Tt, Ht, Wt,
+                        frame_offset=first_chunk * (Tt // chunks))
     else:
       rope = packed_rope_table(self.rope_bands[...], frame_index, frame_total, Ht, Wt)
 
@@ -298,11 +260,3 @@ class VideoDiT(nnx.Module):
     out = out[:, :cfg.output_channels] / jnp.asarray(cfg.x_rescale_factor, F32)
     kv = KVCache(*stack.kv) if return_kv else None
     return DiTOutput(out, kv, acts)
-
-
-def rope_for_call(model: VideoDiT, frames: int, height: int, width: int, slice_point: int,
-                  chunk_width: int):
-  """The official `rope.get_embed` table ([sin | cos], (S, 6·nb)) for a call; a debug aid."""
-  sin, cos = rope_table(model.rope_bands[...], frames, height, width,
-                        frame_offset=slice_point * chunk_width // model.cfg.t_patch_size)
-  return jnp.concatenate([sin, cos], axis=-1)

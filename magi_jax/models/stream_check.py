@@ -9,16 +9,19 @@ more than that, so memory stays flat however long the video is.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from magi_jax.attention import block_causal_chunk_ranges
+from magi_jax.attention import ChunkMask, chunk_kv_ranges
 from magi_jax.configs import MagiConfig
-from magi_jax.models import KVCacheStore, Precision, VideoDiT, jit_forward
+from magi_jax.models.dit import VideoDiT
 from magi_jax.models.embedders import distill_step_size
+from magi_jax.models.kv_cache import KVCacheStore
+from magi_jax.models.precision import Precision
 
 
 @dataclasses.dataclass
@@ -38,16 +41,22 @@ def run(cfg: MagiConfig, *, num_chunks: int, latent_h: int, latent_w: int, kv_wi
   kx, kt, ky = jax.random.split(jax.random.key(seed), 3)
   x = jax.random.normal(kx, (1, m.latent_channels, num_chunks * cw, latent_h, latent_w))
   t = jax.random.uniform(kt, (1, num_chunks))
-  y = jax.random.normal(ky, (num_chunks, 1, m.caption_max_length, m.caption_channels))
-  mask = jnp.ones((num_chunks, 1, m.caption_max_length), jnp.int32)
+  y = jax.random.normal(ky, (num_chunks, m.caption_max_length, m.caption_channels))
+  mask = jnp.ones((num_chunks, m.caption_max_length), jnp.int32)
   step = distill_step_size(cfg.runtime.num_steps) if cfg.engine.distill else None
   tok = cw * (latent_h // m.patch_size) * (latent_w // m.patch_size)
+  graphdef, state = nnx.split(model)
 
-  full_fwd = jit_forward(model, backend=backend)
-  ranges = block_causal_chunk_ranges(0, num_chunks, [kv_window] * num_chunks) * tok
-  full = full_fwd(x, t, y, mask, ranges, step_size=step).velocity
+  @functools.partial(jax.jit, static_argnames=("return_kv",))
+  def forward(state, x, t, y, mask, ranges, first_chunk, cache, *, return_kv):
+    return nnx.merge(graphdef, state)(x, t, y, mask, ChunkMask(ranges, q_block=tok),
+                                      first_chunk=first_chunk, step_size=step, cache=cache,
+                                      backend=backend, return_kv=return_kv)
 
-  fwd = jit_forward(model, backend=backend, return_kv=True)
+  widths = [kv_window] * num_chunks
+  full_ranges = chunk_kv_ranges(range(num_chunks), widths=widths, tokens_per_chunk=tok)
+  full = forward(state, x, t, y, mask, full_ranges[None], 0, None, return_kv=False).velocity
+
   store = KVCacheStore(capacity_chunks=kv_window - 1 if kv_window > 1 else 1,
                        tokens_per_chunk=tok)
   reports = []
@@ -55,10 +64,10 @@ def run(cfg: MagiConfig, *, num_chunks: int, latent_h: int, latent_w: int, kv_wi
     need = min(c, kv_window - 1)
     cache = store.read(c, need)
     sl = slice(c * cw, (c + 1) * cw)
-    rng = block_causal_chunk_ranges(c, 1, [kv_window]) * tok
+    rng = chunk_kv_ranges([c], widths=[kv_window], cache_start=c - need, tokens_per_chunk=tok)
     t0 = time.perf_counter()
-    out = fwd(x[:, :, sl], t[:, c:c + 1], y[c:c + 1], mask[c:c + 1], rng, slice_point=c,
-              step_size=step, cache=cache)
+    out = forward(state, x[:, :, sl], t[:, c:c + 1], y[c:c + 1], mask[c:c + 1], rng[None],
+                  jnp.asarray(c, jnp.int32), cache, return_kv=True)
     out.velocity.block_until_ready()
     dt = time.perf_counter() - t0
     store.write(c, out.kv)

@@ -21,7 +21,8 @@ from flax import nnx
 from magi_jax.text.rows import NULL_CAPTION_VALID
 from magi_jax.diffusion import flow
 from magi_jax.diffusion.conditioning import ConditioningConfig, sample_conditioning
-from magi_jax.diffusion.segments import packed_frame_positions, packed_kv_range
+from magi_jax.attention import ChunkMask
+from magi_jax.diffusion.segments import packed_frame_positions, packed_kv_ranges
 
 F32 = jnp.float32
 T_BUCKETS = (0.0, 0.1, 0.3, 0.6, 1.0)     # per-level loss in TensorBoard: [0, .1), [.1, .3), ...
@@ -107,10 +108,10 @@ def velocity_of_row(model: TrainModel, batch, cond, x0, obj: Objective):
   x_t = flow.interpolate(x0, x1, cond.frame_t)
   y, m = caption_rows(model, batch, cond)
   frame_index, frame_total = packed_frame_positions(seg, cw // pt)
-  # packed_kv_range: each chunk sees [its video's first token, its own end): causal segments.
-  out = dit(x_t, cond.t, y, m, packed_kv_range(seg, tok), cond.text_drop, chunk_width=cw,
-            backend=obj.backend, frame_index=frame_index, frame_total=frame_total,
-            self_mask_layout="causal_segments").velocity
+  # Each chunk sees [its video's first token, its own end): causal segments.
+  mask = ChunkMask(packed_kv_ranges(seg, tok), q_block=tok, layout="causal_segments")
+  out = dit(x_t, cond.t, y, m, mask, caption_dropped=cond.text_drop, backend=obj.backend,
+            frame_index=frame_index, frame_total=frame_total).velocity
   return out, tok
 
 

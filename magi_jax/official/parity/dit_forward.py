@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from magi_jax.official.dit import load_official_dit
+from magi_jax.official.forward import official_forward, rope_for_call
 from magi_jax.models import Precision
-from magi_jax.models.dit import rope_for_call
 from magi_jax.models.embedders import distill_step_size
 from magi_jax.official.parity import fixtures
 from magi_jax.official.parity.compare import compare
@@ -28,10 +28,12 @@ def run(directory: str, *, activations: bool = False, backend: str = "reference"
     step = distill_step_size(kw.get("num_steps", cfg.runtime.num_steps),
                              kw.get("distill_interval"))
   x = data["fwd.in.x"]
-  out = model(x, data["fwd.in.t"], data["fwd.in.y"], data["fwd.in.xattn_mask"],
-              data["fwd.in.kv_range"], data["fwd.in.caption_dropout_mask"].astype(bool),
-              slice_point=int(kw.get("slice_point", 0)), chunk_width=kw.get("chunk_width"),
-              step_size=step, backend=backend, return_activations=activations)
+  out = official_forward(model, x, data["fwd.in.t"], data["fwd.in.y"],
+                         data["fwd.in.xattn_mask"], data["fwd.in.kv_range"],
+                         data["fwd.in.caption_dropout_mask"].astype(bool),
+                         slice_point=int(kw.get("slice_point", 0)),
+                         chunk_width=kw.get("chunk_width"), step_size=step, backend=backend,
+                         return_activations=activations)
   results = [compare("dit_forward", out.velocity, data["fwd.out"], atol=ATOL, rtol=RTOL)]
   if activations:
     for name, got in out.activations.items():
