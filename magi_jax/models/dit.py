@@ -55,6 +55,28 @@ def tok_per_chunk(T, H, W, chunks, p, pt) -> int:
   return (T // pt) * (H // p) * (W // p) // chunks
 
 
+def check_latents(model, x, t, step_size) -> tuple[int, int, int, int, int]:
+  """(N, T, H, W, chunks) of a call's latents and levels; InputError naming the problem
+  otherwise. Shared by the core call and the official adapter."""
+  cfg = model.cfg
+  if model.distill and step_size is None:
+    raise InputError("a distilled model needs step_size (see distill_step_size)")
+  if x.ndim != 5:
+    raise InputError(f"x must be (N, C, T, H, W), got shape {x.shape}")
+  N, C, T, H, W = x.shape
+  if C != cfg.latent_channels:
+    raise InputError(f"x has {C} channels; this model takes {cfg.latent_channels}")
+  p, pt = cfg.patch_size, cfg.t_patch_size
+  if H % p or W % p:
+    raise InputError(f"latent height/width ({H}x{W}) must be divisible by patch_size {p}")
+  if t.ndim != 2 or t.shape[0] != N:
+    raise InputError(f"t must be (N, chunks) = ({N}, chunks), got {t.shape}")
+  chunks = t.shape[1]
+  if T % (chunks * pt):
+    raise InputError(f"{T} latent frames cannot be split into {chunks} equal chunks")
+  return N, T, H, W, chunks
+
+
 def check_cache(cfg: ModelConfig, cache: KVCache | None, N: int, tok: int) -> None:
   """Raises InputError unless `cache` fits a call of N elements with tok-token chunks."""
   if cache is None:
@@ -115,21 +137,8 @@ class VideoDiT(nnx.Module):
                    caption_dropped=None, step_size=None, cache: KVCache | None = None):
     """Raises InputError naming the problem; the key ranges are checked when concrete."""
     cfg = self.cfg
-    if self.distill and step_size is None:
-      raise InputError("a distilled model needs step_size (see distill_step_size)")
-    if x.ndim != 5:
-      raise InputError(f"x must be (N, C, T, H, W), got shape {x.shape}")
-    N, C, T, H, W = x.shape
-    if C != cfg.latent_channels:
-      raise InputError(f"x has {C} channels; this model takes {cfg.latent_channels}")
+    N, T, H, W, chunks = check_latents(self, x, t, step_size)
     p, pt = cfg.patch_size, cfg.t_patch_size
-    if H % p or W % p:
-      raise InputError(f"latent height/width ({H}x{W}) must be divisible by patch_size {p}")
-    if t.ndim != 2 or t.shape[0] != N:
-      raise InputError(f"t must be (N, chunks) = ({N}, chunks), got {t.shape}")
-    chunks = t.shape[1]
-    if T % (chunks * pt):
-      raise InputError(f"{T} latent frames cannot be split into {chunks} equal chunks")
     if (captions.ndim != 3 or captions.shape[0] != N * chunks
         or captions.shape[-1] != cfg.caption_channels):
       raise InputError(f"captions must be (N*chunks, L, C) = ({N * chunks}, L, "

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from magi_jax.attention import ChunkMask
-from magi_jax.models.dit import InputError, VideoDiT, check_cache
+from magi_jax.models.dit import InputError, VideoDiT, check_cache, check_latents
 from magi_jax.models.kv_cache import KVCache
 from magi_jax.models.rope import rope_table
 
@@ -56,21 +56,8 @@ def check_official_inputs(model: VideoDiT, x, t, y, xattn_mask, kv_range,
   when they are concrete. The core's own checks (`VideoDiT.check_inputs`) follow in the call."""
   cfg = model.cfg
   y, xattn_mask = _squeeze_rows(y, xattn_mask)
-  if model.distill and step_size is None:
-    raise InputError("a distilled model needs step_size (see distill_step_size)")
-  if x.ndim != 5:
-    raise InputError(f"x must be (N, C, T, H, W), got shape {x.shape}")
-  N, C, T, H, W = x.shape
-  if C != cfg.latent_channels:
-    raise InputError(f"x has {C} channels; this model takes {cfg.latent_channels}")
+  N, T, H, W, chunks = check_latents(model, x, t, step_size)
   p, pt = cfg.patch_size, cfg.t_patch_size
-  if H % p or W % p:
-    raise InputError(f"latent height/width ({H}x{W}) must be divisible by patch_size {p}")
-  if t.ndim != 2 or t.shape[0] != N:
-    raise InputError(f"t must be (N, chunks) = ({N}, chunks), got {t.shape}")
-  chunks = t.shape[1]
-  if T % (chunks * pt):
-    raise InputError(f"{T} latent frames cannot be split into {chunks} equal chunks")
   if chunk_width is not None and chunk_width * chunks != T:
     raise InputError(f"chunk_width {chunk_width} x {chunks} chunks != {T} latent frames")
   if y.shape[0] != N * chunks or y.shape[-1] != cfg.caption_channels:
