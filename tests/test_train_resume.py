@@ -105,10 +105,19 @@ def test_sigterm_saves_the_current_step_and_exits(uninterrupted, compile_cache):
     assert m.latest_step() == step
 
 
-def test_repeated_nans_stop_with_the_last_good_checkpoint(tmp_path):
+def test_repeated_nans_stop_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+  """The loop reads metrics only at log and checkpoint steps (here every 2 steps: the log
+  interval is longer than the run); the on-device streak reaches 3 at step 5, is read at step
+  6, and the run stops there without writing checkpoint 6."""
+  import magi_jax.train.trainer as trainer_module
   c = bouncing_tiny.get_config("smoke")
   c.total_steps, c.checkpoint_every, c.max_consecutive_nans = 10, 2, 3
+  c.log_every = 100
   c.tensorboard = False
+  reads = []
+  fetch = trainer_module.fetch_metrics
+  monkeypatch.setattr(trainer_module, "fetch_metrics",
+                      lambda pending: reads.append(len(pending)) or fetch(pending))
   c.async_checkpoints = False
   from magi_jax.proj.bouncing.training import world_config
   from magi_jax.train import build
@@ -127,14 +136,17 @@ def test_repeated_nans_stop_with_the_last_good_checkpoint(tmp_path):
              "text_tokens": ids.reshape(2, K, -1), "text_mask": mask.reshape(2, K, -1)}
 
   lines = []
-  with pytest.raises(TrainingError, match="3 consecutive non-finite steps"):
+  with pytest.raises(TrainingError, match=r"3 consecutive non-finite steps \(last at step 5; "
+                                           r"the run had reached step 6"):
     train(c, str(tmp_path), data=batches(), echo=lines.append)
   assert sum("update skipped" in l for l in lines) == 3
+  assert reads == [2, 2, 2]                                    # steps 1-2, 3-4, 5-6
   with ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints")) as m:
     steps = m.all_steps()
     s2 = m.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     s4 = m.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  assert 2 in steps and 4 in steps
+  assert sorted(steps) == [2, 4]
+  assert int(s2["nan_streak"]) == 0 and int(s4["nan_streak"]) == 2   # checkpointed with the state
   for a, b in zip(jax.tree.leaves(s2["params"]), jax.tree.leaves(s4["params"])):
     assert np.all(np.isfinite(a))
     np.testing.assert_array_equal(a, b)                        # NaN steps changed nothing

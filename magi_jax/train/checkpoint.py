@@ -1,11 +1,11 @@
 """Checkpoints of a training run: orbax CheckpointManager over (train state, data iterator).
 
 Layout under `<workdir>/checkpoints/<step>/`: `state` (the TrainState pytree: masters,
-optimizer, EMA, step, key) and `data` (the grain iterator's position, one file per process),
-plus `<workdir>/checkpoints/run.json`, what the run was (config, model, text tokenizer) so
-evaluation and resume can rebuild it. Saves are asynchronous and commit atomically: a run
-killed mid-save leaves the previous checkpoint as the latest one, and restoring it gives the
-bitwise state of that step (tests/test_train_resume.py).
+optimizer, EMA, step, key, non-finite streak) and `data` (the grain iterator's position, one
+file per process), plus `<workdir>/checkpoints/run.json`, what the run was (config, model, text
+tokenizer) so evaluation and resume can rebuild it. Saves are asynchronous and commit
+atomically: a run killed mid-save leaves the previous checkpoint as the latest one, and
+restoring it gives the bitwise state of that step (tests/test_train_resume.py).
 """
 
 from __future__ import annotations

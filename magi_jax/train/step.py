@@ -6,8 +6,10 @@ randomness is `fold_in(rng, step)`, so a resumed run draws exactly what an unint
 draws. Frozen variables (LoRA's base weights) travel separately and are never updated.
 
 A non-finite loss or gradient norm leaves parameters, optimizer state and EMA untouched (the
-step counter still advances, the batch is consumed) and reports `finite = 0`; the host loop
-counts consecutive failures and stops the run (magi_jax.train.trainer).
+step counter still advances, the batch is consumed) and reports `finite = 0`. The count of
+such steps in a row lives in the state (`nan_streak`, on device, checkpointed), so the host
+loop reads it only when it fetches metrics (magi_jax.train.trainer) and never waits on a step
+to decide whether to go on.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class TrainState:
   opt_state: Any
   ema: Any
   rng: jax.Array           # raw key data (uint32), so orbax saves it as a plain array
+  nan_streak: jax.Array    # int32: non-finite steps in a row up to this step (0 after a good one)
 
 
 def ema_warmup_decay(decay: float, step):
@@ -51,7 +54,8 @@ def init_state(params, tx, *, seed: int, ema: bool) -> TrainState:
   params = jax.tree.map(lambda x: jnp.asarray(x, F32), params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     ema=jax.tree.map(jnp.copy, params) if ema else None,
-                    rng=jax.random.key_data(jax.random.key(seed)))
+                    rng=jax.random.key_data(jax.random.key(seed)),
+                    nan_streak=jnp.zeros((), jnp.int32))
 
 
 def vae_chunk_encoder(vae, *, scale_factor: float, frames_per_chunk: int):
@@ -154,10 +158,11 @@ def make_train_step(graphdef, obj: Objective, tx, schedule, *, compute_dtypes=No
     if ema is not None:
       d = ema_warmup_decay(ema_decay, state.step)
       ema = keep(jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params), ema)
+    streak = jnp.where(finite, 0, state.nan_streak + 1).astype(jnp.int32)
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
-                     rng=state.rng)
+                     rng=state.rng, nan_streak=streak)
     metrics = {"loss": loss, "grad_norm": gnorm, "learning_rate": schedule(state.step),
-               "finite": finite.astype(jnp.int32), **aux}
+               "finite": finite.astype(jnp.int32), "nan_streak": streak, **aux}
     return new, metrics
 
   return step

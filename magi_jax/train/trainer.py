@@ -131,29 +131,44 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
   log = MetricsLog(workdir, total_steps=c.total_steps, enabled=c.tensorboard)
   step = int(state.step)
   first_step = step
-  nan_run, last = 0, {}
+  pending, last = [], {}       # this interval's metrics, still on device
   stopped = False
+
+  def drain():
+    """Fetches the pending metrics in one transfer, reports skipped updates, and stops the run
+    once `max_consecutive_nans` non-finite steps came in a row (the streak is the state's)."""
+    fetched = fetch_metrics(pending)
+    first = step - len(fetched) + 1
+    pending.clear()
+    for at, m in enumerate(fetched, start=first):
+      log.add(m)
+      if int(m["finite"]):
+        continue
+      streak = int(m["nan_streak"])
+      echo(f"step {at}: non-finite loss ({float(m['loss'])}) or gradient norm "
+           f"({float(m['grad_norm'])}); update skipped ({streak} in a row)")
+      if streak >= c.max_consecutive_nans:
+        ckpt.wait()
+        good = ckpt.latest_step()
+        ran_on = (f"; the run had reached step {step} when the metrics were read"
+                  if at < step else "")
+        raise TrainingError(
+            f"{streak} consecutive non-finite steps (last at step {at}{ran_on}); stopping. The "
+            f"last good checkpoint is step {good} in {ckpt.directory}. Lower optim.lr, check "
+            "the data for NaN/inf, or raise max_consecutive_nans.")
+
   with _Preemption() as preempt, use_mesh(mesh, rules):
     while step < c.total_steps:
       batch = global_batch(next(data), sh.batch)
       state, m = step_fn(state, frozen, batch)
       step += 1
-      m = jax.device_get(m)
-      log.add(m)
-      if not int(m["finite"]):
-        nan_run += 1
-        echo(f"step {step}: non-finite loss ({float(m['loss'])}) or gradient norm "
-             f"({float(m['grad_norm'])}); update skipped ({nan_run} in a row)")
-        if nan_run >= c.max_consecutive_nans:
-          ckpt.wait()
-          good = ckpt.latest_step()
-          raise TrainingError(
-              f"{nan_run} consecutive non-finite steps (last at step {step}); stopping. The "
-              f"last good checkpoint is step {good} in {ckpt.directory}. Lower optim.lr, check "
-              "the data for NaN/inf, or raise max_consecutive_nans.")
-      else:
-        nan_run = 0
-      if step % c.log_every == 0 or step == c.total_steps:
+      pending.append(m)         # no host sync here: the next step is dispatched at once
+      log_now = step % c.log_every == 0 or step == c.total_steps
+      # Metrics are read at log steps, and before a checkpoint or a signal exit so that a
+      # run stopping on non-finite steps never writes a checkpoint past the streak.
+      if log_now or step % ckpt.every == 0 or preempt.received:
+        drain()
+      if log_now:
         last = log.flush(step)
         echo(log.line(step, last, step - first_step))
       ckpt.save(step, state, ckpt_data)
@@ -179,6 +194,12 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
   if single_host and not stopped and c.sample_at_end:
     run_evals(evals, c, trained, tokenizer, workdir, step, None, echo)
   return RunResult(step, state, trained, stopped, last)
+
+
+def fetch_metrics(pending: list) -> list:
+  """The device metrics of the steps since the last read, to the host in one transfer (the
+  loop's only wait on the device outside checkpoints and evaluations)."""
+  return jax.device_get(pending)
 
 
 def check_batch(c, mesh, rules) -> None:
