@@ -1,7 +1,7 @@
 """`python -m experiments.sample`: every mode end to end with the tiny preset (random weights),
 per-chunk prompt files, GIF output, the input errors raised before any model work, and seeds.
 
-Runs in-process through `experiments.sample.build` + `magi_jax.generate.generate`, as the
+Runs in-process through `magi_jax.generate.build_from_config` + `generate`, as the
 command does (one subprocess smoke test covers the command line itself). Runs are kept small
 (64x64, 2 sampler steps, 2-4 chunks of 2 latent frames). Compilation dominates: the sampler
 jits a fresh step function per `generate` call, so the module shares a persistent JAX
@@ -18,11 +18,10 @@ import time
 
 import numpy as np
 import pytest
-from absl import app
 
 from experiments.configs import tiny
-from experiments.sample import build
-from magi_jax.generate import RequestError, generate
+from magi_jax.configs import ConfigError
+from magi_jax.generate import RequestError, build_from_config, generate
 from magi_jax.media import (plan_frames, prefix_latent_frames_for_video, read_video,
                             write_video)
 from magi_jax.media.write import VideoWriter
@@ -69,9 +68,9 @@ class _Recorder:
 
 
 def _run(c, components=None, **request_changes):
-  """build(c) (or reuse `components`) + generate; returns (result, request, components, frames
-  handed to the writer)."""
-  comp, req, flags, opts = build(c)
+  """build_from_config(c) (or reuse `components`) + generate; returns (result, request,
+  components, frames handed to the writer)."""
+  comp, req, flags, opts = build_from_config(c)
   if components is not None:
     comp = components
   if request_changes:
@@ -166,7 +165,7 @@ def test_prompt_file_with_a_gap_names_the_chunk(tmp_path):
   path.write_text(json.dumps([{"prompt": "a red ball rolls in", "start": 0, "end": 1}]))
   c = _config(tmp_path, prompt="", prompt_file=str(path))
   with pytest.raises(PromptScheduleError, match=r"chunk\(s\) \[1\] have no prompt"):
-    build(c)                                   # checked before any weights load
+    build_from_config(c)                       # checked before any weights load
   assert not os.path.exists(c.output)
 
 
@@ -214,13 +213,13 @@ def no_model_work(monkeypatch):
 
 ERROR_CASES = {
     "unknown mode": (dict(mode="x2v"), RequestError, r"unknown mode 'x2v'.*t2v, i2v, v2v"),
-    "height not /16": (dict(height=72), (app.UsageError, RequestError),
+    "height not /16": (dict(height=72), (ConfigError, RequestError),
                        r"video_size_h.*multiple of 16|height 72 is not divisible by 16"),
-    "width not /16": (dict(width=40), (app.UsageError, RequestError),
+    "width not /16": (dict(width=40), (ConfigError, RequestError),
                       r"video_size_w.*multiple of 16|width 40 is not divisible by 16"),
     "num_frames not /4": (dict(num_frames=18), RequestError,
                           r"num_frames 18 is not a multiple of 4"),
-    "num_steps vs window": (dict(num_steps=3), app.UsageError,
+    "num_steps vs window": (dict(num_steps=3), ConfigError,
                             r"num_steps \(3\) must be divisible by window_size"),
     "i2v without image": (dict(mode="i2v"), RequestError, r"i2v needs an image.*config\.image"),
     "i2v missing image": (dict(mode="i2v", image="{tmp}/nope.png"), RequestError,
@@ -228,13 +227,13 @@ ERROR_CASES = {
     "v2v missing video": (dict(mode="v2v", video="{tmp}/nope.mp4"), RequestError,
                           r"nope\.mp4: video not found"),
     "image in t2v": (dict(image="{tmp}/x.png"), RequestError, r"only used by mode i2v"),
-    "missing dit_checkpoint": (dict(dit_checkpoint="{tmp}/no_such_dir"), app.UsageError,
+    "missing dit_checkpoint": (dict(dit_checkpoint="{tmp}/no_such_dir"), ConfigError,
                                r"config\.dit_checkpoint=.*no_such_dir.* does not exist"),
     "random weights, real preset": (dict(preset="4.5B_base", num_steps=0, height=0, width=0),
-                                    app.UsageError,
+                                    ConfigError,
                                     r"dit_checkpoint.*vae_checkpoint.*t5_checkpoint.*tiny preset"),
-    "unknown preset": (dict(preset="7B"), app.UsageError, r"unknown preset '7B'"),
-    "unknown special token flag": (dict(special_token_flags="hq,sparkles"), app.UsageError,
+    "unknown preset": (dict(preset="7B"), ConfigError, r"unknown preset '7B'"),
+    "unknown special token flag": (dict(special_token_flags="hq,sparkles"), ConfigError,
                                    r"special_token_flags.*sparkles"),
     "bad output extension": (dict(output="{tmp}/out.avi"), RequestError,
                              r"out\.avi.*\.mp4, \.gif"),
@@ -254,7 +253,7 @@ def test_input_errors_before_model_work(case, tmp_path, no_model_work):
   c = _config(tmp_path, **overrides)
   t0 = time.perf_counter()
   with pytest.raises(exc, match=pattern):
-    build(c)
+    build_from_config(c)
   assert time.perf_counter() - t0 < 10
   assert not os.path.exists(c.output)
 
@@ -274,3 +273,17 @@ def test_command_line(tmp_path, t2v, compile_cache):
   video = _check_mp4(out, NUM_FRAMES)
   # Same config and seed as the in-process T2V run: the same video.
   np.testing.assert_array_equal(video, read_video(t2v[0].output, SIZE, SIZE, max_frames=None))
+
+
+def test_command_line_bad_input_is_a_usage_error(tmp_path):
+  """A MagiError from build_from_config leaves the command as absl's usage error: the message,
+  exit status 1, no traceback."""
+  out = tmp_path / "never.mp4"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "experiments.sample", "--config=experiments/configs/tiny.py",
+         f"--config.output={out}", "--config.special_token_flags=hq,sparkles"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "--config.special_token_flags: unknown ['sparkles']" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not out.exists()

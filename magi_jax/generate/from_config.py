@@ -1,0 +1,106 @@
+"""A sampling config -> what `generate` takes: (Components, Request, TextFlags, SamplerOptions).
+
+The config is the ConfigDict of experiments/configs/sample_common.py (any object with those
+attributes will do); `python -m experiments.sample` and launch/colab/sample.ipynb both call
+`build_from_config`. Everything is checked before any weights load, and a bad value raises a
+typed error (a `MagiError`) whose message names the `--config.<field>` to change:
+`ConfigError` for the preset, the config file, the sizes and steps, the checkpoint paths and
+the special-token flags; `RequestError` / `PromptScheduleError` for what to generate.
+"""
+
+from __future__ import annotations
+
+import os
+
+from magi_jax.configs import ConfigError, MagiConfig, get_preset, load_magi_config
+from magi_jax.convert.load import load_dit, load_text_encoder, load_vae
+from magi_jax.diffusion import SamplerOptions
+from magi_jax.generate.components import Components, load_special_tokens
+from magi_jax.generate.request import Request
+from magi_jax.media import plan_frames
+from magi_jax.text import TextFlags
+from magi_jax.text.prompts import load_prompt_file, prompts_per_chunk
+from magi_jax.text.special_tokens import POSITIVE_FLAGS
+
+_CHECKPOINTS = ("dit_checkpoint", "vae_checkpoint", "t5_checkpoint")
+
+
+def build_from_config(c) -> tuple[Components, Request, TextFlags, SamplerOptions]:
+  """(components, request, flags, options) from a sampling ConfigDict.
+
+  Random weights are used for the parts without a checkpoint, for the `tiny` preset only.
+  """
+  cfg = _magi_config(c)
+  req = Request(mode=c.mode, prompt=c.prompt, prompt_file=c.prompt_file, image=c.image,
+                video=c.video, prefix_frames=c.prefix_frames, height=cfg.runtime.video_size_h,
+                width=cfg.runtime.video_size_w, num_frames=cfg.runtime.num_frames, seed=c.seed,
+                output=c.output)
+  req.validate()
+  _check_prompts(req, cfg)
+  flags = _text_flags(c)
+  random_ok = c.preset == "tiny" and not c.magi_config
+  _check_checkpoints(c, flags, random_ok)
+  dit, cfg = load_dit(c.dit_checkpoint, cfg, c.precision, random_ok=random_ok, seed=c.seed)
+  comp = Components(
+      dit=dit, cfg=cfg, vae=load_vae(c.vae_checkpoint, c.precision, random_ok=random_ok),
+      text=load_text_encoder(c.t5_checkpoint, cfg, random_ok=random_ok,
+                             cache_dir=c.text_cache_dir or None),
+      special=load_special_tokens(c.special_tokens, cfg, flags, random_ok=random_ok))
+  opts = SamplerOptions(nearly_clean_weight=c.nearly_clean_weight, backend=c.backend)
+  return comp, req, flags, opts
+
+
+def _magi_config(c) -> MagiConfig:
+  """The preset (or official config file) with the config's size / step / guidance overrides."""
+  cfg = load_magi_config(c.magi_config) if c.magi_config else get_preset(c.preset)
+  rt = cfg.runtime
+  runtime = {"video_size_h": c.height or rt.video_size_h,
+             "video_size_w": c.width or rt.video_size_w,
+             "num_frames": c.num_frames or rt.num_frames, "num_steps": c.num_steps or rt.num_steps}
+  if c.text_scales:
+    runtime["text_scales"] = tuple(c.text_scales)
+  if c.prev_chunk_scales:
+    runtime["prev_chunk_scales"] = tuple(c.prev_chunk_scales)
+  engine = {"shortcut_mode": c.shortcut_mode} if c.shortcut_mode else {}
+  return cfg.replace(runtime=runtime, engine=engine)
+
+
+def _check_prompts(req: Request, cfg: MagiConfig) -> None:
+  """Parses a prompt file and checks it covers the generated chunks (before any loading)."""
+  if not req.prompt_file:
+    return
+  schedule = load_prompt_file(req.prompt_file)
+  if req.mode == "v2v":       # the prefix length is known only once the video is read
+    return
+  plan = plan_frames(req.num_frames, 1 if req.mode == "i2v" else 0, cfg.runtime.chunk_width,
+                     cfg.runtime.temporal_downsample_factor, req.fps)
+  prompts_per_chunk(schedule, plan.infer_chunk_num - plan.clean_chunk_num)
+
+
+def _text_flags(c) -> TextFlags:
+  """`special_token_flags` ("hq,duration") and `neg_prompt` as TextFlags."""
+  known = {flag for flag, _ in POSITIVE_FLAGS}
+  names = [n.strip() for n in c.special_token_flags.split(",") if n.strip()]
+  bad = [n for n in names if n not in known]
+  if bad:
+    raise ConfigError(f"--config.special_token_flags: unknown {bad}; known: {sorted(known)}")
+  return TextFlags(**{k: k in names for k in known}, neg_prompt=bool(c.neg_prompt))
+
+
+def _check_checkpoints(c, flags: TextFlags, random_ok: bool) -> None:
+  """Every given path exists; without random weights, every needed one is given."""
+  for field in (*_CHECKPOINTS, "special_tokens"):
+    path = getattr(c, field)
+    if path and not os.path.exists(path):
+      raise ConfigError(f"--config.{field}={path!r} does not exist")
+  if random_ok:
+    return
+  needed = list(_CHECKPOINTS)       # name every missing part at once, before loading anything
+  if flags.positive_keys() or flags.neg_prompt:
+    needed.append("special_tokens")
+  missing = [f for f in needed if not getattr(c, f)]
+  if missing:
+    raise ConfigError(
+        "preset " + repr(c.preset) + " needs real weights; set " +
+        ", ".join(f"--config.{f}" for f in missing) +
+        " (random weights are only for the tiny preset)")
