@@ -15,6 +15,7 @@ side, each as a ratio to the first:
   splash       the Pallas TPU kernel
 
 A program the compiler refuses is printed with its message ("does not fit").
+Measured figures: README.md's Benchmarks section.
 """
 
 from __future__ import annotations

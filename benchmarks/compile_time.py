@@ -1,43 +1,21 @@
 """Compile time of one sampler step for a TPU chip: the DiT's layers unrolled vs scanned.
 
-The DiT keeps its layers as one stacked module (magi_jax/models/stack.py) and runs them with a
-scan (`VideoDiT.scan_layers = True`, the default: XLA compiles one layer body) or unrolled in a
-Python loop over the same weights (`False`: every layer in the program). Both programs are
-built here, in one process, for the same abstract inputs, and compiled ahead of time for a TPU
-topology on this host (libtpu's compiler; no TPU needed, nothing is allocated):
+The DiT's stacked layers (magi_jax/models/stack.py) run as a scan (`VideoDiT.scan_layers =
+True`, the default: XLA compiles one layer body) or unrolled over the same weights (`False`).
+Both programs are built in one process for the same abstract inputs (ShapeDtypeStructs on a
+one-chip mesh) and compiled ahead of time by libtpu's compiler for `--topology` on this host (no
+TPU needed, nothing is allocated). `--program`: 'step' (default) is the sampler's jitted guided
+step (`make_step(model).compiled`, static ranges); 'forward' is `jit_forward(model).compiled`.
 
   python benchmarks/compile_time.py                           # 4.5B_distill, 480x832, v5p chip
+                                                              # (~4 min on a 2-core CPU)
   python benchmarks/compile_time.py --program=forward --modes=scanned   # jit_forward only
-
-What is compiled (`--program`): 'step' (default) is `magi_jax.diffusion.step.make_step(model)
-.compiled`, the sampler's jitted guided step (DiT forward(s) + Euler update) with the static
-self-attention ranges the sampler passes; 'forward' is `jit_forward(model).compiled` with traced
-ranges. Both over the preset's abstract DiT with bf16 weights (the official policy), for
-`--chunks` chunks of a `--height` x `--width` video (latent /8, tokens per chunk = chunk_width x
-latent_h/2 x latent_w/2) reading a KV cache of `--cache_chunks` chunks, guidance `--cfg`,
-attention backend `--backend` ('auto' picks per platform and mask for the TPU target: splash
-where the mask is static, else flash). Every argument is a ShapeDtypeStruct replicated on the
-one-chip mesh; the program is traced, lowered and compiled inside `use_mesh`, so nothing runs
-on the (absent) TPU.
 
 Output: per mode, seconds to trace + lower and to compile (wall, and the process's CPU seconds
 over all threads), and XLA's memory analysis of the executable (arguments, temporaries, peak),
 then the unrolled / scanned ratios.
 
-Measured on the 2-core CPU host shared with other work (4.5B_distill step, one 480x832 chunk =
-9,360 tokens, 3-chunk cache, cfg 1, v5p:1x1x1, backend auto), one process:
-
-  mode        lower s  compile s  total s  compile CPU s  args GiB  temp GiB  peak GiB
-  unrolled        6.7      190.5    197.2          331.0     12.00      7.60     19.37
-  scanned         0.7       33.6     34.3           56.4     12.00      0.55     12.36
-  unrolled / scanned: lower 9.9x, compile 5.7x, total 5.7x, compile CPU 5.9x; peak memory 1.57x
-
-Wall times move with the host's load (scanned alone: 30.4 s quiet, 43-71 s while a test suite
-ran; the ratio stays 5-6x). The scanned program compiles as fast as a one-layer model: what is
-left is one layer body plus the embedders and final layer, about 8 s of it the float32
-Precision.HIGHEST GEMMs the faithful numerics ask for (the same program with DEFAULT matmul
-precision: 18.0 s compile), and ~3.5 s of tracing the splash kernels' static masks when the
-program is the first of its process.
+Setup details, measured figures and their discussion: benchmarks/results/compile_time.md.
 """
 
 from __future__ import annotations

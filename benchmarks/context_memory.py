@@ -1,13 +1,12 @@
 """Ring attention's per-device memory at 64K-4M tokens of context on a TPU slice, and its FLOPs.
 
-The context-parallel issue asks whether per-device attention memory falls as 1/N with the
-context-parallel size N, and what block skipping saves in ring attention. (Whether the whole
-24B train step fits at 4M tokens is the capacity planner's question: `python -m magi_jax.aot
---job=train --preset=24B_base --tokens=4194304 --topology=v5p:8x8x4 --mesh=context:128,fsdp:2`
-compiles the project's own train step.) Nothing here allocates an array: every figure comes
-from compiling ahead of time for abstract inputs (`jax.jit(f, out_shardings=...).lower(
-*ShapeDtypeStructs with NamedShardings).compile()`) and reading the executable's
-`memory_analysis()` (bytes per device) or `cost_analysis()` (FLOPs per device).
+Does per-device attention memory fall as 1/N with the context-parallel size N, and what does
+block skipping save? Nothing is allocated: every figure comes from compiling ahead of time for
+abstract inputs and reading the executable's `memory_analysis()` or `cost_analysis()`.
+`--parts=attention` (needs libtpu: pip install -e ".[aot]"): one 24B_base layer's ring attention,
+forward + backward, compiled by libtpu for `--topology` (default v5p:8x8x4) on a mesh context N
+x fsdp devices / N, per `--layouts` entry. `--parts=flops`: the same attention over 8 chunks on 4
+fake CPU devices, loops unrolled, with and without block skipping.
 
   python benchmarks/context_memory.py                  # both parts: 64K..4M x N = 8..256 x
                                                        # 2 layouts (~15 min), FLOPs (~20 s)
@@ -15,83 +14,10 @@ from compiling ahead of time for abstract inputs (`jax.jit(f, out_shardings=...)
   python benchmarks/context_memory.py --quick          # smoke run: v5e:2x2, 8K, N = 2, 4 (~1 min)
   python benchmarks/context_memory.py --parts=flops    # only the FLOP accounting (~20 s)
 
-Attention memory (`--parts=attention`, needs libtpu: pip install -e ".[aot]"): ring attention
-alone at one 24B_base layer's shape, forward + backward in one program (jax.vjp): q (B, S, 48,
-128), k/v (B, S, 8, 128) bf16 and dout in, dq/dk/dv out, block-causal chunk masks (chunk c sees
-chunks 0..c), `--block` tiles. It is compiled by the TPU compiler (libtpu) for the devices of
-`--topology` (default v5p:8x8x4, 256 chips; `jax.experimental.topologies`, as the planner gets
-them: magi_jax/aot/topology.py), in this process, inside `use_mesh(mesh, rules)`. Mesh: context
-N x fsdp = devices / N (data, tensor 1); the batch is one video per fsdp rank (B = fsdp, sharded
-over fsdp), its S tokens split over 'context' (S / N tokens per device). The figure is the
-compiler's `peak_memory_in_bytes` (its live maximum, arguments included; args + out - alias +
-temp where it reports none); a program it refuses for memory prints as "no" with the figure of
-its message (magi_jax/aot/compile.py's `is_out_of_memory` / `refusal_message`).
-
-Ring layouts (`--layouts`, one table each): 'zigzag' is what the 'ring' backend's 'auto' picks
-when the chunk count is a multiple of 2N (always here); 'contiguous' keeps each device's own
-slice. Chunks: MAGI-24B's 720p chunk (6 latent frames x 45 x 80 = 21,600 tokens) does not cut
-2^k-token contexts into 2N chunk groups, so a chunk is `--chunk_tokens` = 8192 tokens (2 latent
-frames of 64 x 64 tokens, a 1024 x 1024 video): 4M tokens = 512 chunks = 2 x 256. Where a
-context holds fewer than 2N such chunks, chunks shrink to S / 2N tokens. Memory depends on the
-tokens per device, not on the chunk size.
-
-Measured (libtpu 0.0.42.1 via jax 0.10.2, v5p:8x8x4 = 256 devices of 95.74 GiB; the full default
-grid, 48 compiles of 6-50 s each, ~15 min on a busy 2-core CPU host; peak GiB per device, ratio
-vs N = 8):
-
-  layout zigzag
-  context        N=8         N=16         N=32         N=64        N=128        N=256
-      64K  1.26 1.000x 0.637 0.505x 0.355 0.281x 0.176 0.140x 0.069 0.054x 0.031 0.025x
-     256K  4.75 1.000x  2.43 0.511x  1.26 0.265x 0.637 0.134x 0.355 0.075x 0.176 0.037x
-       1M 18.68 1.000x  9.40 0.503x  4.75 0.254x  2.43 0.130x  1.26 0.067x 0.637 0.034x
-       4M 74.42 1.000x 37.26 0.501x 18.68 0.251x  9.40 0.126x  4.75 0.064x  2.43 0.033x
-  layout contiguous
-      64K  1.19 1.000x 0.619 0.520x 0.360 0.302x 0.230 0.193x 0.123 0.104x 0.043 0.036x
-     256K  4.76 1.000x  2.38 0.500x  1.19 0.250x 0.619 0.130x 0.360 0.076x 0.230 0.048x
-       1M 19.05 1.000x  9.52 0.500x  4.76 0.250x  2.38 0.125x  1.19 0.063x 0.619 0.032x
-       4M 76.19 1.000x 38.09 0.500x 19.05 0.250x  9.52 0.125x  4.76 0.063x  2.38 0.031x
-    ideal       1.000x       0.500x       0.250x       0.125x       0.062x       0.031x
-
-  Every program fits. Per-device memory falls as 1/N and depends only on the tokens per
-  device: ~149 KiB per token (4M at N = 8, 512K tokens per device: 74.4 GiB; 32K tokens per
-  device: 4.75 GiB at 256K / 8, 1M / 32 and 4M / 128). At 4M tokens and N = 128 (the planner's
-  context:128 x fsdp:2 mesh) one layer's ring attention needs 4.75 GiB (args 0.88, temp 6.15).
-  From 8K tokens per device up, zig-zag and contiguous agree within 6% (4M, N = 8: zig-zag 2%
-  lower). At 2,048 tokens per device or fewer (64K at N >= 32, 256K at N >= 128) the chunks
-  shrink (1,024 tokens or fewer) and per-device buffers that do not scale with the slice show:
-  the ratios stray from 1/N both ways (64K zig-zag: 0.140x at N = 64, 0.054x at N = 128).
-  The compiler's temp figure exceeds its peak (4M, N = 8: args 14.0 + temp 100.8 GiB against a
-  peak of 74.4): the temporaries figure sums the temporary allocation, which the live maximum
-  need not fill; the compiler accepted that program under 95.74 GiB, so the peak is what it
-  checks against HBM.
-
-  Near the HBM limit the compiler works to fit (rematerialisation, rescheduling), so figures
-  there are not the unconstrained ones: on v5e:2x2 (15.75 GiB), contiguous, 256K tokens at
-  N = 2 plan 15.11 GiB (v5p: 19.05 at the same 128K tokens per device) and 1M tokens are
-  refused ("no 54.47" at N = 2: its message counts HLO temporaries only).
-
-FLOP accounting (`--parts=flops`): ring attention over 8 chunks of `--flop_chunk_tokens` (512)
-tokens on a context=4 mesh of 4 fake CPU devices (`--xla_force_host_platform_device_count`,
-set before JAX starts), zig-zag, compiled by XLA:CPU with `unroll=True` (XLA's cost analysis
-counts a while-loop body once; unrolled, every ring step and tile is counted; of a cond it
-counts the larger branch, here exactly one branch's pairs since both compute as many).
-skip=True is the balanced ring with block skipping; skip=False computes every (query group,
-key group) pair: the same attention without skipping. Forward and backward are compiled apart
-(the backward alone from the VJP's residuals) and as one program:
-
-  pass                       skip GFLOP no-skip GFLOP skip / no-skip
-  forward                        59.135       104.980        0.5633x
-  backward                      146.373       259.871        0.5633x
-  forward + backward            205.508       364.851        0.5633x
-  fwd+bwd as one program        205.470       364.795        0.5632x
-  device_work(8, 4, 'zigzag'): visible chunk pairs per device [9, 9, 9, 9], max/min 1.00
-  device_work(8, 4, 'contiguous'): visible chunk pairs per device [3, 7, 11, 15], max/min 5.00
-
-Target: at most 0.6x; block-causal attention over 8 chunks sees 36 of 64 chunk pairs (0.5625).
-
-Limitations: one layer's attention alone (no projections, MLP, weights or optimizer state: the
-planner compiles those). Collectives are planned, never run; the runtime's own reservations
-are not included.
+Output: per layout, a row per context: the compiler's peak GiB per device and the ratio vs the
+first N ("no" and its figure where it refuses for memory); then GFLOP per device per pass with
+(skip) and without block skipping, their ratio, and the visible chunk pairs per device.
+Setup details, measured tables and their discussion: benchmarks/results/context_memory.md.
 """
 
 from __future__ import annotations

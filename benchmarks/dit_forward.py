@@ -1,20 +1,22 @@
 """DiT forward speed: tokens/s and XLA FLOPs, side by side across attention backends.
 
   python benchmarks/dit_forward.py                 # tiny preset + the official perf shapes
+                                                   # (several minutes on a 2-core CPU)
   python benchmarks/dit_forward.py --cases=tiny    # just the tiny preset
 
 Cases:
   tiny     the tiny preset, 3 chunks block-causal (a quick sanity figure).
   forward  benchmarks/data/dit_small.json "forward": 4 chunks x 1536 tokens, block-causal, no
-           cache; the official PyTorch code took 6.2 s median on a 2-core CPU (fp32).
-  stream   the same file's "stream": 2 noisy chunks reading 2 cached chunks; official 3.5 s.
+           cache; against the official PyTorch code's median on a 2-core CPU (fp32).
+  stream   the same file's "stream": 2 noisy chunks reading 2 cached chunks; against official.
   sampler  the same file's "sampler": the whole autoregressive walk with the port's `Sampler`
-           (4 chunks, window 2, 8 steps, cfg 1, distilled: 20 forward calls); official 50.9 s
-           = 12.7 s per chunk. Timed twice in one process: the first run (compiles included)
-           and a second, compiled run.
+           (4 chunks, window 2, 8 steps, cfg 1, distilled: 20 forward calls); against the
+           official seconds per chunk. Timed twice in one process: the first run (compiles
+           included) and a second, compiled run.
   gpu720p  only with a GPU: 4.5B shape, bf16, one 720p chunk (720x1280, 21600 tokens) reading a
            cache of 3 earlier chunks; reports achieved TFLOP/s and the fraction of peak.
 The printed ratios are official_time / our_time (>1 means faster) and backend / reference.
+The official timings: benchmarks/results/dit_forward.md (the port's figures: README.md).
 """
 
 from __future__ import annotations

@@ -2,42 +2,20 @@
 and 32 chunks on the tiny config; the figure must stay flat (within 10%) as length grows. Also
 seconds per chunk").
 
-  python benchmarks/sample_memory.py                         # 2, 4, 8, 16, 32 chunks
+The tiny preset (2 layers, random weights, fp32, CPU) samples a T2V video of N chunks at a
+--latent_hw square latent; every N runs in a fresh subprocess (its own ru_maxrss), after a
+warm-up video, loading the step executables from a cache a throw-away child fills first.
+
+  python benchmarks/sample_memory.py                         # 2, 4, 8, 16, 32 chunks (~1 min)
   python benchmarks/sample_memory.py --chunks=2,128 --latent_hw=32
 
-The tiny preset (2 layers, random weights, fp32, CPU, cfg_number 3, window 2, chunk width 2,
-its 6 steps unless --num_steps) samples a T2V video of N chunks at a --latent_hw square latent
-(default 16x16: 128 tokens per chunk) from a PRNG key (noise drawn per chunk, never a whole-video
-noise tensor) and ChunkTextRows built from one random caption row. Every N runs in a fresh
-subprocess, so each ru_maxrss peak is its own. A child first samples a --warmup_chunks video
-(every step variant runs), returns freed heap to the OS (malloc_trim), then samples the
-measured video, blocking on each chunk and keeping only a running checksum. A throw-away child
-first fills a private persistent compilation cache, so the children load the step executables
-instead of compiling them: compiling in every child leaves compiler free lists that put its peak
-anywhere in 720-810 MiB from run to run (max/min ~1.12 with no dependence on N), which would
-decide the figure; --cache_dir=none shows this.
+Columns: calls (step calls of the measured video), variants (distinct step functions),
+XLA peak/step (memory_analysis() argument + output + temp bytes, max over the variants the
+video called), KV max (largest KVCacheStore.nbytes()), peak RSS (the child's ru_maxrss),
+sampling peak (VmHWM over the measured video alone), growth (VmRSS after the last chunk -
+before the first), s/chunk (median time between chunks; the first and compiling ones left out).
 
-  calls          step calls of the measured video: (num_steps / window) * (N + 1)
-  variants       distinct step functions (`sampler.compilations()`, warm-up included)
-  XLA peak/step  XLA memory_analysis() of every step variant the measured video called
-                 (argument + output + temp bytes; arguments include the model weights),
-                 max over variants; lowered from the recorded shapes after sampling
-  KV max         the largest KVCacheStore.nbytes() reached (the sampler's store class wrapped)
-  peak RSS       ru_maxrss of the child (start-up, warm-up and loading included)
-  sampling peak  VmHWM over the measured video alone (reset through /proc/self/clear_refs)
-  growth         VmRSS after the last chunk - VmRSS before the first
-  s/chunk        median wall time between emitted chunks, the first (which also fills the
-                 window) and any chunk during which a step compiled left out
-
-Expected (2-core CPU): peak RSS flat, max/min about 1.01 (limit 1.10), ~540 MiB; sampling
-peak ~510 MiB and growth a few MiB (2-8) for every N, not rising with N (128 chunks grow no
-more than 32: allocator noise, not retained chunks); KV max 128 KiB for every N (one cached
-128-token chunk: 2 layers, K and V, 2 groups x 32 channels, fp32); XLA peak/step 7.488 MiB
-for N >= 4 and 5.662 MiB at N = 2, which never runs the full-window 3-chunk call (every
-variant shared by two lengths has identical memory); s/chunk roughly constant, ~0.04 s (2
-chunks: ~0.02 s, its only timed chunk is the short last stage). The verdict line says
-"XLA step peak identical for all lengths: no" only because of N = 2. A full run takes about
-1 minute (the compile of the priming child dominates; N = 32 itself takes ~1-2 s).
+Setup details, full column definitions, expected figures: benchmarks/results/sample_memory.md.
 """
 
 from __future__ import annotations

@@ -1,59 +1,23 @@
 """Train-step speed and memory: the demo step on a CPU, and a 4.5B-shaped step on an accelerator.
 
-The training issue asks what one optimizer step costs: how long the demo config takes to
-compile and to step on a CPU, what remat and bf16 compute change, and how much of an
-accelerator's peak a 4.5B-shaped step reaches at 480p. The step measured is the trainer's own
-(`magi_jax.train.step.make_train_step`: fp32 masters, AdamW, clipping, NaN guard, EMA when the
-config has one), compiled ahead of time with `jit(...).lower(...).compile()` so compile time is
-separate from step time and XLA's cost and memory analyses come from the executable that runs.
-Batches are synthetic with the real shapes (no data pipeline, no downloads); every row holds
-one video that fills all of its chunks (block-causal attention over the whole row).
+The trainer's own step (`magi_jax.train.step.make_train_step`: fp32 masters, AdamW, clipping,
+NaN guard, EMA when the config has one), compiled ahead of time so compile time is apart from
+step time and XLA's cost and memory analyses come from the executable that runs; synthetic
+batches with the real shapes. cpu_tiny: experiments/configs/bouncing_tiny.py, one fresh child
+process per `--tiny_variants` entry (fp32, remat, bf16, bf16+remat). gpu_4p5b_480p (skipped on
+a CPU): the 4.5B_base model with `--num_layers` layers, bf16, remat, 480p, per `--gpu_backends`.
 
   python benchmarks/train_step.py                                        # every case
   python benchmarks/train_step.py --cases=cpu_tiny --steps=3 --warmup=1  # quick CPU check
   python benchmarks/train_step.py --cases=gpu_4p5b_480p --num_layers=8 --chunks=2
+  (each cpu_tiny variant compiles for ~20-30 s on a 2-core CPU: a CPU run takes a few minutes)
 
-Cases:
-  cpu_tiny       experiments/configs/bouncing_tiny.py (`--demo_variant=smoke` for its smoke
-                 config): batch_size x bin_chunks chunks of its 24x24 world (8 x 4 x 144 =
-                 4608 tokens per step), pixel frames (uint8) + word tokens through the demo
-                 text encoder, EMA on. One row per `--tiny_variants` entry, each in a fresh
-                 child process (so each RSS peak is its own): fp32 (the config; the baseline),
-                 remat (model.remat=True), bf16 (model.precision='bf16': bf16 compute, fp32
-                 masters); "bf16+remat" combines them.
-  gpu_4p5b_480p  only when jax.default_backend() is not cpu (otherwise one line says it was
-                 skipped): the "4.5B_base" preset's model with `--num_layers` layers (default
-                 4), bf16 compute with fp32 masters, remat on, at 480p (480x832 video ->
-                 60x104 latents, 16 channels, patch 2: 1560 tokens per latent frame, 9360 per
-                 6-frame chunk), `--rows` rows of `--chunks` chunks, captions as random
-                 text_emb rows (800 x 4096, the first `--text_valid` valid). One row per
-                 `--gpu_backends` attention backend.
-
-Output form (numbers depend on the machine; the README's figures come from running this):
-
-  == cpu_tiny: bouncing_tiny train step, 8 rows x 4 chunks x 144 tokens = 4608 tokens, cpu,
-     median of N steps after M warm-up ==
-  parameters: ... (DiT ... + text encoder ...)
-  variant  compile s  step s  tokens/s  step vs fp32  XLA temp MiB  temp vs fp32  peak RSS MiB
-           RSS vs fp32  train RSS MiB  loss
-  fp32     ...          1.00x ...                1.00x ...                1.00x ...
-  remat    ...
-  bf16     ...
-  (ratios are variant / fp32: below 1 is faster or smaller)
-
-  == gpu_4p5b_480p: skipped (jax.default_backend() is cpu; needs an accelerator) ==
-or, on an accelerator, a header (parameters, tokens per step) and per backend two rows, one per
-FLOP count: "XLA" (compiled.cost_analysis(): hardware FLOPs, so it includes remat's recomputed
-forward, but XLA counts a loop body once, so it undercounts blockwise attention's scan/map
-loops) and "analytic" (model FLOPs: 6 x the GEMM weights each token or caption token passes
-through + 12 x L x heads x head_dim x visible (query, key) pairs for self- and
-cross-attention; no remat recompute), each with TFLOP/step, achieved TFLOP/s and the fraction
-of `--peak_tflops` (989: H100/H200 SXM bf16 dense). When XLA reports no FLOPs only the
-analytic row is printed. With the defaults (4 layers, 542.5M parameters, 1 row x 1 chunk =
-9360 tokens) the analytic count is 40.1 TFLOP per step.
-
-Compile times are real compiles: the children do not share a compilation cache unless
-`--cache_dir` names one (then later runs load executables and report load time instead).
+cpu_tiny columns: compile s, step s (median of `--steps` after `--warmup`), tokens/s, XLA temp
+MiB, peak RSS MiB, train RSS MiB, loss, and "vs fp32" ratios (below 1: faster or smaller).
+gpu_4p5b_480p: per backend an "XLA" row (cost_analysis(): remat recompute in, loop bodies
+counted once) and an "analytic" row (model FLOPs), each with TFLOP/step, achieved TFLOP/s and
+the fraction of `--peak_tflops`. Compiles are real unless `--cache_dir` names a cache.
+Full case and column definitions and the figures: benchmarks/results/train_step.md.
 """
 
 from __future__ import annotations

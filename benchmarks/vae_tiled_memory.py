@@ -1,18 +1,12 @@
 """Tiled VAE decode memory vs frame count (issue: "Memory of a tiled decode must not grow with
 frame count beyond one temporal tile plus the output").
 
-  python benchmarks/vae_tiled_memory.py                      # both modes, T = 3,6,12,24,48
-  python benchmarks/vae_tiled_memory.py --modes=streaming    # just the streaming writer
+The tiny fixture VAE (fp32, CPU) decodes random latents (1, 16, T, 32, 32) -> pixels (1, 3,
+4T, 256, 256) with spatial and temporal tiles, each (mode, T) in a fresh subprocess.
 
-The tiny fixture VAE (tests/fixtures, fp32, CPU) decodes random latents (1, 16, T, 32, 32) ->
-pixels (1, 3, 4T, 256, 256) with TileConfig(128, 128, 12, 0.25): 3 x 3 spatial tiles of up to
-16 x 16 latents per temporal tile of 3 latents, so both spatial and temporal tiling are used.
-Each (mode, T) runs in a fresh subprocess, so its ru_maxrss peak is its own; every child first
-decodes one warm-up tile row (same tile shapes) so op compilation sits in the baseline. A
-throw-away child primes a private persistent compilation cache first (compile time only).
-Children set glibc's mmap threshold to --mmap_threshold_mib (4): buffers that big are unmapped
-when freed, so RSS follows live buffers instead of heap fragmentation (0: glibc's default; the
-conclusions hold, with ~+-25 MiB more noise).
+  python benchmarks/vae_tiled_memory.py                      # both modes, T = 3,6,12,24,48
+                                                             # (~1-2 min on 2 cores)
+  python benchmarks/vae_tiled_memory.py --modes=streaming    # just the streaming writer
 
 Modes:
   tiled      out = tiled_decode(vae, z, tc), the whole clip at once, as the library returns it.
@@ -23,12 +17,7 @@ Modes:
              tiled_decode, to_uint8, append to a magi_jax.media.VideoWriter mp4: only one chunk
              of output is ever in memory.
 
-Expected (the issue's bound): the per-tile temp is the same for every T (36.9 MiB here); tiled
-RSS growth tracks the output, ratio <= ~1; streaming RSS is flat (growth ~0 +- 15 MiB whatever
-T). Measured: tiled ratio 1.12 at T = 48 (151 MiB for 135 MiB of output), now that
-tiled_decode copies each temporal row into one preallocated output; the earlier version, which
-concatenated all rows at the end (rows and result alive together), gave 2.01. A full run
-takes ~1-2 min on 2 cores.
+Setup details, expected and measured figures: benchmarks/results/vae_tiled_memory.md.
 """
 
 from __future__ import annotations
