@@ -13,6 +13,8 @@ from ml_collections import config_flags
 
 from magi_jax.parallel import distributed
 
+distributed.define_flags()   # --coordinator_address ... --distributed
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/bouncing_tiny.py", "training config file (append :smoke "
     "for a few-step run)")

@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 
 from magi_jax.parallel import distributed
-from magi_jax.parallel.distributed import Plan, detect_cluster, resolve_plan
+from magi_jax.parallel.distributed import Plan, resolve_plan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -29,16 +29,21 @@ def full(**kw):
 
 
 # ---------------------------------------------------------------------------------------------
-# (a) resolution: flags, environment, detection, errors (no JAX start-up)
+# (a) resolution: flags, environment, JAX's detection, errors (no JAX start-up)
+
+def resolve(settings=None, env=None, cluster=None, **kw):
+  """resolve_plan with `cluster` as what JAX's detection reports (never the real probe)."""
+  return resolve_plan(settings, {} if env is None else env, cluster=lambda: cluster, **kw)
+
 
 def test_nothing_set_is_single_process():
-  plan = resolve_plan({}, {})
+  plan = resolve({}, {})
   assert plan.action == "none" and not plan.multi_process and plan.warning is None
-  assert resolve_plan({"distributed": "auto"}, {}).action == "none"
+  assert resolve({"distributed": "auto"}, {}).action == "none"
 
 
 def test_explicit_flags():
-  plan = resolve_plan(full(local_device_ids="0,1"), {})
+  plan = resolve(full(local_device_ids="0,1"), {})
   assert plan == Plan("explicit", "flags", ADDR, 4, 1, (0, 1))
   assert plan.multi_process
 
@@ -46,7 +51,7 @@ def test_explicit_flags():
 def test_environment():
   env = {"MAGI_COORDINATOR_ADDRESS": "host-a:8476", "MAGI_NUM_PROCESSES": "2",
          "MAGI_PROCESS_ID": "0"}
-  plan = resolve_plan({}, env)
+  plan = resolve({}, env)
   assert (plan.action, plan.source) == ("explicit", "environment")
   assert (plan.coordinator_address, plan.num_processes, plan.process_id) == ("host-a:8476", 2, 0)
   assert plan.local_device_ids is None
@@ -55,13 +60,13 @@ def test_environment():
 def test_flag_overrides_environment_field_by_field():
   env = {"MAGI_COORDINATOR_ADDRESS": "host-a:8476", "MAGI_NUM_PROCESSES": "2",
          "MAGI_PROCESS_ID": "0", "MAGI_LOCAL_DEVICE_IDS": "3"}
-  plan = resolve_plan({"process_id": 1}, env)
+  plan = resolve({"process_id": 1}, env)
   assert (plan.process_id, plan.num_processes, plan.local_device_ids) == (1, 2, (3,))
   assert plan.source == "environment + flags"
 
 
 def test_ipv6_address():
-  assert resolve_plan(full(coordinator_address="[::1]:1234"), {}).coordinator_address == \
+  assert resolve(full(coordinator_address="[::1]:1234"), {}).coordinator_address == \
       "[::1]:1234"
 
 
@@ -95,84 +100,186 @@ def test_ipv6_address():
 ])
 def test_errors_name_the_setting(settings, env, match):
   with pytest.raises(ValueError, match=match):
-    resolve_plan(settings, env)
+    resolve(settings, env)
 
 
 def test_off_ignores_environment_and_clusters():
-  env = {"MAGI_COORDINATOR_ADDRESS": ADDR, "MAGI_NUM_PROCESSES": "2", "MAGI_PROCESS_ID": "0",
-         "TPU_WORKER_HOSTNAMES": "a,b"}
-  plan = resolve_plan({"distributed": "off"}, env, tpu_vm=True)
+  env = {"MAGI_COORDINATOR_ADDRESS": ADDR, "MAGI_NUM_PROCESSES": "2", "MAGI_PROCESS_ID": "0"}
+  plan = resolve({"distributed": "off"}, env, cluster=TPU_POD)
   assert plan.action == "none" and plan.source == "--distributed=off"
 
 
+def test_jax_is_asked_only_when_nothing_explicit_decides():
+  def probe():
+    raise AssertionError("JAX's detection consulted")
+  assert resolve_plan({"distributed": "off"}, {}, cluster=probe).action == "none"
+  assert resolve_plan(full(), {}, cluster=probe).action == "explicit"
+  with pytest.raises(AssertionError, match="consulted"):
+    resolve_plan({}, {}, cluster=probe)
+
+
 def test_on_without_anything_defers_to_jax_detection():
-  plan = resolve_plan({"distributed": "on"}, {})
-  assert plan.action == "auto_detect" and not plan.fallback_ok
+  plan = resolve({"distributed": "on"}, {})
+  assert plan.action == "auto_detect" and plan.cluster_method is None
 
 
 SLURM_STEP = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "node[01-02]",
               "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
+SLURM = distributed.Cluster("SlurmCluster", "slurm", 2)
+TPU_POD = distributed.Cluster("GkeTpuCluster", "gketpu", 4)
 
 
-def test_slurm_detection():
-  assert detect_cluster(SLURM_STEP) == "SLURM"
-  plan = resolve_plan({}, SLURM_STEP)
-  assert (plan.action, plan.source, plan.local_device_ids) == ("auto_detect", "SLURM", None)
+def test_slurm_step():
+  plan = resolve({}, SLURM_STEP, SLURM)
+  assert (plan.action, plan.cluster_method, plan.local_device_ids) == ("auto_detect", "slurm",
+                                                                        None)
+  assert plan.source == "JAX cluster detection (SlurmCluster)" and plan.multi_process
   # One task per node: every GPU of the node, not JAX's [SLURM_LOCALID].
   env = dict(SLURM_STEP, SLURM_NTASKS_PER_NODE="1", SLURM_GPUS_ON_NODE="8")
-  assert resolve_plan({}, env).local_device_ids == tuple(range(8))
+  assert resolve({}, env, SLURM).local_device_ids == tuple(range(8))
   env = dict(SLURM_STEP, SLURM_STEP_TASKS_PER_NODE="1(x2)", SLURM_GPUS_ON_NODE="4")
-  assert resolve_plan({}, env).local_device_ids == (0, 1, 2, 3)
+  assert resolve({}, env, SLURM).local_device_ids == (0, 1, 2, 3)
   env = dict(SLURM_STEP, SLURM_NTASKS_PER_NODE="1")
-  assert "only local device 0" in resolve_plan({}, env).warning
+  assert "only local device 0" in resolve({}, env, SLURM).warning
   # Explicit --local_device_ids win.
   env = dict(SLURM_STEP, SLURM_NTASKS_PER_NODE="1", SLURM_GPUS_ON_NODE="8")
-  assert resolve_plan({"local_device_ids": "0,1"}, env).local_device_ids == (0, 1)
+  assert resolve({"local_device_ids": "0,1"}, env, SLURM).local_device_ids == (0, 1)
   # Explicit settings win over the detected cluster.
-  assert resolve_plan(full(), SLURM_STEP).action == "explicit"
+  assert resolve(full(), SLURM_STEP, SLURM).action == "explicit"
 
 
 def test_slurm_single_task_or_outside_srun_is_single_process():
-  assert resolve_plan({}, dict(SLURM_STEP, SLURM_NTASKS="1")).action == "none"
-  batch = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "2"}
-  plan = resolve_plan({}, batch)
+  one = distributed.Cluster("SlurmCluster", "slurm", 1)
+  plan = resolve({}, dict(SLURM_STEP, SLURM_NTASKS="1"), one)
+  assert plan.action == "none" and "one process" in plan.source
+  assert resolve({"distributed": "on"}, SLURM_STEP, one).action == "auto_detect"
+  batch = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "2"}     # JAX recognises no srun step here
+  plan = resolve({}, batch, None)
   assert plan.action == "none" and "not inside an srun step" in plan.warning
 
 
-def test_tpu_and_mpi_detection():
-  assert detect_cluster({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == "TPU pod (TPU_WORKER_HOSTNAMES)"
-  assert detect_cluster({"TPU_PROCESS_ADDRESSES": "a:1,b:1"}).startswith("TPU pod")
-  assert detect_cluster({"TPU_WORKER_HOSTNAMES": "w0"}) is None
-  assert detect_cluster({"MEGASCALE_COORDINATOR_ADDRESS": "w0"}).startswith("multi-slice")
-  assert detect_cluster({"MEGASCALE_NUM_SLICES": "2"}).startswith("multi-slice")
-  assert detect_cluster({"MEGASCALE_NUM_SLICES": "1"}) is None
-  assert detect_cluster({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "2"}) == "Open MPI"
-  assert detect_cluster({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "1"}) is None
-  plan = resolve_plan({}, {"TPU_WORKER_HOSTNAMES": "w0,w1"})
-  assert plan.action == "auto_detect" and not plan.fallback_ok
-  # TPU chips alone: JAX asks the VM metadata; a failure there means a single host.
-  plan = resolve_plan({}, {}, tpu_vm=True)
-  assert (plan.action, plan.source, plan.fallback_ok) == ("auto_detect", "Cloud TPU VM", True)
-  assert not resolve_plan({"distributed": "on"}, {}, tpu_vm=True).fallback_ok
+def test_tpu_mpi_and_unreadable_clusters():
+  plan = resolve({}, {}, TPU_POD)
+  assert (plan.action, plan.cluster_method, plan.num_processes) == ("auto_detect", "gketpu", 4)
+  # A single-host TPU VM (JAX reads one worker from the metadata) is a single process.
+  single = distributed.Cluster("GceTpuCluster", "gcetpu", 1)
+  assert resolve({}, {}, single).action == "none"
+  assert resolve({"distributed": "on"}, {}, single).cluster_method == "gcetpu"
+  assert resolve({}, {}, distributed.Cluster("OmpiCluster", "ompi", 1)).action == "none"
+  assert resolve({}, {}, distributed.Cluster("OmpiCluster", "ompi", 2)).multi_process
+  # JAX recognises the environment but cannot count its processes: single process with a
+  # warning under "auto"; "on" lets jax.distributed.initialize raise its own error.
+  broken = distributed.Cluster("K8sCluster", None, None, "RuntimeError: no controller")
+  plan = resolve({}, {}, broken)
+  assert plan.action == "none" and "K8sCluster" in plan.warning and "no controller" in plan.warning
+  plan = resolve({"distributed": "on"}, {}, broken)
+  assert plan.action == "auto_detect" and plan.cluster_method is None
 
 
-def test_settings_from_flag_objects():
+_CLUSTER_ENV = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "KUBERNETES_")
+
+
+@pytest.fixture
+def bare_environ(monkeypatch):
+  """os.environ without any cluster variable (JAX's detection reads the process environment)."""
+  for k in list(os.environ):
+    if k.startswith(_CLUSTER_ENV):
+      monkeypatch.delenv(k)
+  return monkeypatch
+
+
+def test_jax_cluster_is_jax_detection(bare_environ):
+  assert distributed.jax_cluster() is None
+  for k, v in SLURM_STEP.items():
+    bare_environ.setenv(k, v)
+  assert distributed.jax_cluster() == SLURM
+  for k in SLURM_STEP:
+    bare_environ.delenv(k)
+  bare_environ.setenv("SLURM_JOB_ID", "77")              # a batch shell, outside srun
+  bare_environ.setenv("SLURM_NTASKS", "2")
+  assert distributed.jax_cluster() is None
+  bare_environ.delenv("SLURM_JOB_ID")
+  bare_environ.setenv("OMPI_MCA_orte_hnp_uri", "1531576320.0;tcp://10.96.0.1:34911")
+  bare_environ.setenv("OMPI_COMM_WORLD_SIZE", "2")
+  assert distributed.jax_cluster() == distributed.Cluster("OmpiCluster", "ompi", 2)
+
+
+def test_jax_cluster_platforms_and_errors(bare_environ):
+  from jax._src.clusters import ClusterEnv
+  # A private copy of JAX's registry: the kinds defined here vanish after the test.
+  bare_environ.setattr(ClusterEnv, "_cluster_types", [])
+
+  class FakeTpu(ClusterEnv):
+    name = "faketpu"
+    is_env_present = classmethod(lambda cls: True)
+    get_process_count = classmethod(lambda cls: 4)
+
+  assert distributed.jax_cluster({}) == distributed.Cluster("FakeTpu", "faketpu", 4)
+  assert distributed.jax_cluster({"JAX_PLATFORMS": "tpu,cpu"}).num_processes == 4
+  assert distributed.jax_cluster({"JAX_PLATFORMS": "cpu"}) is None      # joins no TPU pod
+
+  class Broken(ClusterEnv):
+    name = "broken"
+    is_env_present = classmethod(lambda cls: True)
+
+    @classmethod
+    def get_process_count(cls):
+      raise RuntimeError("no job")
+
+  found = distributed.jax_cluster({"JAX_PLATFORMS": "cpu"})
+  assert (found.kind, found.num_processes, found.error) == ("Broken", None,
+                                                           "RuntimeError: no job")
+
+
+def test_importing_the_module_defines_no_flags():
+  names = list(distributed.FIELDS) + ["distributed"]
+  code = ("import sys; from absl import flags; from magi_jax.parallel import distributed; "
+          f"names = {names!r}; print(sum(n in flags.FLAGS for n in names)); "
+          "import experiments.train; print(sum(n in flags.FLAGS for n in names)); "
+          "distributed.define_flags(); print('again ok')")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=_clean_env(), timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == ["0", "5", "again", "ok"]
+
+
+def test_define_flags_and_settings_from():
   assert distributed.settings_from({"process_id": 3})["process_id"] == 3
   ns = types.SimpleNamespace(coordinator_address=ADDR, num_processes=2, process_id=0,
                              distributed="on")
   s = distributed.settings_from(ns)
   assert s["coordinator_address"] == ADDR and s["local_device_ids"] is None
   assert s["distributed"] == "on"
-  # The module's absl flags exist; unparsed, their defaults are read.
-  for name in ("coordinator_address", "num_processes", "process_id", "local_device_ids",
-               "distributed"):
-    assert name in flags.FLAGS
+  # No flags defined: every setting unset (the environment alone decides).
+  assert set(distributed.settings_from(flags.FlagValues()).values()) == {None}
   fv = flags.FlagValues()
-  flags.DEFINE_integer("num_processes", 8, "", flag_values=fv)
-  flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "", flag_values=fv)
-  fv(["prog", "--num_processes=2", "--distributed=off"])
+  distributed.define_flags(fv)
+  distributed.define_flags(fv)                       # idempotent
+  s = distributed.settings_from(fv)                  # unparsed: the defaults
+  assert s == dict.fromkeys(distributed.FIELDS) | {"distributed": "auto"}
+  fv(["prog", "--num_processes=2", "--distributed=off", "--local_device_ids=0,1"])
   s = distributed.settings_from(fv)
   assert (s["num_processes"], s["distributed"], s["process_id"]) == (2, "off", None)
+  assert s["local_device_ids"] == "0,1"
+  # A flag of the same name defined elsewhere is kept.
+  fv = flags.FlagValues()
+  flags.DEFINE_integer("num_processes", 8, "", flag_values=fv)
+  distributed.define_flags(fv)
+  assert distributed.settings_from(fv)["num_processes"] == 8 and "process_id" in fv
+
+
+def test_initialize_with_and_without_the_flags(monkeypatch):
+  monkeypatch.setattr(distributed, "_INFO", None)
+  monkeypatch.setattr(distributed, "jax_cluster", lambda environ=None: None)
+  for k in distributed.ENV_VARS.values():
+    monkeypatch.delenv(k, raising=False)
+  info = distributed.initialize(flags.FlagValues())      # no flags: environment only
+  assert (info["process_count"], info["source"]) == (1, "single process")
+  monkeypatch.setattr(distributed, "_INFO", None)
+  fv = flags.FlagValues()
+  distributed.define_flags(fv)
+  fv(["prog", "--distributed=off"])
+  assert distributed.initialize(fv)["source"] == "--distributed=off"
 
 
 def test_cpu_collectives_enabled():

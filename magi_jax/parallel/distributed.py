@@ -1,23 +1,38 @@
 """Multi-host start-up: one `jax.distributed.initialize` call before anything touches devices.
 
-Every absl entry point that imports this module gets the flags below and calls
-`initialize()` first thing in `main`. Where the settings come from, first match wins:
+Every absl entry point that starts JAX calls `define_flags()` at module level (nothing here
+defines a flag at import) and `initialize()` first thing in `main`; without the flags,
+`initialize` reads the environment only. Where the settings come from, first match wins:
 
 1. flags: `--coordinator_address=host:port --num_processes=N --process_id=I`
    (`--local_device_ids=0,1` optionally restricts the devices this process drives);
 2. environment: `MAGI_COORDINATOR_ADDRESS`, `MAGI_NUM_PROCESSES`, `MAGI_PROCESS_ID`
    (`MAGI_LOCAL_DEVICE_IDS`); a flag overrides the variable of the same field;
-3. a cluster JAX can configure itself, only when one is detected: a SLURM step with more than
-   one task (inside `srun`), an Open MPI job with more than one rank, a TPU pod / multi-slice
-   (`TPU_WORKER_HOSTNAMES`, `TPU_PROCESS_ADDRESSES`, `MEGASCALE_*`), or a Cloud TPU VM (TPU
-   chips on the PCI bus: JAX reads the worker list from the VM metadata);
+3. a cluster JAX configures itself from: `jax.distributed.initialize()` called with no
+   coordinator, process count or id;
 4. nothing: a single process, and `initialize` is a no-op.
 
-`--distributed=off` skips all of this; `--distributed=on` requires a multi-process start-up
-and lets JAX's auto-detection raise when it finds no cluster.
+What is JAX's and what is ours:
 
-The argument resolution is `resolve_plan` (pure: settings + environment -> `Plan`), so it can
-be tested without starting JAX.
+* JAX's: recognising a cluster and reading its coordinator, process count and id (SLURM steps,
+  Open MPI, Cloud TPU VMs and pods from the VM metadata or `TPU_WORKER_HOSTNAMES` /
+  `TPU_PROCESS_ADDRESSES`, multi-slice `MEGASCALE_*`, Kubernetes jobs). `jax_cluster()` asks
+  JAX's own cluster registry which environment it would use, and `initialize` then lets
+  `jax.distributed.initialize` fill everything in from it.
+* Ours: the MAGI_* variables and the flags, validated before JAX starts with errors that
+  name the flag or variable (JAX gets them with its detection deactivated); whether a
+  multi-process start-up is wanted at all (`resolve_plan`: a cluster JAX recognises but that
+  reports one process, e.g. a one-task SLURM step or a single-host TPU VM, runs as a plain
+  single process; a `JAX_PLATFORMS` without 'tpu' joins no TPU pod; a cluster whose process
+  count JAX cannot read runs single-process with a warning, unless `--distributed=on`); every
+  GPU of the node for a one-task-per-node SLURM step, where JAX would pin each task to GPU
+  `SLURM_LOCALID`; and the CPU backend's cross-process collectives (gloo).
+
+`--distributed=off` skips all of this; `--distributed=on` always calls
+`jax.distributed.initialize`, which raises when it finds no cluster.
+
+`resolve_plan` is pure (settings + environment + a cluster probe -> `Plan`), so it can be
+tested without starting JAX.
 """
 
 from __future__ import annotations
@@ -25,26 +40,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from absl import flags, logging
-
-_COORDINATOR_ADDRESS = flags.DEFINE_string(
-    "coordinator_address", None, "multi-host: host:port of process 0's coordinator service "
-    "(default: MAGI_COORDINATOR_ADDRESS, else auto-detected on SLURM / TPU pods)")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "multi-host: total number of processes (default: MAGI_NUM_PROCESSES)")
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "multi-host: this process's index in [0, num_processes) (default: "
-    "MAGI_PROCESS_ID)")
-_LOCAL_DEVICE_IDS = flags.DEFINE_string(
-    "local_device_ids", None, "multi-host: comma list of the local device ids this process "
-    "drives, e.g. 0,1 (default: all local devices)")
-_DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"], "multi-host start-up: auto (flags, then "
-    "MAGI_* variables, then a detected SLURM / TPU-pod cluster, else single process), on "
-    "(always call jax.distributed.initialize), off (never)")
 
 FIELDS = ("coordinator_address", "num_processes", "process_id", "local_device_ids")
 ENV_VARS = {
@@ -56,16 +55,55 @@ ENV_VARS = {
 MODES = ("auto", "on", "off")
 
 
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines --coordinator_address, --num_processes, --process_id, --local_device_ids and
+  --distributed on `flag_values` (absl's global flags by default). Call it at module level of
+  an absl entry point that calls `initialize()`; a second call, or a flag of that name already
+  defined, leaves the existing flag alone."""
+  def define(name, fn, *args, **kw):
+    if name not in flag_values:
+      fn(name, *args, flag_values=flag_values, **kw)
+
+  define("coordinator_address", flags.DEFINE_string, None,
+         "multi-host: host:port of process 0's coordinator service (default: "
+         "MAGI_COORDINATOR_ADDRESS, else what JAX detects on SLURM / TPU pods)")
+  define("num_processes", flags.DEFINE_integer, None,
+         "multi-host: total number of processes (default: MAGI_NUM_PROCESSES)")
+  define("process_id", flags.DEFINE_integer, None,
+         "multi-host: this process's index in [0, num_processes) (default: MAGI_PROCESS_ID)")
+  define("local_device_ids", flags.DEFINE_string, None,
+         "multi-host: comma list of the local device ids this process drives, e.g. 0,1 "
+         "(default: all local devices)")
+  define("distributed", flags.DEFINE_enum, "auto", list(MODES),
+         "multi-host start-up: auto (flags, then MAGI_* variables, then a cluster JAX detects "
+         "with more than one process, else single process), on (always call "
+         "jax.distributed.initialize), off (never)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+  """A cluster environment JAX's auto-detection recognises (one of its `ClusterEnv` kinds).
+
+  kind: JAX's class name, for messages ("SlurmCluster").
+  method: its `cluster_detection_method` name ("slurm"); None where JAX gives it none.
+  num_processes: the process count JAX reads from it; None when reading it failed (`error`).
+  """
+  kind: str
+  method: str | None
+  num_processes: int | None
+  error: str | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What `initialize` will do.
 
   action: "none" (single process, no call), "explicit" (call with the given address, process
     count and id; JAX's cluster detection deactivated) or "auto_detect" (call and let JAX fill
-    in what is unset from the detected cluster).
+    in what is unset from the cluster it detects).
   source: where the settings came from, for the log line.
-  fallback_ok: an "auto_detect" plan chosen from hardware alone (a Cloud TPU VM without pod
-    variables): if JAX's detection finds nothing, continue as a single process.
+  cluster_method: for "auto_detect", the `cluster_detection_method` to hand JAX (the
+    environment `jax_cluster()` found); None lets JAX pick.
   warning: something the caller should log.
   """
   action: str
@@ -74,7 +112,7 @@ class Plan:
   num_processes: int | None = None
   process_id: int | None = None
   local_device_ids: tuple[int, ...] | None = None
-  fallback_ok: bool = False
+  cluster_method: str | None = None
   warning: str | None = None
 
   @property
@@ -142,42 +180,44 @@ def _slurm_tasks_per_node(environ: Mapping[str, str]) -> int | None:
   return None
 
 
-def detect_cluster(environ: Mapping[str, str], tpu_vm: bool = False) -> str | None:
-  """Name of a multi-process environment JAX can configure itself from, or None.
+def jax_cluster(environ: Mapping[str, str] | None = None) -> Cluster | None:
+  """The cluster environment `jax.distributed.initialize()` would configure itself from, with
+  the process count JAX reads from it, or None.
 
-  Only environments that really run several processes count: a SLURM step with one task
-  would make every process a coordinator of a one-process job, which is the same as not
-  initializing at all.
+  JAX's own tests decide (its `ClusterEnv` registry, in its order; opt-in kinds such as mpi4py
+  skipped, as JAX skips them). They read the process environment (and, on a Cloud TPU VM, the
+  VM metadata) whatever `environ` says; `environ` only supplies JAX_PLATFORMS: a value
+  without 'tpu' (JAX_PLATFORMS=cpu on a TPU VM) ignores the TPU kinds. Never starts JAX.
   """
-  if "SLURM_JOB_ID" in environ:
-    ntasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or "1"
-    in_step = all(v in environ for v in ("SLURM_STEP_NODELIST", "SLURM_PROCID",
-                                         "SLURM_LOCALID"))
-    if ntasks.isdigit() and int(ntasks) > 1 and in_step:
-      return "SLURM"
-  world = environ.get("OMPI_COMM_WORLD_SIZE", "")
-  if "OMPI_MCA_orte_hnp_uri" in environ and world.isdigit() and int(world) > 1:
-    return "Open MPI"
-  for var in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
-    hosts = [h for h in environ.get(var, "").split(",") if h.strip()]
-    if len(hosts) > 1:
-      return f"TPU pod ({var})"
-  slices = environ.get("MEGASCALE_NUM_SLICES", "")
-  if environ.get("MEGASCALE_COORDINATOR_ADDRESS") or (slices.isdigit() and int(slices) > 1):
-    return "multi-slice TPU (MEGASCALE_*)"
-  if tpu_vm:
-    return "Cloud TPU VM"
+  environ = os.environ if environ is None else environ
+  try:
+    from jax._src.clusters import ClusterEnv   # private: jax.distributed offers no probe
+  except ImportError:                           # a JAX without it: nothing is detected
+    return None
+  platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  skip_tpu = bool(platforms) and "tpu" not in platforms
+  for env in getattr(ClusterEnv, "_cluster_types", ()):
+    method = getattr(env, "name", "") or None
+    if getattr(env, "opt_in_only_method", False) or (skip_tpu and "tpu" in (method or "")):
+      continue
+    try:
+      if not env.is_env_present():
+        continue
+      return Cluster(env.__name__, method, int(env.get_process_count()))
+    except Exception as e:   # noqa: BLE001 - reported by the plan; JAX raises it under "on"
+      return Cluster(env.__name__, method, None, f"{type(e).__name__}: {e}")
   return None
 
 
 def resolve_plan(settings: Mapping[str, Any] | None = None,
                  environ: Mapping[str, str] | None = None,
-                 tpu_vm: bool = False) -> Plan:
-  """The start-up to perform, from flag values, environment variables and detection.
+                 cluster: Callable[[], Cluster | None] | None = None) -> Plan:
+  """The start-up to perform, from flag values, environment variables and JAX's detection.
 
   settings: field -> flag value (None / '' = unset) for FIELDS and "distributed".
   environ: the environment (os.environ by default).
-  tpu_vm: whether TPU chips are attached to this machine (`tpu_chips_present()`).
+  cluster: returns the cluster JAX detects (`jax_cluster`, the default); called only when no
+    explicit setting decides and the mode is not "off".
   Raises ValueError naming the flag (or variable) for a partial or inconsistent setting.
   """
   settings = dict(settings or {})
@@ -228,45 +268,47 @@ def resolve_plan(settings: Mapping[str, Any] | None = None,
     sources = sorted({"flags" if from_flag[f] else "environment" for f in core})
     return Plan("explicit", " + ".join(sources), address, num, pid, local)
 
-  cluster = detect_cluster(environ, tpu_vm)
-  warning = None
-  if cluster == "SLURM" and local is None and _slurm_tasks_per_node(environ) == 1:
-    # JAX pins each SLURM task to device [SLURM_LOCALID] (one task per GPU); with one task
-    # per node that would leave a single GPU per node. Hand it the node's GPUs instead.
-    gpus = environ.get("SLURM_GPUS_ON_NODE", "")
-    if gpus.isdigit() and int(gpus) > 0:
-      local = tuple(range(int(gpus)))
-    else:
-      warning = ("SLURM with one task per node and no SLURM_GPUS_ON_NODE: JAX will drive "
-                 "only local device 0 of each node; pass --local_device_ids or the explicit "
-                 "--coordinator_address / --num_processes / --process_id")
-  if cluster is not None:
-    return Plan("auto_detect", cluster, local_device_ids=local,
-                fallback_ok=(cluster == "Cloud TPU VM" and mode == "auto"), warning=warning)
+  found = (cluster or (lambda: jax_cluster(environ)))()
+  if found is not None and found.num_processes is None and mode == "auto":
+    return Plan("none", "single process",
+                warning=f"JAX detects a {found.kind} environment but cannot read its process "
+                        f"count ({found.error}): running as a single process (--distributed=on "
+                        "makes this an error; or pass --coordinator_address / --num_processes "
+                        "/ --process_id)")
+  if found is not None and (found.num_processes != 1 or mode == "on"):
+    warning = None
+    if found.method == "slurm" and local is None and _slurm_tasks_per_node(environ) == 1:
+      # JAX pins each SLURM task to device [SLURM_LOCALID] (one task per GPU); with one task
+      # per node that would leave a single GPU per node. Hand it the node's GPUs instead.
+      gpus = environ.get("SLURM_GPUS_ON_NODE", "")
+      if gpus.isdigit() and int(gpus) > 0:
+        local = tuple(range(int(gpus)))
+      else:
+        warning = ("SLURM with one task per node and no SLURM_GPUS_ON_NODE: JAX will drive "
+                   "only local device 0 of each node; pass --local_device_ids or the explicit "
+                   "--coordinator_address / --num_processes / --process_id")
+    return Plan("auto_detect", f"JAX cluster detection ({found.kind})",
+                num_processes=found.num_processes, local_device_ids=local,
+                cluster_method=found.method, warning=warning)
   if mode == "on":
-    return Plan("auto_detect", "JAX auto-detection (--distributed=on)", local_device_ids=local)
+    return Plan("auto_detect", "JAX cluster detection (--distributed=on)", local_device_ids=local)
   if local is not None:
     raise ValueError(f"{name('local_device_ids')} needs a multi-process start-up: set "
                      f"{either('coordinator_address')}, {either('num_processes')} and "
                      f"{either('process_id')}, or run under SLURM / on a TPU pod")
+  if found is not None:
+    return Plan("none", f"single process ({found.kind} with one process)")
+  warning = None
   if "SLURM_JOB_ID" in environ and (environ.get("SLURM_NTASKS") or "1") not in ("", "1"):
     warning = ("SLURM allocation with several tasks but not inside an srun step: running "
                "as a single process (launch with srun, or pass the explicit flags)")
   return Plan("none", "single process", warning=warning)
 
 
-def tpu_chips_present() -> bool:
-  """Whether TPU chips are on this machine's PCI bus (reads /sys only; never starts JAX)."""
-  try:
-    from jax._src import hardware_utils   # private, hence the guard
-    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-  except Exception:   # noqa: BLE001 - a probe; a failure means "no TPU seen"
-    return False
-
-
 def settings_from(flag_values: Any = None) -> dict[str, Any]:
   """FIELDS + "distributed" from absl FlagValues, a mapping or an object with attributes;
-  None: the parsed absl flags (their defaults when not parsed yet)."""
+  None: absl's global flags (their defaults when not parsed yet). A flag that was never
+  defined (no `define_flags` call) reads as None: unset."""
   if flag_values is None:
     flag_values = flags.FLAGS
   out = {}
@@ -299,25 +341,18 @@ def initialize(flag_values: Any = None) -> dict[str, Any]:
   """Starts the multi-process runtime once (see the module docstring) and returns
   {process_index, process_count, local_device_count, global_device_count, platform, source}.
 
-  Call it before anything touches JAX devices (jax.devices(), a jitted call, device_put);
-  later calls return the first call's dict.
+  flag_values: as `settings_from` (None: absl's global flags, which may lack this module's
+  flags: then the environment alone decides). Call it before anything touches JAX devices
+  (jax.devices(), a jitted call, device_put); later calls return the first call's dict.
   """
   global _INFO
   if _INFO is not None:
     return dict(_INFO)
-  settings = settings_from(flag_values)
-  # A run that asks for other platforms only (JAX_PLATFORMS=cpu on a TPU VM) joins no pod.
-  platforms = os.environ.get("JAX_PLATFORMS", "")
-  tpu_vm = False
-  if ((settings.get("distributed") or "auto") != "off"
-      and (not platforms or "tpu" in platforms.split(","))):
-    tpu_vm = tpu_chips_present()
-  plan = resolve_plan(settings, os.environ, tpu_vm=tpu_vm)
+  plan = resolve_plan(settings_from(flag_values), os.environ)
   if plan.warning:
     logging.warning("distributed: %s", plan.warning)
 
   import jax
-  source = plan.source
   if plan.action != "none" and not jax.distributed.is_initialized():
     _enable_cpu_collectives(jax)
     local = list(plan.local_device_ids) if plan.local_device_ids is not None else None
@@ -329,14 +364,8 @@ def initialize(flag_values: Any = None) -> dict[str, Any]:
           process_id=plan.process_id, local_device_ids=local,
           cluster_detection_method="deactivate")
     else:
-      try:
-        jax.distributed.initialize(local_device_ids=local)
-      except Exception as e:   # noqa: BLE001 - only for the hardware-only TPU guess
-        if not plan.fallback_ok or jax.distributed.is_initialized():
-          raise
-        logging.warning("distributed: %s without a pod configuration (%s: %s); running as a "
-                        "single process", plan.source, type(e).__name__, e)
-        source = f"{plan.source}, single process"
+      jax.distributed.initialize(local_device_ids=local,
+                                 cluster_detection_method=plan.cluster_method)
 
   _INFO = {
       "process_index": jax.process_index(),
@@ -344,7 +373,7 @@ def initialize(flag_values: Any = None) -> dict[str, Any]:
       "local_device_count": jax.local_device_count(),
       "global_device_count": jax.device_count(),
       "platform": jax.default_backend(),
-      "source": source,
+      "source": plan.source,
   }
   logging.info("distributed: %s", _INFO)
   return dict(_INFO)
