@@ -87,7 +87,6 @@ def main(argv):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # other compiles may hold libtpu
   import jax
-  import numpy as np
   from jax.experimental import topologies
   from benchmarks import chunk_tiles
   from magi_jax.configs import get_preset
@@ -98,7 +97,8 @@ def main(argv):
   single = FLAGS.topology.endswith(("1x1", "1x1x1"))
   kw = dict(chips_per_host_bounds=(1, 1, 1)) if single else {}
   topo = topologies.get_topology_desc(topology_name=FLAGS.topology, platform="tpu", **kw)
-  mesh = jax.sharding.Mesh(np.array(topo.devices[:1]), ("data",))
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=topo.devices[:1])
   rows = []
   for b in FLAGS.backends:
     with use_mesh(mesh):

@@ -133,7 +133,6 @@ def compile_program(model, cfg, mesh):
 
 
 def main(_):
-  import numpy as np
   import jax
   from flax import nnx
   from jax.experimental import topologies
@@ -146,7 +145,8 @@ def main(_):
   cfg = get_preset(FLAGS.preset)
   topo = topologies.get_topology_desc(topology_name=FLAGS.topology, platform="tpu",
                                       chips_per_host_bounds=(1, 1, 1))
-  mesh = jax.sharding.Mesh(np.array(topo.devices[:1]), ("data",))
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=topo.devices[:1])
   tok = call_geometry(cfg)[3]
   print(f"== {FLAGS.program} compile time: {FLAGS.preset} ({cfg.model.num_layers} layers), "
         f"{FLAGS.chunks} chunk(s) of {FLAGS.height}x{FLAGS.width} ({tok} tokens each), "

@@ -40,8 +40,10 @@ def train_config():
   # global batch (data.batch_size) must divide by data x fsdp. dcn_data > 1: multi-slice.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1, dcn_data=1))
   # Logical-axis rules (name -> mesh axes) and parameter-path rules (regex -> logical names
-  # per dim); the defaults live in magi_jax/parallel/rules.py. Set either to a list of pairs.
-  c.sharding = ml_collections.ConfigDict(dict(logical=(), params=()))
+  # per dim, or None: replicated on purpose); the defaults live in magi_jax/parallel/rules.py.
+  # Set either to a list of pairs. A weight of rank >= 2 no rule matches is replicated with a
+  # warning; strict=True makes it an error.
+  c.sharding = ml_collections.ConfigDict(dict(logical=(), params=(), strict=False))
 
   c.init = ml_collections.ConfigDict()
   c.init.kind = "random"           # random | official (official DiT dir) | converted (orbax)

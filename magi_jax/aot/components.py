@@ -11,7 +11,8 @@
   2 layers, 4 heads of 8, d_ff 2·d_model, the byte tokenizer's vocabulary).
 
 T5 weights are placed by T5_PARAM_RULES (the DiT's table names DiT paths only): model width on
-('fsdp', 'context') like the DiT's 'embed', heads and d_ff on 'tensor'.
+('fsdp', 'context') like the DiT's 'embed', heads and d_ff on 'tensor'. The VAE's
+(VAE_PARAM_RULES) are replicated.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from magi_jax.configs import MagiConfig
 from magi_jax.convert.load import TINY_VAE
 from magi_jax.models.vae import VAEConfig
 from magi_jax.models.vae_tiling import TileConfig
-from magi_jax.parallel.rules import ShardingRules
+from magi_jax.parallel.rules import REPLICATED, ShardingRules
 from magi_jax.text import T5Config
 from magi_jax.text.t5 import T5_V1_1_XXL
 from magi_jax.text.tokenizer import ByteTokenizer
@@ -38,11 +39,22 @@ T5_PARAM_RULES = (
     (r"blocks/\d+/(wi_0|wi_1)/kernel$", ("embed", "mlp")),
     (r"blocks/\d+/wo/kernel$", ("mlp", "embed")),
     (r"shared$", (None, "embed")),
+    (r"blocks/\d+/relative_attention_bias$", REPLICATED),     # (32 buckets, heads): tiny
+)
+
+# The VAE is replicated on purpose: the sampler decodes one tile at a time, and its weights
+# (about 614M parameters, 1.2 GB in bf16) are small next to the DiT's.
+VAE_PARAM_RULES = (
+    (r"^(encoder|decoder)/", REPLICATED),
 )
 
 
 def t5_rules(rules: ShardingRules) -> ShardingRules:
-  return ShardingRules(logical=rules.logical, params=T5_PARAM_RULES)
+  return ShardingRules(logical=rules.logical, params=T5_PARAM_RULES, strict=rules.strict)
+
+
+def vae_rules(rules: ShardingRules) -> ShardingRules:
+  return ShardingRules(logical=rules.logical, params=VAE_PARAM_RULES, strict=rules.strict)
 
 
 def is_tiny(cfg: MagiConfig) -> bool:

@@ -97,7 +97,8 @@ def vae_program(job) -> Program:
            f"({tile[0] * vcfg.patch_length} frames of {tile[1] * vcfg.patch_size}x"
            f"{tile[2] * vcfg.patch_size} px; a chunk is decoded tile by tile), "
            f"VAE width {vcfg.embed_dim} x {vcfg.depth} blocks, bf16")
-  return Program("vae", fn, (placed(state, job.mesh, job.rules), z), notes=notes)
+  return Program("vae", fn, (placed(state, job.mesh, components.vae_rules(job.rules)), z),
+                 notes=notes)
 
 
 def sample_programs(job) -> list[Program]:

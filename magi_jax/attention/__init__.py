@@ -71,9 +71,8 @@ def select_backend(q, k, mask: ChunkMask) -> str:
   * a GPU target, bf16 / fp16 inputs and a mask cuDNN's key lengths express exactly: 'cudnn';
   * otherwise 'flash' (any mask, any platform).
   """
-  from magi_jax.parallel.rules import active, target_platform
-  act = active()
-  mesh = None if act is None else act[0]
+  from magi_jax.parallel.rules import current_mesh, target_platform
+  mesh = current_mesh()
   if mesh is not None and mesh.shape.get("context", 1) > 1 and q.shape[1] == k.shape[1]:
     return "ring"
   if target_platform() == "tpu":

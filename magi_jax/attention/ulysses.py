@@ -56,5 +56,9 @@ def ulysses_attention(q, k, v, mask: ChunkMask, *, scale: float, precision=None,
   batch = split_axes(rules, "batch", B, mesh)
   s_act = P(batch, AXIS, heads, None)
   body = functools.partial(_local, q_block=mask.q_block, scale=float(scale), precision=precision)
+  # check_vma off: the blockwise kernel the body runs (attention/tiles.py, written for one
+  # device) starts its running max / sum / output as mesh-invariant constants and carries them
+  # through a lax.switch whose skipped-tile branch returns them unchanged, so under the
+  # varying-manual-axes check the branches' types differ and tracing fails.
   return jax.shard_map(body, mesh=mesh, in_specs=(s_act, s_act, s_act, P(batch, None, None)),
                        out_specs=s_act, check_vma=False)(q, k, v, mask.kv_ranges)

@@ -22,6 +22,7 @@ from jax.experimental import mesh_utils
 from magi_jax.errors import MagiError
 
 AXES = ("data", "fsdp", "context", "tensor")
+AUTO = (jax.sharding.AxisType.Auto,) * len(AXES)
 
 
 class MeshError(MagiError, ValueError):
@@ -74,6 +75,9 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> jax.sharding.Mesh:
+  """The ('data', 'fsdp', 'context', 'tensor') mesh over `devices` (default: every device of
+  every process), its axes Auto: shardings are propagated by the compiler from the
+  constraints (`rules.constrain`) and the parameters' placements."""
   devices = list(devices if devices is not None else jax.devices())
   sizes = mesh_shape(cfg, len(devices))
   shape = tuple(sizes[a] for a in AXES)
@@ -89,13 +93,15 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> jax.sharding.Mesh
                       f"{'processes' if by_process else 'slices'}")
     arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices,
                                                process_is_granule=by_process)
-  else:
-    try:
-      arr = mesh_utils.create_device_mesh(shape, devices=devices)
-    except (ValueError, NotImplementedError, AssertionError):
-      # Topology-aware placement exists for TPU/GPU; any order is fine for CPU devices.
-      arr = np.asarray(devices).reshape(shape)
-  return jax.sharding.Mesh(arr, AXES)
+    # jax.make_mesh refuses devices of several slices; the hybrid order is built above.
+    return jax.sharding.Mesh(arr, AXES, axis_types=AUTO)
+  try:
+    # Topology-aware order on TPU / GPU (the given order for CPU devices), these devices only.
+    return jax.make_mesh(shape, AXES, axis_types=AUTO, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    # No placement for this device set (a TPU subset, devices of several slices): any order
+    # works, as for CPU devices; keep the given one.
+    return jax.sharding.Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=AUTO)
 
 
 def describe(mesh: jax.sharding.Mesh) -> str:
