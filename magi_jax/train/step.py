@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from einops import rearrange
 from flax import nnx
@@ -104,7 +103,8 @@ class StepShardings:
 
 def single_device_shardings() -> StepShardings:
   """Everything on one device: the step's signature is the one a device mesh uses."""
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:1])
   P = jax.sharding.PartitionSpec
   rep = jax.sharding.NamedSharding(mesh, P())
   return StepShardings(rep, rep, jax.sharding.NamedSharding(mesh, P("data")), rep)
