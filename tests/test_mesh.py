@@ -169,6 +169,18 @@ def test_default_rules_place_every_parameter_of_the_models():
   _strict_shardings(nnx.state(t5), components.t5_rules(ShardingRules()))
 
 
+def test_default_rules_place_lora_adapters_on_every_target():
+  from flax import nnx
+
+  from conftest import make_model
+  from magi_jax.train.lora import apply_lora
+
+  model = make_model()
+  targets = ("q", "k", "v", "qx", "kx", "vx", "proj", "fc1", "fc2", "ada_modulate")
+  apply_lora(model, rank=4, alpha=4.0, targets=targets, rngs=nnx.Rngs(1))
+  _strict_shardings(nnx.state(model, nnx.LoRAParam))
+
+
 def test_default_rules_place_the_demo_train_state():
   from experiments.configs import bouncing_tiny
   from magi_jax.train import build

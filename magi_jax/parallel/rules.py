@@ -60,6 +60,13 @@ PARAM_RULES = (
     (r"layers/proj/kernel$", (None, "heads", "embed")),
     (r"layers/fc1/kernel$", (None, "embed", "mlp")),
     (r"layers/fc2/kernel$", (None, "mlp", "embed")),
+    # LoRA adapters (in, r) / (r, out): split like their base kernel's in / out axis.
+    (r"layers/proj/lora_a$", (None, "heads", None)),
+    (r"layers/fc1/lora_a$", (None, "embed", None)),
+    (r"layers/fc2/lora_a$", (None, "mlp", None)),
+    (r"layers/fc1/lora_b$", (None, None, "mlp")),
+    (r"layers/(proj|fc2|ada_modulate)/lora_b$", (None, None, "embed")),
+    (r"layers/ada_modulate/lora_a$", (None, None, None)),
     (r"layers/ada_modulate/kernel$", (None, None, "embed")),
     (r"x_embedder/kernel$", (None, "embed")),
     (r"y_embedder/y_proj_xattn/kernel$", (None, "embed")),
