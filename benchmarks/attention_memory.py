@@ -58,15 +58,16 @@ def layer_program(m, height, width, chunks, backend, mesh):
   graphdef, params = nnx.split(layer)
   h, w = height // 8 // m.patch_size, width // 8 // m.patch_size
   frames = 6 // m.t_patch_size
-  tok = frames * h * w
-  S = chunks * tok
-  ranges = np.stack([np.zeros(chunks), (np.arange(chunks) + 1) * tok], -1)[None]
+  tokens_per_chunk = frames * h * w
+  S = chunks * tokens_per_chunk
+  ranges = np.stack([np.zeros(chunks), (np.arange(chunks) + 1) * tokens_per_chunk], -1)[None]
   L = m.caption_max_length
 
   def loss(params, x, cond, feats):
     # Built inside the trace: eager ops would run on the (absent) TPU devices.
-    self_mask = ChunkMask(jnp.asarray(ranges, jnp.int32), q_block=tok, layout="causal_segments")
-    xmask = ChunkMask(caption_ranges(jnp.full((chunks,), L // 2)), q_block=tok,
+    self_mask = ChunkMask(jnp.asarray(ranges, jnp.int32), q_block=tokens_per_chunk,
+                          layout="causal_segments")
+    xmask = ChunkMask(caption_ranges(jnp.full((chunks,), L // 2)), q_block=tokens_per_chunk,
                       layout="key_prefix")
     sin, cos = rope_table(default_bands(m.rope_head_dim // 8), chunks * frames, h, w)
     lay = nnx.merge(graphdef, params)

@@ -52,9 +52,10 @@ GIB = 2 ** 30
 
 def call_geometry(cfg):
   """(chunk width, latent h, latent w, tokens per chunk) of the flags' video."""
-  m, cw = cfg.model, cfg.runtime.chunk_width
+  m, chunk_width = cfg.model, cfg.runtime.chunk_width
   h, w = FLAGS.height // 8, FLAGS.width // 8
-  return cw, h, w, (cw // m.t_patch_size) * (h // m.patch_size) * (w // m.patch_size)
+  tokens_per_chunk = (chunk_width // m.t_patch_size) * (h // m.patch_size) * (w // m.patch_size)
+  return chunk_width, h, w, tokens_per_chunk
 
 
 def abstract_inputs(cfg, mesh):
@@ -68,14 +69,15 @@ def abstract_inputs(cfg, mesh):
   m = cfg.model
   rep = NamedSharding(mesh, P())
   a = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
-  cw, h, w, tok = call_geometry(cfg)
+  chunk_width, h, w, tokens_per_chunk = call_geometry(cfg)
   n, L, Cc = FLAGS.chunks, m.caption_max_length, m.caption_channels
   cache = None
   if FLAGS.cache_chunks:
-    shape = (m.num_layers, 1, FLAGS.cache_chunks * tok, m.num_query_groups, m.head_dim)
+    shape = (m.num_layers, 1, FLAGS.cache_chunks * tokens_per_chunk, m.num_query_groups, m.head_dim)
     dtype = Precision.bf16().compute_dtype
     cache = KVCache(a(shape, dtype), a(shape, dtype))
-  return dict(a=a, x=a((1, m.latent_channels, n * cw, h, w)), y=a((n, L, Cc)), mask=a((n, L)),
+  return dict(a=a, x=a((1, m.latent_channels, n * chunk_width, h, w)), y=a((n, L, Cc)),
+              mask=a((n, L)),
               kv_range=a((n, 2), jnp.int32), slice_point=a((), jnp.int32), cache=cache,
               step_size=a(()) if cfg.engine.distill else None)
 
@@ -94,17 +96,17 @@ def lower_program(model, cfg, mesh):
   rep = NamedSharding(mesh, P())
   i = abstract_inputs(cfg, mesh)
   a, n = i["a"], FLAGS.chunks
-  cw, _, _, tok = call_geometry(cfg)
+  chunk_width, _, _, tokens_per_chunk = call_geometry(cfg)
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                        nnx.state(model))
   with use_mesh(mesh):
     if FLAGS.program == "forward":
       fn = jit_forward(model, backend=FLAGS.backend, return_kv=FLAGS.refresh).compiled
       return fn.lower(state, i["x"], a((1, n)), i["y"], i["mask"], i["kv_range"],
-                      a((1,), jnp.bool_), i["slice_point"], i["step_size"], i["cache"], cw)
+                      a((1,), jnp.bool_), i["slice_point"], i["step_size"], i["cache"], chunk_width)
     # The sampler step: chunk j (after the cached chunks) sees [cache; itself and earlier].
     c = FLAGS.cache_chunks
-    local = tuple((0, (c + j + 1) * tok) for j in range(n))
+    local = tuple((0, (c + j + 1) * tokens_per_chunk) for j in range(n))
     fn = make_step(model, backend=FLAGS.backend).compiled
     d = n - int(FLAGS.refresh)
     inputs = StepInputs(x=i["x"], t=a((n,)), dt=a((d,)), y_cond=i["y"], m_cond=i["mask"],
@@ -147,9 +149,10 @@ def main(_):
                                       chips_per_host_bounds=(1, 1, 1))
   mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=topo.devices[:1])
-  tok = call_geometry(cfg)[3]
+  tokens_per_chunk = call_geometry(cfg)[3]
   print(f"== {FLAGS.program} compile time: {FLAGS.preset} ({cfg.model.num_layers} layers), "
-        f"{FLAGS.chunks} chunk(s) of {FLAGS.height}x{FLAGS.width} ({tok} tokens each), "
+        f"{FLAGS.chunks} chunk(s) of {FLAGS.height}x{FLAGS.width} ({tokens_per_chunk} tokens "
+        "each), "
         f"{FLAGS.cache_chunks}-chunk KV cache, cfg {FLAGS.cfg}, refresh {FLAGS.refresh}, "
         f"backend {FLAGS.backend}, bf16 weights, one {topo.devices[0].device_kind} chip "
         f"({FLAGS.topology}) ==")

@@ -72,12 +72,13 @@ def fmt_tokens(n: int) -> str:
 
 def chunk_tokens(context: int, n: int, want: int) -> int:
   """Tokens per chunk: `want`, or fewer so that the context holds a multiple of 2N chunks."""
-  tok = min(want, context // (2 * n))
-  while tok > 0 and (context % tok or (context // tok) % (2 * n)):
-    tok -= 1
-  if tok <= 0:
+  tokens_per_chunk = min(want, context // (2 * n))
+  while tokens_per_chunk > 0 and (context % tokens_per_chunk
+                                  or (context // tokens_per_chunk) % (2 * n)):
+    tokens_per_chunk -= 1
+  if tokens_per_chunk <= 0:
     raise ValueError(f"{context} tokens cannot be cut into 2 x {n} chunks")
-  return tok
+  return tokens_per_chunk
 
 
 def _start_jax(num_cpu_devices: int):
@@ -106,8 +107,8 @@ def _flops(compiled) -> float:
 # ---------------------------------------------------------------------------------------------
 # Ring attention at one 24B layer's shape, for abstract inputs.
 
-def attention_program(mesh, *, batch: int, tokens: int, tok: int, block: int, skip=True,
-                      layout="zigzag", unroll=False, mode="fwdbwd"):
+def attention_program(mesh, *, batch: int, tokens: int, tokens_per_chunk: int, block: int,
+                      skip=True, layout="zigzag", unroll=False, mode="fwdbwd"):
   """Ring attention at one 24B layer's shape: (jitted function, abstract arguments).
 
   mode: 'fwd' (q, k, v -> out), 'fwdbwd' (q, k, v, dout -> dq, dk, dv in one program) or
@@ -123,7 +124,7 @@ def attention_program(mesh, *, batch: int, tokens: int, tok: int, block: int, sk
   from magi_jax.parallel.rules import fit_spec
 
   cfg = get_preset(PRESET).model
-  B, S, C = batch, tokens, tokens // tok
+  B, S, C = batch, tokens, tokens // tokens_per_chunk
   hq, hkv, hd = cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim
   sh = lambda shape: NamedSharding(mesh, fit_spec(P(("data", "fsdp"), "context"), shape, mesh))
   q = jax.ShapeDtypeStruct((B, S, hq, hd), jnp.bfloat16, sharding=sh((B, S, hq, hd)))
@@ -132,8 +133,9 @@ def attention_program(mesh, *, batch: int, tokens: int, tok: int, block: int, sk
   ranges = jax.ShapeDtypeStruct((B, C, 2), jnp.int32, sharding=rs)
 
   def attend(q, k, v, ranges):
-    return ring_attention(q, k, v, ChunkMask(ranges, q_block=tok), scale=hd ** -0.5, mesh=mesh,
-                          layout=layout, skip=skip, block_q=block, block_k=block, unroll=unroll)
+    return ring_attention(q, k, v, ChunkMask(ranges, q_block=tokens_per_chunk), scale=hd ** -0.5,
+                          mesh=mesh, layout=layout, skip=skip, block_q=block, block_k=block,
+                          unroll=unroll)
 
   def vjp_of(q, k, v, ranges):
     return jax.vjp(lambda q, k, v: attend(q, k, v, ranges), q, k, v)[1]
@@ -207,11 +209,13 @@ def run_attention() -> list[dict]:
     fsdp = devices // n
     mesh = make_mesh(MeshConfig(data=1, fsdp=fsdp, context=n, tensor=1), topo.devices)
     for ctx in (parse_tokens(c) for c in FLAGS.contexts):
-      tok = chunk_tokens(ctx, n, FLAGS.chunk_tokens)
+      tokens_per_chunk = chunk_tokens(ctx, n, FLAGS.chunk_tokens)
       for layout in FLAGS.layouts:
-        row = dict(context=ctx, cp=n, fsdp=fsdp, tok=tok, chunks=ctx // tok, batch=fsdp,
-                   tokens_per_device=ctx // n, layout=layout)
-        row.update(measure_attention(mesh, batch=fsdp, tokens=ctx, tok=tok, block=FLAGS.block,
+        row = dict(context=ctx, cp=n, fsdp=fsdp, tokens_per_chunk=tokens_per_chunk,
+                   chunks=ctx // tokens_per_chunk, batch=fsdp, tokens_per_device=ctx // n,
+                   layout=layout)
+        row.update(measure_attention(mesh, batch=fsdp, tokens=ctx,
+                                     tokens_per_chunk=tokens_per_chunk, block=FLAGS.block,
                                      layout=layout))
         print_case(row)
         rows.append(row)
@@ -221,7 +225,8 @@ def run_attention() -> list[dict]:
 
 def print_case(r):
   head = (f"  {r['layout']:<10} {fmt_tokens(r['context']):>4} context={r['cp']:<3} x "
-          f"fsdp={r['fsdp']:<3} {r['tok']:>5} tok/chunk {r['tokens_per_device']:>9,} tok/device: ")
+          f"fsdp={r['fsdp']:<3} {r['tokens_per_chunk']:>5} tok/chunk "
+          f"{r['tokens_per_device']:>9,} tok/device: ")
   if r["fits"]:
     kind = "peak" if r["peak_reported"] else "args + out - alias + temp"
     body = (f"{kind} {r['peak'] / GiB:.2f} GiB (args {r['arg'] / GiB:.2f}, temp "
@@ -273,12 +278,14 @@ def run_flops() -> dict:
   t0 = time.perf_counter()
   mesh = make_mesh(MeshConfig(data=1, fsdp=1, context=FLOP_CONTEXT, tensor=1),
                    jax.devices("cpu")[:FLOP_CONTEXT])
-  tok = FLAGS.flop_chunk_tokens
-  out = dict(chunks=FLOP_CHUNKS, context=FLOP_CONTEXT, tok=tok, flops={}, compile_s={})
+  tokens_per_chunk = FLAGS.flop_chunk_tokens
+  out = dict(chunks=FLOP_CHUNKS, context=FLOP_CONTEXT, tokens_per_chunk=tokens_per_chunk,
+             flops={}, compile_s={})
   for mode in ("fwd", "bwd", "fwdbwd"):
     for skip in (True, False):
-      compiled, sec = compile_attention(mesh, batch=1, tokens=FLOP_CHUNKS * tok, tok=tok,
-                                        block=tok, skip=skip, unroll=True, mode=mode)
+      compiled, sec = compile_attention(mesh, batch=1, tokens=FLOP_CHUNKS * tokens_per_chunk,
+                                        tokens_per_chunk=tokens_per_chunk,
+                                        block=tokens_per_chunk, skip=skip, unroll=True, mode=mode)
       key = f"{mode}_{'skip' if skip else 'noskip'}"
       out["flops"][key], out["compile_s"][key] = _flops(compiled), sec
   for layout in ("zigzag", "contiguous"):
@@ -289,9 +296,10 @@ def run_flops() -> dict:
 
 
 def print_flops(r):
-  n, c, tok, f = r["context"], r["chunks"], r["tok"], r["flops"]
+  n, c, tokens_per_chunk, f = r["context"], r["chunks"], r["tokens_per_chunk"], r["flops"]
   visible = c * (c + 1) // 2
-  print(f"\n== FLOPs: ring attention, {c} chunks x {tok} tokens over context={n} (zig-zag), "
+  print(f"\n== FLOPs: ring attention, {c} chunks x {tokens_per_chunk} tokens over context={n} "
+        "(zig-zag), "
         f"24B heads (48 q / 8 kv x 128), unrolled; XLA cost analysis per device ==")
   print(f"{'pass':<26} {'skip GFLOP':>10} {'no-skip GFLOP':>13} {'skip / no-skip':>14}")
   rows = [("forward", f["fwd_skip"], f["fwd_noskip"]),

@@ -63,19 +63,19 @@ def _flops(call, *args, **kw):
     return float("nan")
 
 
-def _inputs(m, n_chunks, cw, h, w, valid, seed=0, cache_chunks=0, dtype="float32"):
+def _inputs(m, n_chunks, chunk_width, h, w, valid, seed=0, cache_chunks=0, dtype="float32"):
   import jax
   import jax.numpy as jnp
   from magi_jax.models import KVCache
   kx, ky, kc = jax.random.split(jax.random.key(seed), 3)
-  x = jax.random.normal(kx, (1, m.latent_channels, n_chunks * cw, h, w))
+  x = jax.random.normal(kx, (1, m.latent_channels, n_chunks * chunk_width, h, w))
   y = jax.random.normal(ky, (n_chunks, 1, m.caption_max_length, m.caption_channels))
   mask = (jnp.arange(m.caption_max_length) < valid).astype(jnp.int32)
   mask = jnp.broadcast_to(mask, (n_chunks, 1, m.caption_max_length))
   cache = None
   if cache_chunks:
-    tok = cw * (h // 2) * (w // 2)
-    shape = (m.num_layers, 1, cache_chunks * tok, m.num_query_groups, m.kv_channels)
+    tokens_per_chunk = chunk_width * (h // 2) * (w // 2)
+    shape = (m.num_layers, 1, cache_chunks * tokens_per_chunk, m.num_query_groups, m.kv_channels)
     cache = KVCache(jax.random.normal(kc, shape, dtype), jax.random.normal(kc, shape, dtype))
   return x, y, mask, cache
 
@@ -95,7 +95,8 @@ def _perf_case(name):
   case = spec["cases"][name]
   n, c, T, H, W = case["x_shape"]
   kw = case["kwargs"]
-  return m, dict(drn=kw["denoising_range_num"], cw=kw["chunk_width"], h=H, w=W,
+  return m, dict(chunks_in_flight=kw["denoising_range_num"], chunk_width=kw["chunk_width"],
+                 h=H, w=W,
                  t=np.asarray(case["t"], np.float32), slice_point=kw["slice_point"],
                  kv=np.asarray(case["kv_range_tokens"]),
                  valid=case["xattn_mask_valid_per_chunk"][0])
@@ -109,14 +110,15 @@ def run_case(name, backends, reps):
 
   if name == "tiny":
     m = tiny_config().model
-    tok = 2 * 4 * 4
-    c = dict(drn=3, cw=2, h=8, w=8, t=np.array([[0.9, 0.5, 0.2]], np.float32), slice_point=0,
-             kv=np.array([[0, tok], [0, 2 * tok], [0, 3 * tok]]), valid=20)
+    tokens_per_chunk = 2 * 4 * 4
+    c = dict(chunks_in_flight=3, chunk_width=2, h=8, w=8,
+             t=np.array([[0.9, 0.5, 0.2]], np.float32), slice_point=0,
+             kv=np.array([[0, 1], [0, 2], [0, 3]]) * tokens_per_chunk, valid=20)
   else:
     m, c = _perf_case(name)
   model = _model(m)
-  x, y, mask, cache = _inputs(m, c["drn"], c["cw"], c["h"], c["w"], c["valid"],
-                              cache_chunks=c["slice_point"])
+  x, y, mask, cache = _inputs(m, c["chunks_in_flight"], c["chunk_width"], c["h"], c["w"],
+                              c["valid"], cache_chunks=c["slice_point"])
   tokens = x.shape[2] * (c["h"] // 2) * (c["w"] // 2)
   rows = []
   for b in backends:
@@ -200,10 +202,10 @@ def run_gpu(reps):
     return
   m = get_preset("4.5B_base").model
   model = _model(m, "bf16")
-  cw, h, w = 6, 90, 160
-  tok = cw * (h // 2) * (w // 2)
-  x, y, mask, cache = _inputs(m, 1, cw, h, w, 100, cache_chunks=3, dtype="bfloat16")
-  kv = np.array([[0, 4 * tok]])
+  chunk_width, h, w = 6, 90, 160
+  tokens_per_chunk = chunk_width * (h // 2) * (w // 2)
+  x, y, mask, cache = _inputs(m, 1, chunk_width, h, w, 100, cache_chunks=3, dtype="bfloat16")
+  kv = np.array([[0, 4 * tokens_per_chunk]])
   t = np.array([[0.5]], np.float32)
   for b in ("dot_product", "flash"):
     call = jit_forward(model, backend=b)
@@ -212,11 +214,12 @@ def run_gpu(reps):
     # Analytic FLOPs: 2·params-per-token GEMMs + attention (QK and PV over 4 chunks of keys).
     D, L, P = m.hidden_size, m.num_layers, m.num_attention_heads * m.kv_channels
     G = m.num_query_groups * m.kv_channels
-    per_tok = 2 * L * (2 * P * D + 2 * G * D + 2 * P * D + D * m.ffn_hidden_size * 2)
-    attn = 2 * 2 * L * P * tok * (4 * tok)
-    flops = per_tok * tok + attn
+    flops_per_token = 2 * L * (2 * P * D + 2 * G * D + 2 * P * D + D * m.ffn_hidden_size * 2)
+    attn = 2 * 2 * L * P * tokens_per_chunk * (4 * tokens_per_chunk)
+    flops = flops_per_token * tokens_per_chunk + attn
     tf = flops / sec / 1e12
-    print(f"\n== gpu720p [{b}]: 4.5B bf16, {tok} tokens + {3 * tok} cached: {sec * 1e3:.1f} ms, "
+    print(f"\n== gpu720p [{b}]: 4.5B bf16, {tokens_per_chunk} tokens + {3 * tokens_per_chunk} "
+          f"cached: {sec * 1e3:.1f} ms, "
           f"{tf:.1f} TFLOP/s = {tf / FLAGS.peak_tflops:.1%} of {FLAGS.peak_tflops:g} peak ==")
 
 

@@ -197,10 +197,11 @@ def main(argv):
     if not FLAGS.cache_dir:
       shutil.rmtree(cache, ignore_errors=True)
   hw = FLAGS.latent_hw
-  tok = 2 * (hw // 2) ** 2
+  tokens_per_chunk = 2 * (hw // 2) ** 2
   steps = FLAGS.num_steps or 6
-  print(f"\n== tiny preset, fp32, {steps} steps, window 2, {hw}x{hw} latent ({tok} tokens per "
-        f"chunk), {FLAGS.backend} attention, T2V from a PRNG key ==")
+  print(f"\n== tiny preset, fp32, {steps} steps, window 2, {hw}x{hw} latent "
+        f"({tokens_per_chunk} tokens per chunk), {FLAGS.backend} attention, T2V from a PRNG "
+        "key ==")
   b = rows[0]
   print(f"{'chunks':>6} {'calls':>5} {'variants':>8} {'XLA peak/step MiB':>17} {'KV max KiB':>10} "
         f"{'peak RSS MiB':>12} {'RSS vs ' + str(b['n']):>9} {'sampling peak MiB':>17} "
@@ -231,8 +232,8 @@ def main(argv):
 
   peaks = [r["peak_rss"] for r in rows]
   ratio = max(peaks) / min(peaks)
-  sp = [r["sample_peak_rss"] for r in rows]
-  sratio = max(sp) / min(sp)
+  sample_peaks = [r["sample_peak_rss"] for r in rows]
+  sratio = max(sample_peaks) / min(sample_peaks)
   xla = {r["n"]: r["xla_peak"] for r in rows}
   same = len(set(xla.values())) == 1
   shared = {}

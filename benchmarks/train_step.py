@@ -162,8 +162,9 @@ def _demo_batch(c, tokenizer):
            "segment_ids": np.ones((B, K), np.int32),
            "text_tokens": ids.reshape(B, K, -1), "text_mask": mask.reshape(B, K, -1)}
   m = build.model_config(c)
-  tok = (F // m.t_patch_size) * (world.height // m.patch_size) * (world.width // m.patch_size)
-  return batch, B, K, tok
+  tokens_per_chunk = ((F // m.t_patch_size) * (world.height // m.patch_size)
+                      * (world.width // m.patch_size))
+  return batch, B, K, tokens_per_chunk
 
 
 def tiny_child(variant: str):
@@ -184,7 +185,7 @@ def tiny_child(variant: str):
                        ema_decay=float(c.ema_decay))
   frozen = parts["frozen"]
   del model
-  batch, B, K, tok = _demo_batch(c, tokenizer)
+  batch, B, K, tokens_per_chunk = _demo_batch(c, tokenizer)
   batch = jax.device_put(batch)
   compiled, compile_s = _compile(step, state, frozen, batch)
   mem = _xla_memory(compiled)
@@ -194,7 +195,8 @@ def tiny_child(variant: str):
   hwm_reset = reset_hwm()
   state, sec, metrics = _time_steps(compiled, state, frozen, batch, FLAGS.steps, FLAGS.warmup)
   train_peak = status_mib("VmHWM") if hwm_reset else float("nan")
-  emit(dict(variant=variant, compile_s=compile_s, step_s=sec, rows=B, chunks=K, tok=tok,
+  emit(dict(variant=variant, compile_s=compile_s, step_s=sec, rows=B, chunks=K,
+            tokens_per_chunk=tokens_per_chunk,
             dit_params=dit_params, text_params=text_params, temp=mem["temp"], arg=mem["arg"],
             peak_rss=max(compile_peak, peak_mib()), train_rss=train_peak,
             rss_now=current_mib(), loss=float(metrics["loss"]),
@@ -210,10 +212,11 @@ def run_tiny():
     rows.append(r)
     print(f"  cpu_tiny {v}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
   b = rows[0]
-  tokens = b["rows"] * b["chunks"] * b["tok"]
+  tokens = b["rows"] * b["chunks"] * b["tokens_per_chunk"]
   name = "bouncing_tiny" + (f":{FLAGS.demo_variant}" if FLAGS.demo_variant else "")
-  print(f"\n== cpu_tiny: {name} train step, {b['rows']} rows x {b['chunks']} chunks x {b['tok']} "
-        f"tokens = {tokens} tokens, {b['backend']}, median of {max(FLAGS.steps, 1)} steps after "
+  print(f"\n== cpu_tiny: {name} train step, {b['rows']} rows x {b['chunks']} chunks x "
+        f"{b['tokens_per_chunk']} tokens = {tokens} tokens, {b['backend']}, median of "
+        f"{max(FLAGS.steps, 1)} steps after "
         f"{FLAGS.warmup} warm-up ==")
   total = b["dit_params"] + b["text_params"]
   print(f"parameters: {total:,} (DiT {b['dit_params']:,} + text encoder {b['text_params']:,})")
@@ -237,7 +240,8 @@ def run_tiny():
 # ---------------------------------------------------------------------------------------------
 # gpu_4p5b_480p: a 4.5B-shaped layer stack at 480p.
 
-def analytic_flops(m, *, rows: int, chunks: int, tok: int, text_len: int, text_valid: int):
+def analytic_flops(m, *, rows: int, chunks: int, tokens_per_chunk: int, text_len: int,
+                   text_valid: int):
   """Model FLOPs of one train step (forward + backward = 3 x forward; no remat recompute).
 
   GEMMs: 2 FLOPs per weight per token, for the weights a video token passes through (x
@@ -251,14 +255,15 @@ def analytic_flops(m, *, rows: int, chunks: int, tok: int, text_len: int, text_v
   P = m.num_attention_heads * m.kv_channels
   G = m.num_query_groups * m.kv_channels
   patch_in = m.in_channels * m.t_patch_size * m.patch_size ** 2
-  per_video_tok = (patch_in * D + m.patch_dim * D
-                   + L * (P * D + 2 * G * D + P * D + 2 * P * D
-                          + D * F * (2 if m.gated_linear_unit else 1) + F * D))
-  per_caption_tok = m.caption_channels * D + L * 2 * G * D
-  video_tokens = rows * chunks * tok
+  weights_per_video_token = (patch_in * D + m.patch_dim * D
+                             + L * (P * D + 2 * G * D + P * D + 2 * P * D
+                                    + D * F * (2 if m.gated_linear_unit else 1) + F * D))
+  weights_per_caption_token = m.caption_channels * D + L * 2 * G * D
+  video_tokens = rows * chunks * tokens_per_chunk
   caption_tokens = rows * chunks * text_len
-  gemm = 2 * (per_video_tok * video_tokens + per_caption_tok * caption_tokens)
-  self_pairs = rows * tok * tok * chunks * (chunks + 1) // 2
+  gemm = 2 * (weights_per_video_token * video_tokens
+              + weights_per_caption_token * caption_tokens)
+  self_pairs = rows * tokens_per_chunk * tokens_per_chunk * chunks * (chunks + 1) // 2
   cross_pairs = video_tokens * text_valid
   attn = 4 * P * L * (self_pairs + cross_pairs)
   return 3 * (gemm + attn)
@@ -278,7 +283,7 @@ def big_step_rows(m, *, rows, chunks, chunk_width, latent_hw, text_valid, backen
   dit.remat = remat
   model = TrainModel(dit)
   h, w = latent_hw
-  tok = (chunk_width // m.t_patch_size) * (h // m.patch_size) * (w // m.patch_size)
+  tokens_per_chunk = (chunk_width // m.t_patch_size) * (h // m.patch_size) * (w // m.patch_size)
   L, C = m.caption_max_length, m.caption_channels
   kx, ky = jax.random.split(jax.random.key(0))
   batch = {"latents": jax.random.normal(kx, (rows, m.latent_channels, chunks * chunk_width, h, w)),
@@ -302,10 +307,10 @@ def big_step_rows(m, *, rows, chunks, chunk_width, latent_hw, text_valid, backen
       del compiled
     except Exception as e:  # e.g. out of memory for a dense backend: report, go on
       results.append(dict(backend=b, error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
-  flops = analytic_flops(m, rows=rows, chunks=chunks, tok=tok, text_len=L,
-                         text_valid=text_valid)
-  return dict(params=params, tok=tok, tokens=rows * chunks * tok, analytic=flops,
-              results=results)
+  flops = analytic_flops(m, rows=rows, chunks=chunks, tokens_per_chunk=tokens_per_chunk,
+                         text_len=L, text_valid=text_valid)
+  return dict(params=params, tokens_per_chunk=tokens_per_chunk,
+              tokens=rows * chunks * tokens_per_chunk, analytic=flops, results=results)
 
 
 def run_gpu():
@@ -327,7 +332,8 @@ def print_gpu(r, m, backend, kind):
   peak = FLAGS.peak_tflops
   print(f"\n== gpu_4p5b_480p: 4.5B_base shape, {m.num_layers} layers, bf16 compute + fp32 "
         f"masters, remat {'on' if FLAGS.remat else 'off'}, {FLAGS.rows} rows x {FLAGS.chunks} "
-        f"chunks x {r['tok']} tokens = {r['tokens']} tokens, {backend} ({kind}), median of "
+        f"chunks x {r['tokens_per_chunk']} tokens = {r['tokens']} tokens, {backend} ({kind}), "
+        "median of "
         f"{max(FLAGS.steps, 1)} steps after {FLAGS.warmup} warm-up ==")
   print(f"parameters: {r['params']:,}; captions {m.caption_max_length} x {m.caption_channels} "
         f"text_emb rows, {FLAGS.text_valid} valid")

@@ -18,7 +18,7 @@ from magi_jax.parallel.rules import use_mesh
 from magi_jax.official.forward import official_forward
 from multidevice import eight_devices
 
-CHUNKS, TOK = 8, 8
+CHUNKS, TOKENS_PER_CHUNK = 8, 8
 
 
 def _ranges(kind, B=2):
@@ -26,16 +26,16 @@ def _ranges(kind, B=2):
   if kind == "block_causal":
     lo = np.zeros(CHUNKS)
   elif kind == "kv_range":                        # each chunk sees itself and 2 earlier chunks
-    lo = np.maximum(0, c - 2) * TOK
+    lo = np.maximum(0, c - 2) * TOKENS_PER_CHUNK
   elif kind == "packed":                          # three videos of 3, 4 and 1 chunks in a row
-    lo = np.array([0, 0, 0, 3, 3, 3, 3, 7]) * TOK
-  r = np.stack([lo, (c + 1) * TOK], -1)[None].repeat(B, 0)
-  return ChunkMask(jnp.asarray(r, jnp.int32), q_block=TOK)
+    lo = np.array([0, 0, 0, 3, 3, 3, 3, 7]) * TOKENS_PER_CHUNK
+  r = np.stack([lo, (c + 1) * TOKENS_PER_CHUNK], -1)[None].repeat(B, 0)
+  return ChunkMask(jnp.asarray(r, jnp.int32), q_block=TOKENS_PER_CHUNK)
 
 
 def _inputs(Hq=4, Hkv=2, D=16, B=2, seed=0):
   ks = jax.random.split(jax.random.key(seed), 4)
-  S = CHUNKS * TOK
+  S = CHUNKS * TOKENS_PER_CHUNK
   return (jax.random.normal(ks[0], (B, S, Hq, D)), jax.random.normal(ks[1], (B, S, Hkv, D)),
           jax.random.normal(ks[2], (B, S, Hkv, D)), jax.random.normal(ks[3], (B, S, Hq, D)))
 
@@ -103,8 +103,9 @@ def test_ulysses_with_a_kv_cache():
   kc = jnp.concatenate([k, k[:, ::-1]], axis=1)
   vc = jnp.concatenate([v, v[:, ::-1]], axis=1)
   S = q.shape[1]
-  ranges = np.stack([np.zeros(CHUNKS), S + (np.arange(CHUNKS) + 1) * TOK], -1)[None].repeat(2, 0)
-  mask = ChunkMask(jnp.asarray(ranges, jnp.int32), q_block=TOK)
+  ranges = np.stack([np.zeros(CHUNKS), S + (np.arange(CHUNKS) + 1) * TOKENS_PER_CHUNK], -1)
+  ranges = ranges[None].repeat(2, 0)
+  mask = ChunkMask(jnp.asarray(ranges, jnp.int32), q_block=TOKENS_PER_CHUNK)
   with use_mesh(mesh):
     out = jax.jit(lambda q, k, v: ulysses_attention(q, k, v, mask, scale=0.25))(q, kc, vc)
   np.testing.assert_allclose(out, attention(q, kc, vc, mask, scale=0.25), atol=1e-5, rtol=1e-5)
@@ -119,17 +120,17 @@ def test_dit_forward_on_a_mesh_matches_one_device():
   from magi_jax.models import Precision, VideoDiT
   cfg = tiny_config().model
   model = randomize(VideoDiT(cfg, precision=Precision.named("fp32"), rngs=nnx.Rngs(0)))
-  N, chunks, cw = 2, 4, cfg.t_patch_size
-  T, H, W = chunks * cw, 8, 8
+  N, chunks, chunk_width = 2, 4, cfg.t_patch_size
+  T, H, W = chunks * chunk_width, 8, 8
   x = jax.random.normal(jax.random.key(1), (N, cfg.in_channels, T, H, W))
   t = jnp.tile(jnp.linspace(0.2, 0.9, chunks)[None], (N, 1))
   L = cfg.caption_max_length
   y = jax.random.normal(jax.random.key(2), (N * chunks, L, cfg.caption_channels))
   ymask = jnp.ones((N * chunks, L), jnp.int32)
-  per = (cw // cfg.t_patch_size) * (H // cfg.patch_size) * (W // cfg.patch_size)
+  per = (chunk_width // cfg.t_patch_size) * (H // cfg.patch_size) * (W // cfg.patch_size)
   kv = np.stack([np.zeros(chunks), (np.arange(chunks) + 1) * per], -1)
   kv_range = jnp.asarray(np.concatenate([kv + b * chunks * per for b in range(N)]), jnp.int32)
-  call = lambda m, backend: official_forward(m, x, t, y, ymask, kv_range, chunk_width=cw,
+  call = lambda m, backend: official_forward(m, x, t, y, ymask, kv_range, chunk_width=chunk_width,
                                              backend=backend).velocity
   want = jax.jit(lambda: call(model, "blockwise"))()
   mesh = make_mesh(MeshConfig(data=2, context=2, tensor=2))

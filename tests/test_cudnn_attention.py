@@ -113,9 +113,10 @@ def test_the_trainers_packed_rows_with_padding_chunks_match_reference():
   from magi_jax.diffusion.segments import packed_kv_ranges
   seg = np.asarray([[1, 1, 2, 2, 2, 0], [1, 2, 3, 3, 0, 0]], np.int32)
   N, K = seg.shape
-  tok = 4
-  mask = ChunkMask(jnp.asarray(packed_kv_ranges(seg, tok), jnp.int32), tok, "causal_segments")
-  _check(mask, N, K * tok, K * tok, jit_ranges=True)
+  tokens_per_chunk = 4
+  mask = ChunkMask(jnp.asarray(packed_kv_ranges(seg, tokens_per_chunk), jnp.int32),
+                   tokens_per_chunk, "causal_segments")
+  _check(mask, N, K * tokens_per_chunk, K * tokens_per_chunk, jit_ranges=True)
 
 
 def test_the_sampler_runs_on_cudnn_and_matches_the_reference_backend():

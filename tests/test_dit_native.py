@@ -20,8 +20,8 @@ from magi_jax.configs import ConfigError, tiny_config
 from magi_jax.diffusion.window import call_ranges, call_widths, plan_steps
 from magi_jax.models import InputError, KVCache
 
-CW, L, C_CAP = 2, 64, 32
-TOK = CW * 4 * 4                          # tokens per chunk at 8x8 latents
+CHUNK_WIDTH, L, C_CAP = 2, 64, 32
+TOKENS_PER_CHUNK = CHUNK_WIDTH * 4 * 4    # tokens per chunk at 8x8 latents
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def model():
 
 def inputs(seed, chunks=3):
   r = np.random.default_rng(seed)
-  x = jnp.asarray(r.standard_normal((1, 16, chunks * CW, 8, 8)), jnp.float32)
+  x = jnp.asarray(r.standard_normal((1, 16, chunks * CHUNK_WIDTH, 8, 8)), jnp.float32)
   t = jnp.asarray(r.uniform(0.1, 0.9, (1, chunks)), jnp.float32)
   y = jnp.asarray(r.standard_normal((chunks, L, C_CAP)), jnp.float32)
   m = jnp.asarray(np.arange(L)[None] < r.integers(1, L, chunks)[:, None], jnp.int32)
@@ -81,17 +81,19 @@ def test_streaming_against_a_bounded_cache_equals_the_full_call(model):
   """Chunk 2 with width 2 after a cache of chunk 1 only (native ranges, first_chunk 2) equals
   chunk 2 of the full three-chunk call."""
   x, t, y, m = inputs(0)
-  full_ranges = chunk_kv_ranges(range(3), widths=[2, 2, 2], tokens_per_chunk=TOK)
-  full = model(x, t, y, m, ChunkMask(full_ranges[None], q_block=TOK), return_kv=True)
-  cache = KVCache(full.kv.k[:, :, TOK:2 * TOK], full.kv.v[:, :, TOK:2 * TOK])
-  one = chunk_kv_ranges([2], widths=[2], cache_start=1, tokens_per_chunk=TOK)
-  np.testing.assert_array_equal(one, [[0, 2 * TOK]])
-  out = model(x[:, :, 2 * CW:], t[:, 2:], y[2:], m[2:], ChunkMask(one[None], q_block=TOK),
-              first_chunk=2, cache=cache)
-  chex.assert_trees_all_close(out.velocity, full.velocity[:, :, 2 * CW:], atol=1e-5, rtol=1e-5)
+  full_ranges = chunk_kv_ranges(range(3), widths=[2, 2, 2], tokens_per_chunk=TOKENS_PER_CHUNK)
+  full = model(x, t, y, m, ChunkMask(full_ranges[None], q_block=TOKENS_PER_CHUNK), return_kv=True)
+  cache = KVCache(full.kv.k[:, :, TOKENS_PER_CHUNK:2 * TOKENS_PER_CHUNK],
+                  full.kv.v[:, :, TOKENS_PER_CHUNK:2 * TOKENS_PER_CHUNK])
+  one = chunk_kv_ranges([2], widths=[2], cache_start=1, tokens_per_chunk=TOKENS_PER_CHUNK)
+  np.testing.assert_array_equal(one, [[0, 2 * TOKENS_PER_CHUNK]])
+  out = model(x[:, :, 2 * CHUNK_WIDTH:], t[:, 2:], y[2:], m[2:],
+              ChunkMask(one[None], q_block=TOKENS_PER_CHUNK), first_chunk=2, cache=cache)
+  chex.assert_trees_all_close(out.velocity, full.velocity[:, :, 2 * CHUNK_WIDTH:], atol=1e-5,
+                              rtol=1e-5)
   # RoPE time really follows first_chunk: the same call placed at chunk 0 differs.
-  moved = model(x[:, :, 2 * CW:], t[:, 2:], y[2:], m[2:], ChunkMask(one[None], q_block=TOK),
-                first_chunk=0, cache=cache)
+  moved = model(x[:, :, 2 * CHUNK_WIDTH:], t[:, 2:], y[2:], m[2:],
+                ChunkMask(one[None], q_block=TOKENS_PER_CHUNK), first_chunk=0, cache=cache)
   assert not np.allclose(moved.velocity, out.velocity, atol=1e-4)
 
 
@@ -100,7 +102,7 @@ def test_caption_dropped_selects_the_second_null_row(model):
   changing row -1 changes only the dropped call."""
   import copy
   x, t, y, m = inputs(1, chunks=1)
-  mask = ChunkMask(np.array([[[0, TOK]]], np.int32), q_block=TOK)
+  mask = ChunkMask(np.array([[[0, TOKENS_PER_CHUNK]]], np.int32), q_block=TOKENS_PER_CHUNK)
   other = copy.deepcopy(model)
   null = other.y_embedder.null_caption_embedding
   null[...] = null[...].at[-1].add(0.5)
@@ -112,13 +114,14 @@ def test_caption_dropped_selects_the_second_null_row(model):
 
 def test_native_input_errors(model):
   x, t, y, m = inputs(2)
-  good = ChunkMask(chunk_kv_ranges(range(3), tokens_per_chunk=TOK)[None], q_block=TOK)
+  good = ChunkMask(chunk_kv_ranges(range(3), tokens_per_chunk=TOKENS_PER_CHUNK)[None],
+                   q_block=TOKENS_PER_CHUNK)
   with pytest.raises(InputError, match="self_mask must be a ChunkMask"):
     model(x, t, y, m, np.zeros((1, 3, 2), np.int32))
   with pytest.raises(InputError, match=r"\(N, chunks, 2\) = \(1, 3, 2\).*q_block 16"):
     model(x, t, y, m, ChunkMask(good.kv_ranges, q_block=16))
   with pytest.raises(InputError, match="outside"):
-    model(x, t, y, m, ChunkMask(good.kv_ranges + TOK, q_block=TOK))
+    model(x, t, y, m, ChunkMask(good.kv_ranges + TOKENS_PER_CHUNK, q_block=TOKENS_PER_CHUNK))
   with pytest.raises(InputError, match="captions must be"):
     model(x, t, y[:, None], m, good)
   with pytest.raises(InputError, match="caption_mask"):

@@ -17,16 +17,17 @@ from magi_jax.models.stack import REMAT_POLICIES, RematPolicyError
 from magi_jax.official.forward import official_forward
 
 C_LAT, L, C_CAP = 16, 64, 32
-CW, TOK = 2, 32                           # chunk width, tokens per chunk at 8x8 latents
-KV = np.asarray([[0, TOK], [0, 2 * TOK], [TOK, 3 * TOK]], np.int32)   # window of 2 chunks
+CHUNK_WIDTH, TOKENS_PER_CHUNK = 2, 32     # chunk width, tokens per chunk at 8x8 latents
+KV = np.asarray([[0, 1], [0, 2], [1, 3]], np.int32) * TOKENS_PER_CHUNK   # window of 2 chunks
 
 
-def make_inputs(seed, drn=3, hw=8):
+def make_inputs(seed, chunks_in_flight=3, hw=8):
   r = np.random.default_rng(seed)
-  x = r.standard_normal((1, C_LAT, drn * CW, hw, hw)).astype(np.float32)
-  t = r.uniform(0.05, 0.95, (1, drn)).astype(np.float32)
-  y = r.standard_normal((drn, 1, L, C_CAP)).astype(np.float32)
-  mask = (np.arange(L)[None, :] < r.integers(1, L + 1, drn)[:, None]).astype(np.int32)[:, None]
+  x = r.standard_normal((1, C_LAT, chunks_in_flight * CHUNK_WIDTH, hw, hw)).astype(np.float32)
+  t = r.uniform(0.05, 0.95, (1, chunks_in_flight)).astype(np.float32)
+  y = r.standard_normal((chunks_in_flight, 1, L, C_CAP)).astype(np.float32)
+  valid = r.integers(1, L + 1, chunks_in_flight)
+  mask = (np.arange(L)[None, :] < valid[:, None]).astype(np.int32)[:, None]
   return x, t, y, mask
 
 
@@ -60,12 +61,13 @@ def test_every_layer_parameter_is_stacked_and_layers_differ():
 
 
 def test_scan_and_unrolled_agree_on_velocity_kv_and_activations(model):
-  outs = [nnx.jit(lambda m: official_forward(m, *INPUTS, KV, chunk_width=CW, backend="flash",
-                                             return_kv=True, return_activations=True))(
+  outs = [nnx.jit(lambda m: official_forward(m, *INPUTS, KV, chunk_width=CHUNK_WIDTH,
+                                             backend="flash", return_kv=True,
+                                             return_activations=True))(
               _variant(model, scan=s))
           for s in (True, False)]
   a, b = outs
-  chex.assert_shape(a.kv.k, (2, 1, 3 * TOK, 2, 32))
+  chex.assert_shape(a.kv.k, (2, 1, 3 * TOKENS_PER_CHUNK, 2, 32))
   chex.assert_trees_all_close(a.velocity, b.velocity, atol=1e-6, rtol=1e-6)
   chex.assert_trees_all_close((a.kv.k, a.kv.v), (b.kv.k, b.kv.v), atol=1e-6, rtol=1e-6)
   for i in range(2):
@@ -76,11 +78,14 @@ def test_scan_and_unrolled_agree_on_velocity_kv_and_activations(model):
   # The cache is scanned alongside the weights: layer i reads slice i. Chunk 2 from a cache
   # of chunk 1 equals the full call's chunk 2, on both paths.
   x, t, y, m = INPUTS
-  cache = KVCache(a.kv.k[:, :, TOK:2 * TOK], a.kv.v[:, :, TOK:2 * TOK])
+  cache = KVCache(a.kv.k[:, :, TOKENS_PER_CHUNK:2 * TOKENS_PER_CHUNK],
+                  a.kv.v[:, :, TOKENS_PER_CHUNK:2 * TOKENS_PER_CHUNK])
   for scan in (True, False):
-    c = official_forward(_variant(model, scan=scan), x[:, :, 2 * CW:], t[:, 2:], y[2:], m[2:],
-                         KV[2:], slice_point=2, chunk_width=CW, cache=cache, backend="flash")
-    chex.assert_trees_all_close(c.velocity, a.velocity[:, :, 2 * CW:], atol=2e-5, rtol=2e-5)
+    c = official_forward(_variant(model, scan=scan), x[:, :, 2 * CHUNK_WIDTH:], t[:, 2:], y[2:],
+                         m[2:], KV[2:], slice_point=2, chunk_width=CHUNK_WIDTH, cache=cache,
+                         backend="flash")
+    chex.assert_trees_all_close(c.velocity, a.velocity[:, :, 2 * CHUNK_WIDTH:], atol=2e-5,
+                                rtol=2e-5)
 
 
 def _grads(model, backend):
@@ -90,7 +95,7 @@ def _grads(model, backend):
 
   def loss(params, x):
     m = nnx.merge(graphdef, params)
-    v = official_forward(m, x, *INPUTS[1:], KV, chunk_width=CW, backend=backend).velocity
+    v = official_forward(m, x, *INPUTS[1:], KV, chunk_width=CHUNK_WIDTH, backend=backend).velocity
     return jnp.mean(jnp.square(v - target))
 
   return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, INPUTS[0])
@@ -122,14 +127,15 @@ def test_remat_policies_change_memory_not_gradients(model, remat_grads, policy):
 
 def test_unknown_remat_policy_is_a_clear_error(model):
   with pytest.raises(RematPolicyError, match="unknown remat policy 'save_all'.*dots_saveable"):
-    official_forward(_variant(model, remat=True, policy="save_all"), *INPUTS, KV, chunk_width=CW)
+    official_forward(_variant(model, remat=True, policy="save_all"), *INPUTS, KV,
+                     chunk_width=CHUNK_WIDTH)
 
 
 def test_scan_backward_memory_is_not_inflated_by_the_masks():
   """The masks' ranges enter the scan as scanned inputs; closed over, JAX would hoist every
   layer's tile masks out of the loop under grad (twice the temporaries, see stack.py)."""
   m = make_model(num_layers=3)
-  x, t, y, mask = make_inputs(2, drn=4, hw=32)                     # 4 chunks x 512 tokens
+  x, t, y, mask = make_inputs(2, chunks_in_flight=4, hw=32)        # 4 chunks x 512 tokens
   kv = np.asarray([[0, 512 * (c + 1)] for c in range(4)], np.int32)
   graphdef, params = nnx.split(m, nnx.Param)
 
@@ -137,7 +143,7 @@ def test_scan_backward_memory_is_not_inflated_by_the_masks():
     def loss(params, x):
       dit = nnx.merge(graphdef, params)
       dit.scan_layers = scan
-      out = official_forward(dit, x, t, y, mask, kv, chunk_width=CW, backend="flash")
+      out = official_forward(dit, x, t, y, mask, kv, chunk_width=CHUNK_WIDTH, backend="flash")
       return jnp.sum(out.velocity ** 2)
     compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
     return compiled.memory_analysis().temp_size_in_bytes

@@ -27,8 +27,8 @@ from magi_jax.train.lora import (DEFAULT_TARGETS, LoRAError, LoRALinear, apply_l
 from magi_jax.official.forward import official_forward
 
 C_LAT, L, C_CAP = 16, 64, 32          # tiny latent channels, caption length / channels
-CW, DRN, TOK = 2, 2, 32               # chunk width, chunks per call, tokens per chunk (8x8)
-KV_RANGE = np.asarray([[0, TOK], [0, 2 * TOK]], np.int32)     # block-causal
+CHUNK_WIDTH, CHUNKS_IN_FLIGHT, TOKENS_PER_CHUNK = 2, 2, 32   # chunks per call; 8x8 latents
+KV_RANGE = np.asarray([[0, 1], [0, 2]], np.int32) * TOKENS_PER_CHUNK     # block-causal
 RANK, ALPHA = 4, 8.0
 F32 = jnp.float32
 TX = optax.adamw(1e-2)                # shared: the optimizer's graphdef (hence the jit) is reused
@@ -36,9 +36,9 @@ TX = optax.adamw(1e-2)                # shared: the optimizer's graphdef (hence 
 
 def make_inputs(seed):
   r = np.random.default_rng(seed)
-  x = r.standard_normal((1, C_LAT, DRN * CW, 8, 8)).astype(np.float32)
-  t = r.uniform(0.05, 0.95, (1, DRN)).astype(np.float32)
-  y = r.standard_normal((DRN, 1, L, C_CAP)).astype(np.float32)
+  x = r.standard_normal((1, C_LAT, CHUNKS_IN_FLIGHT * CHUNK_WIDTH, 8, 8)).astype(np.float32)
+  t = r.uniform(0.05, 0.95, (1, CHUNKS_IN_FLIGHT)).astype(np.float32)
+  y = r.standard_normal((CHUNKS_IN_FLIGHT, 1, L, C_CAP)).astype(np.float32)
   mask = (np.arange(L)[None, :] < np.asarray([7, 40])[:, None]).astype(np.int32)[:, None, :]
   target = r.standard_normal(x.shape).astype(np.float32)
   return (x, t, y, mask, KV_RANGE), target
@@ -49,7 +49,7 @@ INPUTS, TARGET = make_inputs(0)
 
 def _velocity(model, x, t, y, mask, kv_range):
   # The dense reference attention compiles fastest at this size.
-  return official_forward(model, x, t, y, mask, kv_range, chunk_width=CW,
+  return official_forward(model, x, t, y, mask, kv_range, chunk_width=CHUNK_WIDTH,
                           backend="reference").velocity
 
 

@@ -66,11 +66,11 @@ def test_notebook_runs(tmp_path, monkeypatch, capsys):
       assert ns["CHECKPOINT_DIR"] == ""            # the tiny preset, random weights
       ns.update(FAST, OUTPUT_DIR=str(out_dir))
 
-  nf, cw = FAST["NUM_FRAMES"], 2
+  nf, chunk_width = FAST["NUM_FRAMES"], 2
   p = prefix_latent_frames_for_video(FAST["PREFIX_FRAMES"])
-  expected = {"t2v": plan_frames(nf, 0, cw).output_frames,
-              "i2v": plan_frames(nf, 1, cw).output_frames,
-              "v2v": plan_frames(nf, p, cw).output_frames}
+  expected = {"t2v": plan_frames(nf, 0, chunk_width).output_frames,
+              "i2v": plan_frames(nf, 1, chunk_width).output_frames,
+              "v2v": plan_frames(nf, p, chunk_width).output_frames}
   assert expected == {"t2v": 16, "i2v": 24, "v2v": 17}
   for mode, frames in expected.items():
     res = ns[mode]

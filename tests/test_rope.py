@@ -57,13 +57,14 @@ def test_time_axis_scores_on_a_spatial_grid_with_frame_offset():
   np.testing.assert_allclose(np.asarray(c_off), np.asarray(c_long[off * hw:]), atol=2e-6)
 
   q, k = _vec(3), _vec(4)
-  tok = lambda t, h, w: (t * H + h) * W + w
+  token_index = lambda t, h, w: (t * H + h) * W + w
   rq = lambda s, c, i: apply_rope(q, s[i:i + 1], c[i:i + 1])
   rk = lambda s, c, i: apply_rope(k, s[i:i + 1], c[i:i + 1])
   # q at (0, 1, 2), k at (2, 1, 2) in the long table vs q at (off+0), k at (off+2) from the
   # offset table (rows 0 and 2 of it).
-  a = float(jnp.sum(rq(s_long, c_long, tok(0, 1, 2)) * rk(s_long, c_long, tok(2, 1, 2))))
-  b = float(jnp.sum(rq(s_off, c_off, tok(0, 1, 2)) * rk(s_off, c_off, tok(2, 1, 2))))
+  q_at, k_at = token_index(0, 1, 2), token_index(2, 1, 2)
+  a = float(jnp.sum(rq(s_long, c_long, q_at) * rk(s_long, c_long, k_at)))
+  b = float(jnp.sum(rq(s_off, c_off, q_at) * rk(s_off, c_off, k_at)))
   np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 
 

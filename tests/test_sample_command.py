@@ -28,7 +28,7 @@ from magi_jax.media.write import VideoWriter
 from magi_jax.text.prompts import PromptScheduleError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CW = 2                      # the tiny preset's chunk_width (latent frames per chunk)
+CHUNK_WIDTH = 2             # the tiny preset's chunk_width (latent frames per chunk)
 SIZE = 64                   # the tiny preset's video size
 NUM_FRAMES = 16             # 4 latent frames: 2 chunks
 NUM_STEPS = 2               # divisible by window_size 2 and len(noise2clean_kvrange) 2
@@ -106,9 +106,9 @@ def t2v(tmp_path_factory):
 
 def test_t2v_mp4(t2v):
   res, req, _, frames = t2v
-  expected = plan_frames(NUM_FRAMES, 0, CW).output_frames
+  expected = plan_frames(NUM_FRAMES, 0, CHUNK_WIDTH).output_frames
   assert expected == NUM_FRAMES
-  assert (res.frames, res.chunks) == (expected, NUM_FRAMES // 4 // CW)
+  assert (res.frames, res.chunks) == (expected, NUM_FRAMES // 4 // CHUNK_WIDTH)
   assert frames.shape == (expected, SIZE, SIZE, 3) and frames.dtype == np.uint8
   _check_mp4(res.output, expected)
 
@@ -127,7 +127,7 @@ def test_i2v(tmp_path):
   Image.fromarray(img).save(tmp_path / "in.png")
   c = _config(tmp_path, "i2v.mp4", mode="i2v", image=str(tmp_path / "in.png"))
   res, _, _, frames = _run(c)
-  expected = plan_frames(NUM_FRAMES, 1, CW).output_frames      # the image slot adds frames
+  expected = plan_frames(NUM_FRAMES, 1, CHUNK_WIDTH).output_frames   # the image slot adds frames
   assert expected == 24
   assert res.frames == frames.shape[0] == expected
   _check_mp4(res.output, expected)
@@ -144,7 +144,7 @@ def test_v2v(tmp_path):
   c = _config(tmp_path, "v2v.mp4", mode="v2v", video=str(tmp_path / "prefix.mp4"),
               prefix_frames=n)
   res, _, _, frames = _run(c)
-  plan = plan_frames(NUM_FRAMES, p, CW)
+  plan = plan_frames(NUM_FRAMES, p, CHUNK_WIDTH)
   assert plan.output_frames == 1 + 8 + 8      # the partial chunk's 1 new latent, then 2 chunks
   assert res.frames == frames.shape[0] == plan.output_frames
   _check_mp4(res.output, plan.output_frames)
@@ -156,7 +156,7 @@ def test_prompt_file(tmp_path):
                               {"prompt": "the red ball hits the floor", "start": 1, "end": 2}]))
   c = _config(tmp_path, prompt="", prompt_file=str(path))
   res, _, _, _ = _run(c)
-  assert res.frames == plan_frames(NUM_FRAMES, 0, CW).output_frames
+  assert res.frames == plan_frames(NUM_FRAMES, 0, CHUNK_WIDTH).output_frames
   _check_mp4(res.output, res.frames)
 
 

@@ -32,11 +32,11 @@ from magi_jax.text import ChunkTextRows, TextFlags
 F32 = np.float32
 CFG = tiny_config()
 RT = CFG.runtime
-CW, W, STEPS = RT.chunk_width, RT.window_size, RT.num_steps   # 2, 2, 6
-DSPS = STEPS // W                                              # 3
+CHUNK_WIDTH, W, STEPS = RT.chunk_width, RT.window_size, RT.num_steps   # 2, 2, 6
+DSPS = STEPS // W                                                      # 3
 C_LAT, L, C_CAP = 16, 64, 32        # latent channels, caption length / channels (tiny model)
 HW = (4, 4)                          # latent size: 2x2 patches per frame
-TOK = CW * (HW[0] // 2) * (HW[1] // 2)                         # 8 tokens per chunk
+TOKENS_PER_CHUNK = CHUNK_WIDTH * (HW[0] // 2) * (HW[1] // 2)           # 8 tokens per chunk
 KEY = jax.random.key(7)
 
 # The official 6-step schedule, as f32 literals.
@@ -44,8 +44,8 @@ T6 = np.array([0, 0.009433963, 0.040000007, 0.10000001, 0.21052627, 0.4310345, 1
 
 
 def test_tiny_runtime_is_what_this_file_assumes():
-  assert (CW, W, STEPS, RT.noise2clean_kvrange, RT.clean_chunk_kvrange, RT.cfg_number) == (
-      2, 2, 6, (3, 2), 1, 3)
+  assert (CHUNK_WIDTH, W, STEPS, RT.noise2clean_kvrange, RT.clean_chunk_kvrange,
+          RT.cfg_number) == (2, 2, 6, (3, 2), 1, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def run(sampler, n, *, text=None, key=KEY, clean=0, on_call=None, **kw):
 
 
 def frames(a, c):
-  return np.asarray(a)[:, :, c * CW:(c + 1) * CW]
+  return np.asarray(a)[:, :, c * CHUNK_WIDTH:(c + 1) * CHUNK_WIDTH]
 
 
 def check_chunk(ch, n_frames):
@@ -185,7 +185,7 @@ def test_plan_matches_official_call_metadata(fixture_calls):
   d, calls = fixture_calls
   plans = plan_steps(3, 0, 2, 6)
   ts = timesteps(6)
-  tok = 2 * 4 * 4                        # the fixture's 8x8 latents
+  tokens_per_chunk = 2 * 4 * 4           # the fixture's 8x8 latents
   assert len(plans) == len(calls)
   for i, (p, c) in enumerate(zip(plans, calls)):
     got = (p.slice_point, len(p.chunks), p.refresh)
@@ -193,10 +193,10 @@ def test_plan_matches_official_call_metadata(fixture_calls):
     assert got == want, (i, got, want)
     assert c["denoising_range_num"] == len(p.chunks)
     assert distill_intervals(6)[p.idx] == c["distill_interval"], i
-    assert nearly_clean(ts[p.sigmas[0]], 0.3) == c["distill_nearly_clean_chunk"], i
-    t = np.concatenate([[F32(0.9999)] * p.refresh, ts[list(p.sigmas)]]).astype(F32)
+    assert nearly_clean(ts[p.step_indices[0]], 0.3) == c["distill_nearly_clean_chunk"], i
+    t = np.concatenate([[F32(0.9999)] * p.refresh, ts[list(p.step_indices)]]).astype(F32)
     np.testing.assert_array_equal(t, d[f"call{i:02d}.timestep"][0])
-    ranges, _ = call_ranges(p, call_widths(p, 6, (3, 2), 1), tok)
+    ranges, _ = call_ranges(p, call_widths(p, 6, (3, 2), 1), tokens_per_chunk)
     np.testing.assert_array_equal(ranges, d[f"call{i:02d}.kv_range"])
 
 
@@ -216,17 +216,17 @@ def test_plan_invariants(case):
   for k, p in enumerate(plans):
     assert p.step == k and p.idx == k % (steps // window)
     assert p.slice_point >= n_clean
-    assert all(a > b for a, b in zip(p.sigmas, p.sigmas[1:]))     # strictly decreasing
-    assert len(p.sigmas) == p.c1 - p.c0 <= window
+    assert all(a > b for a, b in zip(p.step_indices, p.step_indices[1:]))   # strictly decreasing
+    assert len(p.step_indices) == p.c1 - p.c0 <= window
     assert len(p.chunks) <= window + 1
     assert p.refresh == (p.c0 > n_clean and p.idx == 0)
     if p.refresh:
       assert emitted and emitted[-1] == p.c0 - 1          # the chunk that just finished
-    for c, s in zip(range(p.c0, p.c1), p.sigmas):
+    for c, s in zip(range(p.c0, p.c1), p.step_indices):
       sig[c].append(s)
       calls_of[c].append(k)
     if p.emits is not None:
-      assert p.emits == p.c0 and p.sigmas[0] == steps - 1
+      assert p.emits == p.c0 and p.step_indices[0] == steps - 1
       emitted.append(p.emits)
   assert emitted == list(range(n_clean, n))
   for c in range(n_clean):
@@ -296,7 +296,7 @@ def test_cache_and_live_latents_are_bounded(sampler, monkeypatch):
     peak[n] = max(s[3] for s in stores)
     # Live latents: the call's x is at most window + 1 chunks (refresh + window), and the
     # sampler holds at most window + 1 chunk latents at any call.
-    assert max(w for w, _ in live) == (W + 1) * CW
+    assert max(w for w, _ in live) == (W + 1) * CHUNK_WIDTH
     assert max(k for _, k in live) <= W + 1
   assert peak[4] == peak[12] > 0
 
@@ -306,7 +306,7 @@ def test_cache_and_live_latents_are_bounded(sampler, monkeypatch):
 
 @pytest.fixture(scope="module")
 def t2v3(sampler):
-  noise = gaussian((1, C_LAT, 3 * CW) + HW, 11)
+  noise = gaussian((1, C_LAT, 3 * CHUNK_WIDTH) + HW, 11)
   chunks, records, seen = run(sampler, 3, key=None, noise=noise)
   return noise, chunks, records, seen
 
@@ -320,7 +320,7 @@ def test_streaming_yields_before_later_chunks_are_computed(sampler, t2v3):
   assert seen[0] < len(records)
   assert [(c.index, c.start) for c in chunks] == [(0, 0), (1, 2), (2, 4)]
   for c in chunks:
-    check_chunk(c, CW)
+    check_chunk(c, CHUNK_WIDTH)
   # Lazy: nothing runs until the first chunk is asked for.
   calls = []
   gen = sampler.sample(text_rows(5), latent_hw=HW, num_chunks=5, key=KEY, on_call=calls.append)
@@ -338,8 +338,8 @@ def test_call_inputs_match_official_t_and_kv_ranges(t2v3, fixture_calls):
   for i, r in enumerate(records):
     np.testing.assert_array_equal(r.t, d[f"call{i:02d}.timestep"][0])
     np.testing.assert_array_equal(r.kv_range * 4, d[f"call{i:02d}.kv_range"])
-    assert r.x.shape[2] == len(r.plan.chunks) * CW
-    assert r.velocity.shape[2] == r.plan.num_denoised * CW
+    assert r.x.shape[2] == len(r.plan.chunks) * CHUNK_WIDTH
+    assert r.velocity.shape[2] == r.plan.num_denoised * CHUNK_WIDTH
 
 
 def test_euler_updates_chain_from_call_to_call(t2v3):
@@ -352,7 +352,7 @@ def test_euler_updates_chain_from_call_to_call(t2v3):
     p = r.plan
     if p.refresh:
       np.testing.assert_array_equal(frames(r.x, 0), np.asarray(chunks[p.slice_point].latent))
-    for j, (c, s) in enumerate(zip(range(p.c0, p.c1), p.sigmas)):
+    for j, (c, s) in enumerate(zip(range(p.c0, p.c1), p.step_indices)):
       x = frames(r.x, j + int(p.refresh))
       if s == 0:
         np.testing.assert_array_equal(x, frames(noise, c))
@@ -369,7 +369,7 @@ def test_euler_updates_chain_from_call_to_call(t2v3):
 def test_last_chunk_noise_does_not_change_earlier_chunks(sampler, t2v3):
   noise, base, _, _ = t2v3
   other = noise.copy()
-  other[:, :, 2 * CW:] = gaussian(other[:, :, 2 * CW:].shape, 12)
+  other[:, :, 2 * CHUNK_WIDTH:] = gaussian(other[:, :, 2 * CHUNK_WIDTH:].shape, 12)
   out, _, _ = run(sampler, 3, key=None, noise=other)
   for c in (0, 1):                      # block-causal: chunks 0 and 1 never see chunk 2
     np.testing.assert_array_equal(np.asarray(out[c].latent), np.asarray(base[c].latent))
@@ -407,12 +407,12 @@ def test_i2v_image_frame(sampler, t2v3):
       assert not np.array_equal(r.x[:, :, 0], prefix[:, :, 0])
   assert [(c.index, c.start) for c in out] == [(0, 0), (1, 2), (2, 4)]
   for c in out:
-    check_chunk(c, CW)
-  assert sum(c.latent.shape[2] for c in out) == 3 * CW
+    check_chunk(c, CHUNK_WIDTH)
+  assert sum(c.latent.shape[2] for c in out) == 3 * CHUNK_WIDTH
   # Chunk 0 is emitted whole; its frame 0 is the prefix plus the last Euler step (call 5:
   # chunk 0 at σ = 5, dt = t[6] - t[5]), not the prefix itself.
   last = records[5]
-  assert last.plan.sigmas[0] == 5 and last.plan.c0 == 0
+  assert last.plan.step_indices[0] == 5 and last.plan.c0 == 0
   np.testing.assert_allclose(np.asarray(out[0].latent)[:, :, 0],
                              prefix[:, :, 0] + last.velocity[:, :, 0] * (T6[6] - T6[5]),
                              rtol=1e-6, atol=1e-6)
@@ -425,10 +425,10 @@ def test_i2v_image_frame(sampler, t2v3):
 
 
 def test_v2v_prefix(sampler):
-  # cw = 2 here, so "one whole clean chunk + a partial one" is P = cw + 1 = 3 latent frames.
-  n, P = 4, CW + 1
+  # CHUNK_WIDTH = 2: "one whole clean chunk + a partial one" is P = 2 + 1 = 3 latent frames.
+  n, P = 4, CHUNK_WIDTH + 1
   prefix = gaussian((1, C_LAT, P) + HW, 31)
-  noise = gaussian((1, C_LAT, n * CW) + HW, 32)
+  noise = gaussian((1, C_LAT, n * CHUNK_WIDTH) + HW, 32)
   out, records, _ = run(sampler, n, key=None, noise=noise, prefix=prefix, clean=1)
   assert all(r.plan.slice_point >= 1 for r in records)        # chunk 0 is never denoised
   assert all(0 not in r.plan.chunks for r in records)
@@ -438,13 +438,13 @@ def test_v2v_prefix(sampler):
   # slice point 1: stage 1 (chunk 1), stage 2 (chunks 1, 2), and the refresh of chunk 1.
   assert len(at1) == 7
   for r in at1:
-    np.testing.assert_array_equal(r.x[:, :, :P - CW], prefix[:, :, CW:P])
+    np.testing.assert_array_equal(r.x[:, :, :P - CHUNK_WIDTH], prefix[:, :, CHUNK_WIDTH:P])
   assert [c.index for c in out] == [1, 2, 3]
   assert out[0].start == P
-  check_chunk(out[0], 2 * CW - P)
+  check_chunk(out[0], 2 * CHUNK_WIDTH - P)
   for c in out[1:]:
-    check_chunk(c, CW)
-  assert sum(c.latent.shape[2] for c in out) == n * CW - P
+    check_chunk(c, CHUNK_WIDTH)
+  assert sum(c.latent.shape[2] for c in out) == n * CHUNK_WIDTH - P
   # Noise under the prefix (chunk 0 and the first frame of chunk 1) is never used.
   other = noise.copy()
   other[:, :, :P] = gaussian(other[:, :, :P].shape, 33)
@@ -453,7 +453,7 @@ def test_v2v_prefix(sampler):
     np.testing.assert_array_equal(np.asarray(x.latent), np.asarray(y.latent))
   # The clean prefix chunk is read through the cache: changing it changes the video.
   changed = prefix.copy()
-  changed[:, :, :CW] += 1.0
+  changed[:, :, :CHUNK_WIDTH] += 1.0
   out3, _, _ = run(sampler, n, key=None, noise=noise, prefix=changed, clean=1)
   assert not np.allclose(np.asarray(out3[0].latent), np.asarray(out[0].latent), atol=1e-4)
 
@@ -476,9 +476,9 @@ def test_sample_errors(sampler, case, match):
   if case == "prefix_shape":
     kw["prefix"] = np.zeros((1, C_LAT, 1, 4, 6), F32)
   elif case == "noise_shape":
-    kw.update(key=None, noise=np.zeros((1, C_LAT, n * CW - 1) + HW, F32))
+    kw.update(key=None, noise=np.zeros((1, C_LAT, n * CHUNK_WIDTH - 1) + HW, F32))
   elif case == "prefix_covers_all":
-    kw["prefix"] = np.zeros((1, C_LAT, n * CW) + HW, F32)
+    kw["prefix"] = np.zeros((1, C_LAT, n * CHUNK_WIDTH) + HW, F32)
   elif case == "no_key_no_noise":
     kw["key"] = None
   elif case == "latent_not_patchable":

@@ -254,16 +254,18 @@ def test_training_masks_are_causal_segments():
   """The self-attention mask of a packed training row (`packed_kv_ranges`, what
   velocity_of_row passes the DiT) is what it promises: causal segments."""
   from magi_jax.diffusion.segments import packed_kv_ranges
-  tok = 3
+  tokens_per_chunk = 3
   for seg in ([[1, 1, 2, 2, 2, 0]], [[1, 2, 3, 3, 0, 0], [1, 1, 1, 1, 1, 1]], [[1, 0, 0]]):
     seg = np.asarray(seg, np.int32)
     N, K = seg.shape
-    local = np.asarray(packed_kv_ranges(seg, tok))
-    mask = ChunkMask(jnp.asarray(local, jnp.int32), q_block=tok, layout="causal_segments")
-    check_supported(mask, K * tok, K * tok)
-    assert plan(ChunkMask(mask.kv_ranges, q_block=tok), K * tok, K * tok).kind == "segments"
+    local = np.asarray(packed_kv_ranges(seg, tokens_per_chunk))
+    mask = ChunkMask(jnp.asarray(local, jnp.int32), q_block=tokens_per_chunk,
+                     layout="causal_segments")
+    S = K * tokens_per_chunk
+    check_supported(mask, S, S)
+    assert plan(ChunkMask(mask.kv_ranges, q_block=tokens_per_chunk), S, S).kind == "segments"
     np.testing.assert_array_equal(np.asarray(effective_mask(mask)),
-                                  np.asarray(dense_mask(mask, K * tok)))
+                                  np.asarray(dense_mask(mask, S)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,14 +382,14 @@ def test_velocity_of_row_with_splash_matches_flash():
   from magi_jax.models.dit import VideoDiT
   from magi_jax.diffusion.conditioning import Conditioning
   from magi_jax.train.objective import Objective, TrainModel, velocity_of_row
-  cw, L, C = 1, 8, 32
+  chunk_width, L, C = 1, 8, 32
   cfg = tiny_config(num_layers=1, hidden_size=64, ffn_hidden_size=128, caption_channels=C,
                     caption_max_length=L, in_channels=4, out_channels=4).model
   model = TrainModel(random_module(lambda: VideoDiT(cfg, rngs=nnx.Rngs(0)), 0))
   rng = np.random.default_rng(0)
   seg = jnp.asarray([[1, 1, 2, 0]], jnp.int32)
   N, K = seg.shape
-  batch = {"x1": jnp.asarray(rng.normal(size=(N, 4, K * cw, 4, 4)), jnp.float32),
+  batch = {"x1": jnp.asarray(rng.normal(size=(N, 4, K * chunk_width, 4, 4)), jnp.float32),
            "segment_ids": seg,
            "text_emb": jnp.asarray(rng.normal(size=(N, K, L, C)), jnp.float32),
            "text_mask": jnp.ones((N, K, L), jnp.float32)}
@@ -399,7 +401,7 @@ def test_velocity_of_row_with_splash_matches_flash():
 
   def run(backend):
     f = lambda s, b, x: velocity_of_row(nnx.merge(graphdef, s), b, cond, x,
-                                        Objective(chunk_width=cw, backend=backend))[0]
+                                        Objective(chunk_width=chunk_width, backend=backend))[0]
     return jax.jit(f)(state, batch, x0)
 
   chex.assert_trees_all_close(run("splash"), run("flash"), atol=2e-5, rtol=1e-5)

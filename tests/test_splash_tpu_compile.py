@@ -177,14 +177,15 @@ def test_dit_training_grad_uses_splash(chips, monkeypatch):
                                                                              rngs=nnx.Rngs(0)))))
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract, tree_shardings(abstract, mesh, rules))
-  N, K, cw, hw = 2, 2, 1, 8
+  N, K, chunk_width, hw = 2, 2, 1, 8
   L, C = cfg.caption_max_length, cfg.caption_channels
-  batch = {"x1": _sds(mesh, (N, cfg.latent_channels, K * cw, hw, hw), jnp.float32, P(BATCH)),
+  batch = {"x1": _sds(mesh, (N, cfg.latent_channels, K * chunk_width, hw, hw), jnp.float32,
+                      P(BATCH)),
            "segment_ids": _sds(mesh, (N, K), jnp.int32, P(BATCH)),
            "text_emb": _sds(mesh, (N, K, L, C), jnp.float32, P(BATCH)),
            "text_mask": _sds(mesh, (N, K, L), jnp.float32, P(BATCH))}
   key = _sds(mesh, (2,), jnp.uint32, P())
-  obj = Objective(chunk_width=cw, backend="auto")
+  obj = Objective(chunk_width=chunk_width, backend="auto")
 
   def loss(p, batch, key):
     model = nnx.merge(graphdef, p)

@@ -209,13 +209,14 @@ def _npz(tmp_path, dim=8, **override):
 
 def test_special_tokens_are_rounded_through_float16(tmp_path):
   path, arrays = _npz(tmp_path)
-  sp = SpecialTokens.load(path)
-  hq = sp.token("HQ")
+  special_tokens = SpecialTokens.load(path)
+  hq = special_tokens.token("HQ")
   assert hq.dtype == np.float32
   assert not np.array_equal(hq, arrays["other_tokens"][1].astype(np.float32))
   np.testing.assert_array_equal(hq, np.float16(arrays["other_tokens"][1]).astype(np.float32))
-  np.testing.assert_array_equal(sp.duration(3), sp.other[9])
-  np.testing.assert_array_equal(sp.duration(20), sp.other[14])     # clamps at DURATION_8
+  np.testing.assert_array_equal(special_tokens.duration(3), special_tokens.other[9])
+  np.testing.assert_array_equal(special_tokens.duration(20),     # clamps at DURATION_8
+                                special_tokens.other[14])
 
 
 def test_special_token_file_errors(tmp_path):
@@ -240,24 +241,24 @@ def test_flags_from_environment():
 
 
 def test_rows_layout_with_a_prefix_and_negative_tokens(tmp_path):
-  sp = SpecialTokens.load(_npz(tmp_path)[0])
+  special_tokens = SpecialTokens.load(_npz(tmp_path)[0])
   L, D = 60, 8
   emb = np.arange(L * D, dtype=np.float32).reshape(1, L, D)
   mask = np.zeros((1, L))
   mask[0, :5] = 1
   null = -np.ones((L, D), np.float32)
-  y, m = build_text_rows(emb, mask, null, infer_chunk_num=4, clean_chunk_num=1, special=sp,
-                         flags=TextFlags(neg_prompt=True))
+  y, m = build_text_rows(emb, mask, null, infer_chunk_num=4, clean_chunk_num=1,
+                         special=special_tokens, flags=TextFlags(neg_prompt=True))
   chex.assert_shape(y, (2, 4, L, D))
   chex.assert_shape(m, (2, 4, L))
   np.testing.assert_array_equal(y[0, 0], null)                  # clean chunk: null, mask 0
   assert m[0, 0].sum() == 0
   for i, k in enumerate([3, 2, 1]):                             # DURATION counts down
-    np.testing.assert_array_equal(y[0, 1 + i, 0], sp.duration(k))
-    np.testing.assert_array_equal(y[0, 1 + i, 1], sp.token("HQ"))
+    np.testing.assert_array_equal(y[0, 1 + i, 0], special_tokens.duration(k))
+    np.testing.assert_array_equal(y[0, 1 + i, 1], special_tokens.token("HQ"))
     np.testing.assert_array_equal(y[0, 1 + i, 2:], emb[0, :L - 2])
     assert m[0, 1 + i].sum() == 7
-  np.testing.assert_array_equal(y[1, 2, :4], np.stack([sp.token(k) for k in
+  np.testing.assert_array_equal(y[1, 2, :4], np.stack([special_tokens.token(k) for k in
                                                        ("BORDERNESS", "TRANS", "LOGO", "CAPTION")]))
   assert (m[1].sum(-1) == NULL_CAPTION_VALID).all()
   with pytest.raises(ValueError, match="special tokens"):

@@ -29,7 +29,7 @@ from magi_jax.official.forward import official_forward
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
-DRN = 2                   # chunks per forward call
+CHUNKS_IN_FLIGHT = 2      # chunks per forward call
 F32 = jnp.float32
 
 
@@ -45,13 +45,15 @@ def make_inputs(mcfg, chunk_width, seed=0):
   """Valid DiT inputs for two block-causal chunks of an 8x8 video of the model's channels."""
   r = np.random.default_rng(seed)
   H = W = 2 * mcfg.patch_size
-  tok = (chunk_width // mcfg.t_patch_size) * (H // mcfg.patch_size) * (W // mcfg.patch_size)
+  tokens_per_chunk = ((chunk_width // mcfg.t_patch_size) * (H // mcfg.patch_size)
+                      * (W // mcfg.patch_size))
   L, C = mcfg.caption_max_length, mcfg.caption_channels
-  x = r.standard_normal((1, mcfg.in_channels, DRN * chunk_width, H, W)).astype(np.float32)
-  t = r.uniform(0.05, 0.95, (1, DRN)).astype(np.float32)
-  y = r.standard_normal((DRN, 1, L, C)).astype(np.float32)
+  x = r.standard_normal((1, mcfg.in_channels, CHUNKS_IN_FLIGHT * chunk_width, H, W)).astype(
+      np.float32)
+  t = r.uniform(0.05, 0.95, (1, CHUNKS_IN_FLIGHT)).astype(np.float32)
+  y = r.standard_normal((CHUNKS_IN_FLIGHT, 1, L, C)).astype(np.float32)
   mask = (np.arange(L)[None, :] < np.asarray([3, L])[:, None]).astype(np.int32)[:, None, :]
-  kv_range = np.asarray([[0, tok], [0, 2 * tok]], np.int32)
+  kv_range = np.asarray([[0, tokens_per_chunk], [0, 2 * tokens_per_chunk]], np.int32)
   return x, t, y, mask, kv_range
 
 
@@ -91,7 +93,7 @@ def run(tmp_path_factory):
   inputs = make_inputs(mcfg, c.objective.chunk_width)
   want = np.asarray(velocity(result.model.dit, *inputs, chunk_width=c.objective.chunk_width))
   return dict(c=c, mcfg=mcfg, ckpt=ckpt, workdir=workdir, result=result, lines=lines,
-              inputs=inputs, want=want, cw=c.objective.chunk_width)
+              inputs=inputs, want=want, chunk_width=c.objective.chunk_width)
 
 
 def test_config_is_the_lora_smoke_setup(run):
@@ -139,7 +141,7 @@ def test_base_weights_are_bitwise_the_checkpoint_and_adapters_moved(run):
     if isinstance(m, LoRALinear):
       assert np.abs(np.asarray(m.lora_b.get_value())).max() > 0   # B starts at zero
   # The adapted model no longer computes the base model's output.
-  base_out = np.asarray(velocity(ckpt, *run["inputs"], chunk_width=run["cw"]))
+  base_out = np.asarray(velocity(ckpt, *run["inputs"], chunk_width=run["chunk_width"]))
   assert np.abs(run["want"] - base_out).max() > 0
 
 
@@ -148,7 +150,7 @@ def test_exported_adapters_reproduce_the_trained_dit(run):
   assert os.path.isfile(path)
   assert any("lora.safetensors" in l for l in run["lines"])
   fresh = load_lora(path, load_official_dit(run["ckpt"], run["mcfg"], precision=Precision.fp32()))
-  got = np.asarray(velocity(fresh, *run["inputs"], chunk_width=run["cw"]))
+  got = np.asarray(velocity(fresh, *run["inputs"], chunk_width=run["chunk_width"]))
   chex.assert_shape(got, run["inputs"][0].shape)
   chex.assert_trees_all_close(got, run["want"], atol=1e-6, rtol=0)
 
@@ -158,7 +160,7 @@ def test_merged_export_strict_loads_and_matches(run):
   assert os.path.isdir(merged_dir)
   merged = load_official_dit(merged_dir, run["mcfg"], precision=Precision.fp32())   # strict
   assert not jax.tree.leaves(nnx.state(merged, nnx.LoRAParam))
-  got = np.asarray(velocity(merged, *run["inputs"], chunk_width=run["cw"]))
+  got = np.asarray(velocity(merged, *run["inputs"], chunk_width=run["chunk_width"]))
   chex.assert_trees_all_close(got, run["want"], atol=1e-5, rtol=1e-5)
 
 
@@ -166,5 +168,5 @@ def test_load_trained_rebuilds_the_adapted_model(run):
   c, model, tokenizer, step = load_trained(run["workdir"])
   assert step == 3 and c.init.path == run["ckpt"] and c.lora.rank == 4
   assert tokenizer is not None                    # the demo text path of the smoke world
-  got = np.asarray(velocity(model.dit, *run["inputs"], chunk_width=run["cw"]))
+  got = np.asarray(velocity(model.dit, *run["inputs"], chunk_width=run["chunk_width"]))
   np.testing.assert_array_equal(got, run["want"])

@@ -18,7 +18,7 @@ from magi_jax.train.objective import (Objective, TrainModel, caption_rows, loss_
                                       velocity_of_row)
 from magi_jax.diffusion.segments import packed_frame_positions, packed_kv_ranges, segment_layout
 
-CW = 2          # latent frames per chunk
+CHUNK_WIDTH = 2  # latent frames per chunk
 L, CC = 8, 32   # caption length / channels
 
 
@@ -61,7 +61,7 @@ LAYOUTS = np.array([[1, 1, 1, 1, 2, 2, 3, 0],
 @pytest.fixture(scope="module")
 def conds():
   cfg = ConditioningConfig(p_v2v=0.4, p_i2v=0.3, text_dropout=0.2)
-  fn = jax.jit(lambda k: sample_conditioning(k, LAYOUTS, CW, cfg))
+  fn = jax.jit(lambda k: sample_conditioning(k, LAYOUTS, CHUNK_WIDTH, cfg))
   return cfg, [jax.device_get(fn(jax.random.key(i))) for i in range(8)]
 
 
@@ -77,7 +77,7 @@ def test_levels_monotone_clean_chunks_leading_and_nearly_clean(conds):
   cfg, cs = conds
   for c in cs:
     chex.assert_shape(c.t, LAYOUTS.shape)
-    chex.assert_shape(c.frame_t, (LAYOUTS.shape[0], LAYOUTS.shape[1] * CW))
+    chex.assert_shape(c.frame_t, (LAYOUTS.shape[0], LAYOUTS.shape[1] * CHUNK_WIDTH))
     for r, row in enumerate(LAYOUTS):
       for chunks in _segments(row).values():
         t = c.t[r, chunks]
@@ -96,7 +96,7 @@ def test_levels_monotone_clean_chunks_leading_and_nearly_clean(conds):
 def test_loss_weights_cover_exactly_the_noisy_frames(conds):
   _, cs = conds
   for c in cs:
-    w = c.frame_weight.reshape(LAYOUTS.shape + (CW,))
+    w = c.frame_weight.reshape(LAYOUTS.shape + (CHUNK_WIDTH,))
     assert np.all(w[LAYOUTS == 0] == 0)
     assert np.all(w[c.clean] == 0)
     noisy = (LAYOUTS > 0) & ~c.clean
@@ -115,7 +115,7 @@ def test_task_mix_frequencies(conds):
   cfg, cs = conds
   multi = v2v = i2v = 0
   for c in cs:
-    w = c.frame_weight.reshape(LAYOUTS.shape + (CW,))
+    w = c.frame_weight.reshape(LAYOUTS.shape + (CHUNK_WIDTH,))
     for r, row in enumerate(LAYOUTS):
       for chunks in _segments(row).values():
         if len(chunks) < 2:
@@ -155,7 +155,7 @@ def model():
 
 def _batch(seg, rng, C=4, h=4, w=4):
   N, K = seg.shape
-  return {"x1": jnp.asarray(rng.normal(size=(N, C, K * CW, h, w)), jnp.float32),
+  return {"x1": jnp.asarray(rng.normal(size=(N, C, K * CHUNK_WIDTH, h, w)), jnp.float32),
           "segment_ids": jnp.asarray(seg, jnp.int32),
           "text_emb": jnp.asarray(rng.normal(size=(N, K, L, CC)), jnp.float32),
           "text_mask": jnp.asarray((np.arange(L) < 5)[None, None].repeat(N, 0).repeat(K, 1),
@@ -165,13 +165,13 @@ def _batch(seg, rng, C=4, h=4, w=4):
 def _cond(t, clean, drop, weight_frames):
   t = jnp.asarray(t, jnp.float32)
   return Conditioning(t=t, clean=jnp.asarray(clean), text_drop=jnp.asarray(drop),
-                      frame_t=flow.frame_t(t, CW), frame_weight=jnp.asarray(weight_frames,
-                                                                             jnp.float32))
+                      frame_t=flow.frame_t(t, CHUNK_WIDTH),
+                      frame_weight=jnp.asarray(weight_frames, jnp.float32))
 
 
 def _take(batch, rows, chunks):
   """Sub-batch: `rows` x `chunks` (per-chunk arrays) with frames of those chunks."""
-  frames = np.concatenate([np.arange(k * CW, (k + 1) * CW) for k in chunks])
+  frames = np.concatenate([np.arange(k * CHUNK_WIDTH, (k + 1) * CHUNK_WIDTH) for k in chunks])
   rows, chunks = np.asarray(rows), np.asarray(chunks)
   return {"x1": batch["x1"][rows][:, :, frames],
           "segment_ids": jnp.ones((len(rows), len(chunks)), jnp.int32),
@@ -184,18 +184,18 @@ def test_packed_and_unpacked_agree(model, prediction):
   """Videos A (3 chunks), B (2 chunks) packed into one 6-chunk row (+1 padding chunk) give the
   outputs and the loss they give alone."""
   rng = np.random.default_rng(0)
-  obj = Objective(chunk_width=CW, prediction=prediction)
+  obj = Objective(chunk_width=CHUNK_WIDTH, prediction=prediction)
   seg = np.array([[1, 1, 1, 2, 2, 0]], np.int32)
   batch = _batch(seg, rng)
   t = np.array([[0.97, 0.6, 0.2, 0.5, 0.1, 0.0]])
   clean = np.array([[True, False, False, False, False, False]])
   drop = np.array([[True, False, False, True, True, False]])
-  weight = np.repeat((seg > 0) & ~clean, CW, axis=1).astype(np.float32)
+  weight = np.repeat((seg > 0) & ~clean, CHUNK_WIDTH, axis=1).astype(np.float32)
   x0 = jnp.asarray(rng.normal(size=batch["x1"].shape), jnp.float32)
   packed, _ = velocity_of_row(model, batch, _cond(t, clean, drop, weight), x0, obj)
   loss_p, _ = loss_given(model, batch, _cond(t, clean, drop, weight), x0, obj)
 
-  fr = lambda ks: np.concatenate([np.arange(k * CW, (k + 1) * CW) for k in ks])
+  fr = lambda ks: np.concatenate([np.arange(k * CHUNK_WIDTH, (k + 1) * CHUNK_WIDTH) for k in ks])
   a, b = [0, 1, 2], [3, 4]
   errs, ws = [], []
   for ks in (a, b):
@@ -215,13 +215,13 @@ def test_packed_and_unpacked_agree(model, prediction):
 def test_block_causal_and_clean_chunks_get_gradients(model):
   """Loss on chunk 1 depends on chunk 0 (clean, no loss) but not on chunk 2 (later)."""
   rng = np.random.default_rng(1)
-  obj = Objective(chunk_width=CW)
+  obj = Objective(chunk_width=CHUNK_WIDTH)
   seg = np.array([[1, 1, 1]], np.int32)
   batch = _batch(seg, rng)
   t = np.array([[0.98, 0.4, 0.1]])
   clean = np.array([[True, False, False]])
-  weight = np.zeros((1, 3 * CW), np.float32)
-  weight[:, CW:2 * CW] = 1                                     # only chunk 1 counts
+  weight = np.zeros((1, 3 * CHUNK_WIDTH), np.float32)
+  weight[:, CHUNK_WIDTH:2 * CHUNK_WIDTH] = 1                   # only chunk 1 counts
   cond = _cond(t, clean, clean, weight)
   x0 = jnp.asarray(rng.normal(size=batch["x1"].shape), jnp.float32)
 
@@ -229,14 +229,14 @@ def test_block_causal_and_clean_chunks_get_gradients(model):
     return loss_given(model, dict(batch, x1=x1), cond, x0, obj)[0]
 
   g = np.asarray(jax.grad(f)(batch["x1"]))
-  assert np.abs(g[:, :, :CW]).max() > 1e-6                     # through chunk 0's keys/values
-  assert np.abs(g[:, :, 2 * CW:]).max() == 0.0                 # chunk 2 is in the future
+  assert np.abs(g[:, :, :CHUNK_WIDTH]).max() > 1e-6            # through chunk 0's keys/values
+  assert np.abs(g[:, :, 2 * CHUNK_WIDTH:]).max() == 0.0        # chunk 2 is in the future
   # ... and the model's parameters see chunk 0 as well (the DiT's gradient is not blocked).
   graphdef, params = nnx.split(model, nnx.Param)
   def h(p, x1):
     return loss_given(nnx.merge(graphdef, p), dict(batch, x1=x1), cond, x0, obj)[0]
   g1 = jax.grad(h)(params, batch["x1"])
-  x1b = batch["x1"].at[:, :, :CW].add(1.0)
+  x1b = batch["x1"].at[:, :, :CHUNK_WIDTH].add(1.0)
   g2 = jax.grad(h)(params, x1b)
   diff = jax.tree.reduce(max, jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), g1, g2))
   assert diff > 1e-6
@@ -247,7 +247,7 @@ def test_caption_rows_use_the_null_caption_where_text_is_off(model):
   seg = np.array([[1, 1, 2]], np.int32)
   batch = _batch(seg, rng)
   cond = _cond(np.zeros((1, 3)), np.zeros((1, 3), bool), np.array([[True, False, False]]),
-               np.ones((1, 3 * CW)))
+               np.ones((1, 3 * CHUNK_WIDTH)))
   y, m = (np.asarray(a) for a in caption_rows(model, batch, cond))
   null = np.asarray(model.dit.y_embedder.null_caption_embedding[...])
   np.testing.assert_array_equal(y[0], null)

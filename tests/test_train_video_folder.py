@@ -123,13 +123,13 @@ def test_batches_encode_to_per_chunk_latents(run):
   assert not np.array_equal(c0, c1)
   moved = np.stack([np.concatenate([c1, c0]), np.concatenate([d0, d0])])
   y = np.asarray(encode(moved))
-  cw = c.objective.chunk_width
+  chunk_width = c.objective.chunk_width
   tol = dict(atol=1e-5, rtol=1e-5)
-  chex.assert_trees_all_close(y[0, :, :cw], x1[0, :, cw:], **tol)
-  chex.assert_trees_all_close(y[0, :, cw:], x1[0, :, :cw], **tol)
-  chex.assert_trees_all_close(y[1, :, :cw], x1[1, :, :cw], **tol)
-  chex.assert_trees_all_close(y[1, :, cw:], x1[1, :, :cw], **tol)
-  assert np.abs(x1[0, :, :cw] - x1[0, :, cw:]).max() > 1e-3    # different frames differ
+  chex.assert_trees_all_close(y[0, :, :chunk_width], x1[0, :, chunk_width:], **tol)
+  chex.assert_trees_all_close(y[0, :, chunk_width:], x1[0, :, :chunk_width], **tol)
+  chex.assert_trees_all_close(y[1, :, :chunk_width], x1[1, :, :chunk_width], **tol)
+  chex.assert_trees_all_close(y[1, :, chunk_width:], x1[1, :, :chunk_width], **tol)
+  assert np.abs(x1[0, :, :chunk_width] - x1[0, :, chunk_width:]).max() > 1e-3  # frames differ
 
 
 def test_chunk_width_must_match_frames_per_chunk_under_the_vae(folder, tmp_path):

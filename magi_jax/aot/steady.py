@@ -77,7 +77,7 @@ def steady_calls(cfg: MagiConfig, num_chunks: int) -> list[CallShape]:
   stages: dict[int, list[CallShape]] = {}
   for p in plans:
     nearly = rt.cfg_number == 1 and schedule.nearly_clean(
-        ts[p.sigmas[0]], eng.distill_nearly_clean_chunk_threshold)
+        ts[p.step_indices[0]], eng.distill_nearly_clean_chunk_threshold)
     stages.setdefault(p.step // dsps, []).append(CallShape(p, cache_chunks(p, cfg), bool(nearly)))
   size = lambda c: c.call_chunks + c.nearly_clean + c.cache_chunks
   best = max(stages, key=lambda s: (max(size(c) for c in stages[s]), s))

@@ -53,8 +53,9 @@ F32 = jnp.float32
 
 def zigzag_order(num_groups: int) -> np.ndarray:
   """Group order that puts groups d and 2N-1-d next to each other (device d's slice)."""
-  n = num_groups // 2
-  return np.stack([np.arange(n), 2 * n - 1 - np.arange(n)], axis=1).reshape(-1)
+  ring_size = num_groups // 2
+  front = np.arange(ring_size)
+  return np.stack([front, 2 * ring_size - 1 - front], axis=1).reshape(-1)
 
 
 def device_work(num_chunks: int, num_devices: int, layout: str) -> np.ndarray:
@@ -85,15 +86,15 @@ def _geometry(S_local, layout):
   return groups, S_local // groups
 
 
-def _group_starts(dev, n, gt, layout):
+def _group_starts(dev, ring_size, group_tokens, layout):
   """Global start positions of device `dev`'s groups."""
   if layout == "zigzag":
-    return [dev * gt, (2 * n - 1 - dev) * gt]
-  return [dev * gt]
+    return [dev * group_tokens, (2 * ring_size - 1 - dev) * group_tokens]
+  return [dev * group_tokens]
 
 
-def _slabs(x, groups, gt):
-  return [x[:, i * gt:(i + 1) * gt] for i in range(groups)]
+def _slabs(x, groups, group_tokens):
+  return [x[:, i * group_tokens:(i + 1) * group_tokens] for i in range(groups)]
 
 
 def _visible_pairs(layout, skip, step, groups):
@@ -106,8 +107,8 @@ def _visible_pairs(layout, skip, step, groups):
   return [(0, 0), (1, 0)], [(1, 0), (1, 1)]
 
 
-def _fold(q_slabs, lo_slabs, hi_slabs, k, v, carries, pairs, starts, gt, kw):
-  k_slabs, v_slabs = _slabs(k, len(starts), gt), _slabs(v, len(starts), gt)
+def _fold(q_slabs, lo_slabs, hi_slabs, k, v, carries, pairs, starts, group_tokens, kw):
+  k_slabs, v_slabs = _slabs(k, len(starts), group_tokens), _slabs(v, len(starts), group_tokens)
   carries = list(carries)
   for a, b in pairs:
     carries[a] = flash.forward(q_slabs[a], k_slabs[b], v_slabs[b], lo_slabs[a], hi_slabs[a],
@@ -115,51 +116,53 @@ def _fold(q_slabs, lo_slabs, hi_slabs, k, v, carries, pairs, starts, gt, kw):
   return tuple(carries)
 
 
-def _step_fn(static_step, layout, skip, groups, gt, n, me, kw):
+def _step_fn(static_step, layout, skip, groups, group_tokens, ring_size, ring_position, kw):
   """(q, lo, hi) slabs + visiting k/v from `src` -> carries; a cond when the branches differ."""
   def run(q_s, lo_s, hi_s, k, v, carries, src):
-    starts = _group_starts(src, n, gt, layout)
+    starts = _group_starts(src, ring_size, group_tokens, layout)
     pa, pb = _visible_pairs(layout, skip, static_step, groups)
-    fa = lambda c: _fold(q_s, lo_s, hi_s, k, v, c, pa, starts, gt, kw)
+    fa = lambda c: _fold(q_s, lo_s, hi_s, k, v, c, pa, starts, group_tokens, kw)
     if pa == pb:
       return fa(carries)
-    fb = lambda c: _fold(q_s, lo_s, hi_s, k, v, c, pb, starts, gt, kw)
-    return jax.lax.cond(src < me, fa, fb, carries)
+    fb = lambda c: _fold(q_s, lo_s, hi_s, k, v, c, pb, starts, group_tokens, kw)
+    return jax.lax.cond(src < ring_position, fa, fb, carries)
   return run
 
 
-def _owner(g: int, n: int) -> int:
-  """The device that holds natural group g (of 2n) under zig-zag placement."""
-  return g if g < n else 2 * n - 1 - g
+def _owner(g: int, ring_size: int) -> int:
+  """The device that holds natural group g (of 2·ring_size) under zig-zag placement."""
+  return g if g < ring_size else 2 * ring_size - 1 - g
 
 
-def to_zigzag(x, n: int):
+def to_zigzag(x, ring_size: int):
   """Inside shard_map: this device's contiguous slice (natural groups 2d, 2d+1 on axis 1) ->
-  its zig-zag slice (groups d, 2n-1-d). Two point-to-point exchanges of half a slice each, so
-  nothing is gathered: group 2d goes to its owner, and so does group 2d+1."""
+  its zig-zag slice (groups d, 2·ring_size-1-d). Two point-to-point exchanges of half a slice
+  each, so nothing is gathered: group 2d goes to its owner, and so does group 2d+1."""
   half = x.shape[1] // 2
   first, second = x[:, :half], x[:, half:]
-  from_even = jax.lax.ppermute(first, AXIS, [(d, _owner(2 * d, n)) for d in range(n)])
-  from_odd = jax.lax.ppermute(second, AXIS, [(d, _owner(2 * d + 1, n)) for d in range(n)])
+  devices = range(ring_size)
+  from_even = jax.lax.ppermute(first, AXIS, [(d, _owner(2 * d, ring_size)) for d in devices])
+  from_odd = jax.lax.ppermute(second, AXIS, [(d, _owner(2 * d + 1, ring_size)) for d in devices])
   # Device e's front group e is even exactly when e is; the other one is its back group.
   even = jax.lax.axis_index(AXIS) % 2 == 0
   return jnp.concatenate([jnp.where(even, from_even, from_odd),
                           jnp.where(even, from_odd, from_even)], axis=1)
 
 
-def from_zigzag(x, n: int):
+def from_zigzag(x, ring_size: int):
   """The inverse of `to_zigzag`."""
   half = x.shape[1] // 2
   front, back = x[:, :half], x[:, half:]
   even = jax.lax.axis_index(AXIS) % 2 == 0
   to_even, to_odd = jnp.where(even, front, back), jnp.where(even, back, front)
-  first = jax.lax.ppermute(to_even, AXIS, [(_owner(2 * d, n), d) for d in range(n)])
-  second = jax.lax.ppermute(to_odd, AXIS, [(_owner(2 * d + 1, n), d) for d in range(n)])
+  devices = range(ring_size)
+  first = jax.lax.ppermute(to_even, AXIS, [(_owner(2 * d, ring_size), d) for d in devices])
+  second = jax.lax.ppermute(to_odd, AXIS, [(_owner(2 * d + 1, ring_size), d) for d in devices])
   return jnp.concatenate([first, second], axis=1)
 
 
-def _rotate(x, n):
-  return jax.lax.ppermute(x, AXIS, [(i, (i + 1) % n) for i in range(n)])
+def _rotate(x, ring_size):
+  return jax.lax.ppermute(x, AXIS, [(i, (i + 1) % ring_size) for i in range(ring_size)])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10, 11))
@@ -169,34 +172,37 @@ def _ring_core(q, k, v, lo, hi, layout, skip, scale, block_q, block_k, unroll, p
 
 
 def _ring_fwd(q, k, v, lo, hi, layout, skip, scale, block_q, block_k, unroll, precision):
-  n = jax.lax.axis_size(AXIS)
-  me = jax.lax.axis_index(AXIS)
-  groups, gt = _geometry(q.shape[1], layout)
+  ring_size = jax.lax.axis_size(AXIS)
+  ring_position = jax.lax.axis_index(AXIS)
+  groups, group_tokens = _geometry(q.shape[1], layout)
   kw = dict(scale=scale, block_q=block_q, block_k=block_k, skip=skip, unroll=unroll,
             precision=precision)
-  q_s, lo_s, hi_s = _slabs(q, groups, gt), _slabs(lo, groups, gt), _slabs(hi, groups, gt)
+  q_s, lo_s, hi_s = (_slabs(x, groups, group_tokens) for x in (q, lo, hi))
   carries = tuple(flash.init_carry(x) for x in q_s)
-  carries = _step_fn(0, layout, skip, groups, gt, n, me, kw)(q_s, lo_s, hi_s, k, v, carries, me)
-  if n > 1:
-    later = _step_fn(1, layout, skip, groups, gt, n, me, kw)
+  first = _step_fn(0, layout, skip, groups, group_tokens, ring_size, ring_position, kw)
+  carries = first(q_s, lo_s, hi_s, k, v, carries, ring_position)
+  if ring_size > 1:
+    later = _step_fn(1, layout, skip, groups, group_tokens, ring_size, ring_position, kw)
 
     def body(c, s):
       carries, k, v = c
-      k, v = _rotate(k, n), _rotate(v, n)
-      src = (me - s) % n
+      k, v = _rotate(k, ring_size), _rotate(v, ring_size)
+      src = (ring_position - s) % ring_size
       return (later(q_s, lo_s, hi_s, k, v, carries, src), k, v), None
 
-    (carries, _, _), _ = jax.lax.scan(body, (carries, k, v), jnp.arange(1, n), unroll=unroll)
+    (carries, _, _), _ = jax.lax.scan(body, (carries, k, v), jnp.arange(1, ring_size),
+                                      unroll=unroll)
   outs, lses = zip(*(flash.finish(c, q.dtype) for c in carries))
   out = jnp.concatenate(outs, axis=1)
   lse = jnp.concatenate(lses, axis=-1)
   return out, (q, k, v, lo, hi, out, lse)
 
 
-def _bwd_fold(q_s, do_s, lse_s, delta_s, lo_s, hi_s, k, v, dq_s, dk, dv, pairs, starts, gt, kw):
+def _bwd_fold(q_s, do_s, lse_s, delta_s, lo_s, hi_s, k, v, dq_s, dk, dv, pairs, starts,
+              group_tokens, kw):
   groups = len(starts)
-  k_s, v_s = _slabs(k, groups, gt), _slabs(v, groups, gt)
-  dk_s, dv_s = _slabs(dk, groups, gt), _slabs(dv, groups, gt)
+  k_s, v_s = _slabs(k, groups, group_tokens), _slabs(v, groups, group_tokens)
+  dk_s, dv_s = _slabs(dk, groups, group_tokens), _slabs(dv, groups, group_tokens)
   dq_s = list(dq_s)
   for a, b in pairs:
     dq_s[a], dkb, dvb = flash.backward(q_s[a], k_s[b], v_s[b], do_s[a], lse_s[a], delta_s[a],
@@ -208,40 +214,40 @@ def _bwd_fold(q_s, do_s, lse_s, delta_s, lo_s, hi_s, k, v, dq_s, dk, dv, pairs, 
 
 def _ring_bwd(layout, skip, scale, block_q, block_k, unroll, precision, res, do):
   q, k, v, lo, hi, out, lse = res
-  n = jax.lax.axis_size(AXIS)
-  me = jax.lax.axis_index(AXIS)
-  groups, gt = _geometry(q.shape[1], layout)
+  ring_size = jax.lax.axis_size(AXIS)
+  ring_position = jax.lax.axis_index(AXIS)
+  groups, group_tokens = _geometry(q.shape[1], layout)
   kw = dict(scale=scale, block_q=block_q, block_k=block_k, skip=skip, unroll=unroll,
             precision=precision)
   delta = jnp.einsum("bshgd,bshgd->bhgs", do.astype(F32), out.astype(F32))
-  q_s, do_s = _slabs(q, groups, gt), _slabs(do, groups, gt)
-  lo_s, hi_s = _slabs(lo, groups, gt), _slabs(hi, groups, gt)
-  split_r = lambda x: [x[..., i * gt:(i + 1) * gt] for i in range(groups)]
+  q_s, do_s = _slabs(q, groups, group_tokens), _slabs(do, groups, group_tokens)
+  lo_s, hi_s = _slabs(lo, groups, group_tokens), _slabs(hi, groups, group_tokens)
+  split_r = lambda x: [x[..., i * group_tokens:(i + 1) * group_tokens] for i in range(groups)]
   lse_s, delta_s = split_r(lse), split_r(delta)
   dq_s = tuple(jnp.zeros(x.shape, F32) for x in q_s)
   dk = jnp.zeros(k.shape, F32)
   dv = jnp.zeros(v.shape, F32)
 
   def step(static_step, dq_s, k, v, dk, dv, src):
-    starts = _group_starts(src, n, gt, layout)
+    starts = _group_starts(src, ring_size, group_tokens, layout)
     pa, pb = _visible_pairs(layout, skip, static_step, groups)
     fold = lambda pairs: (lambda a: _bwd_fold(q_s, do_s, lse_s, delta_s, lo_s, hi_s, k, v,
-                                              *a, pairs, starts, gt, kw))
+                                              *a, pairs, starts, group_tokens, kw))
     if pa == pb:
       return fold(pa)((dq_s, dk, dv))
-    return jax.lax.cond(src < me, fold(pa), fold(pb), (dq_s, dk, dv))
+    return jax.lax.cond(src < ring_position, fold(pa), fold(pb), (dq_s, dk, dv))
 
-  dq_s, dk, dv = step(0, dq_s, k, v, dk, dv, me)
-  if n > 1:
+  dq_s, dk, dv = step(0, dq_s, k, v, dk, dv, ring_position)
+  if ring_size > 1:
     def body(c, s):
       dq_s, k, v, dk, dv = c
-      k, v, dk, dv = (_rotate(x, n) for x in (k, v, dk, dv))
-      dq_s, dk, dv = step(1, dq_s, k, v, dk, dv, (me - s) % n)
+      k, v, dk, dv = (_rotate(x, ring_size) for x in (k, v, dk, dv))
+      dq_s, dk, dv = step(1, dq_s, k, v, dk, dv, (ring_position - s) % ring_size)
       return (dq_s, k, v, dk, dv), None
 
-    (dq_s, _, _, dk, dv), _ = jax.lax.scan(body, (dq_s, k, v, dk, dv), jnp.arange(1, n),
+    (dq_s, _, _, dk, dv), _ = jax.lax.scan(body, (dq_s, k, v, dk, dv), jnp.arange(1, ring_size),
                                            unroll=unroll)
-    dk, dv = _rotate(dk, n), _rotate(dv, n)       # the n-th hop brings them home
+    dk, dv = _rotate(dk, ring_size), _rotate(dv, ring_size)   # the last hop brings them home
   dq = jnp.concatenate(dq_s, axis=1)
   zeros_int = lambda x: np.zeros(x.shape, jax.dtypes.float0)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zeros_int(lo),
@@ -262,16 +268,16 @@ def ring_attention(q, k, v, mask: ChunkMask, *, scale: float, precision=None, me
   """
   mesh, rules = placement(mesh)
   B, S, Hq, D = q.shape
-  n = 1 if mesh is None or AXIS not in mesh.shape else mesh.shape[AXIS]
-  if n == 1 or k.shape[1] != S or mask.num_q_blocks % n:
+  ring_size = 1 if mesh is None or AXIS not in mesh.shape else mesh.shape[AXIS]
+  if ring_size == 1 or k.shape[1] != S or mask.num_q_blocks % ring_size:
     return flash_attention(q, k, v, mask, scale=scale, precision=precision)
   _check_causal(mask)
   chunks = mask.num_q_blocks
   if layout == "auto":
-    layout = "zigzag" if chunks % (2 * n) == 0 else "contiguous"
-  if layout == "zigzag" and chunks % (2 * n):
+    layout = "zigzag" if chunks % (2 * ring_size) == 0 else "contiguous"
+  if layout == "zigzag" and chunks % (2 * ring_size):
     raise ValueError(f"zig-zag placement needs the chunk count ({chunks}) to be a multiple of "
-                     f"2 x context ({2 * n})")
+                     f"2 x context ({2 * ring_size})")
   if layout not in ("zigzag", "contiguous"):
     raise ValueError(f"ring layout must be zigzag | contiguous | auto, got {layout!r}")
   Hkv = k.shape[2]
@@ -283,11 +289,15 @@ def ring_attention(q, k, v, mask: ChunkMask, *, scale: float, precision=None, me
   sq, skv, sr = P(batch, AXIS, heads, None, None), P(batch, AXIS, heads, None), P(batch, AXIS)
   def body(q_, k_, v_, lo_, hi_):
     if layout == "zigzag":       # the sequence arrives split contiguously; re-deal it locally
-      q_, k_, v_, lo_, hi_ = (to_zigzag(x, n) for x in (q_, k_, v_, lo_, hi_))
+      q_, k_, v_, lo_, hi_ = (to_zigzag(x, ring_size) for x in (q_, k_, v_, lo_, hi_))
     o = _ring_core(q_, k_, v_, lo_, hi_, layout, skip, float(scale), block_q, block_k, unroll,
                    precision)
-    return from_zigzag(o, n) if layout == "zigzag" else o
+    return from_zigzag(o, ring_size) if layout == "zigzag" else o
 
+  # check_vma=False: the tile loop shared with the local flash backend (attention/tiles.py)
+  # starts its online-softmax carry from constants, which the check types as replicated, and
+  # its skip `lax.switch` returns that carry in one branch and a per-device (varying) one in the
+  # others; with the check on, tracing fails ("switch branches must have equal output types").
   out = jax.shard_map(body, mesh=mesh, in_specs=(sq, skv, skv, sr, sr), out_specs=sq,
                       check_vma=False)(qg, k, v, lo, hi)
   return rearrange(out, "b s h g d -> b s (h g) d")

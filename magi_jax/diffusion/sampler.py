@@ -2,7 +2,7 @@
 
     sampler = Sampler(model, cfg)                      # VideoDiT + MagiConfig (runtime/engine)
     for chunk in sampler.sample(text_rows, latent_hw=(h, w), num_chunks=n, key=key):
-        decode_and_write(chunk.latent)                 # (1, 16, <=cw, h, w) float32
+        decode_and_write(chunk.latent)                 # (1, 16, <=chunk_width, h, w) float32
 
 Memory is constant in the video length: only the chunks in the window, the chunk waiting for
 its refresh and the bounded KV cache (the few clean chunks any kv range reaches) are held.
@@ -113,21 +113,21 @@ class Sampler:
              prefix=None, on_call: Callable[[CallRecord], None] | None = None) -> Iterator[Chunk]:
     """Yields the clean chunks in order. `text` has `.cond(chunk)` and `.null()` rows."""
     rt, m = self.cfg.runtime, self.model.cfg
-    cw, W, steps = rt.chunk_width, rt.window_size, rt.num_steps
+    chunk_width, W, steps = rt.chunk_width, rt.window_size, rt.num_steps
     h, w = latent_hw
     C = m.latent_channels
     if h % m.patch_size or w % m.patch_size:
       raise SamplerError(f"latent size {h}x{w} must be divisible by patch_size {m.patch_size}")
-    tok = cw // m.t_patch_size * (h // m.patch_size) * (w // m.patch_size)
+    tokens_per_chunk = chunk_width // m.t_patch_size * (h // m.patch_size) * (w // m.patch_size)
     P = 0 if prefix is None else int(prefix.shape[2])
     if prefix is not None and tuple(prefix.shape) != (1, C, P, h, w):
       raise SamplerError(f"prefix latents must be (1, {C}, P, {h}, {w}), got {tuple(prefix.shape)}")
-    n_clean = P // cw
+    n_clean = P // chunk_width
     if not n_clean < num_chunks:
       raise SamplerError(f"{num_chunks} chunks leave nothing to generate after a prefix of "
                          f"{P} latent frames ({n_clean} whole chunks)")
-    if noise is not None and tuple(noise.shape) != (1, C, num_chunks * cw, h, w):
-      raise SamplerError(f"noise must be (1, {C}, {num_chunks * cw}, {h}, {w}), got "
+    if noise is not None and tuple(noise.shape) != (1, C, num_chunks * chunk_width, h, w):
+      raise SamplerError(f"noise must be (1, {C}, {num_chunks * chunk_width}, {h}, {w}), got "
                          f"{tuple(noise.shape)}")
     if noise is None and key is None:
       raise SamplerError("pass a PRNG key or an explicit noise tensor")
@@ -141,7 +141,7 @@ class Sampler:
     plans = plan_steps(num_chunks, n_clean, W, steps)
     clean_w = rt.clean_chunk_kvrange
     store = KVCacheStore(max(1, cache_chunks_needed(plans, steps, rt.noise2clean_kvrange, clean_w)),
-                         tok)
+                         tokens_per_chunk)
     null_y, null_m = (jnp.asarray(a)[None] for a in text.null())   # on the device once
     rows: dict[int, tuple] = {}      # device text rows of the chunks in the call, built once each
 
@@ -152,11 +152,11 @@ class Sampler:
 
     def initial(c):
       if noise is not None:
-        return jnp.asarray(noise[:, :, c * cw:(c + 1) * cw], F32)
-      return jax.random.normal(jax.random.fold_in(key, c), (1, C, cw, h, w), F32)
+        return jnp.asarray(noise[:, :, c * chunk_width:(c + 1) * chunk_width], F32)
+      return jax.random.normal(jax.random.fold_in(key, c), (1, C, chunk_width, h, w), F32)
 
     if n_clean:
-      self._prefill(prefix, n_clean, store, tok, null_y, null_m)
+      self._prefill(prefix, n_clean, store, tokens_per_chunk, null_y, null_m)
 
     latents: dict[int, jax.Array] = {}
     for plan in plans:
@@ -165,23 +165,24 @@ class Sampler:
           latents[c] = initial(c)
       chunks = list(plan.chunks)
       x = jnp.concatenate([latents[c] for c in chunks], axis=2)
-      sp = plan.slice_point
-      if P > sp * cw:                                 # prefix padding (I2V frame 0, V2V tail)
-        n_pad = min(P - sp * cw, x.shape[2])
-        x = x.at[:, :, :n_pad].set(prefix[:, :, sp * cw:sp * cw + n_pad])
-      t_den = self.ts[list(plan.sigmas)]
+      slice_point = plan.slice_point
+      first_frame = slice_point * chunk_width
+      if P > first_frame:                             # prefix padding (I2V frame 0, V2V tail)
+        n_pad = min(P - first_frame, x.shape[2])
+        x = x.at[:, :, :n_pad].set(prefix[:, :, first_frame:first_frame + n_pad])
+      t_den = self.ts[list(plan.step_indices)]
       t = np.concatenate([[F32(rt.clean_t)] * plan.refresh, t_den]).astype(F32)
-      dt = (self.ts[[s + 1 for s in plan.sigmas]] - t_den).astype(F32)
+      dt = (self.ts[[s + 1 for s in plan.step_indices]] - t_den).astype(F32)
       widths = call_widths(plan, steps, rt.noise2clean_kvrange, clean_w)
-      kv_range, need = call_ranges(plan, widths, tok)
-      ranges = kv_range - (sp - need) * tok            # inside [cache; current]
+      kv_range, need = call_ranges(plan, widths, tokens_per_chunk)
+      ranges = kv_range - (slice_point - need) * tokens_per_chunk   # inside [cache; current]
       call_rows = [(null_y[0], null_m[0]) if (plan.refresh and i == 0) else cond_row(c)
                    for i, c in enumerate(chunks)]
       y_cond = jnp.stack([r for r, _ in call_rows])
       m_cond = jnp.stack([k for _, k in call_rows])
       for c in [c for c in rows if c < plan.c0]:      # chunks that left the window
         del rows[c]
-      cache = store.read(sp, need)
+      cache = store.read(slice_point, need)
       nearly = (rt.cfg_number == 1
                 and schedule.nearly_clean(t_den[0],
                                           self.cfg.engine.distill_nearly_clean_chunk_threshold))
@@ -189,7 +190,7 @@ class Sampler:
       inputs = StepInputs(
           x=x, t=jnp.asarray(t), dt=jnp.asarray(dt), y_cond=y_cond, m_cond=m_cond,
           y_null=null_y, m_null=null_m, ranges=jnp.asarray(ranges, jnp.int32),
-          first_chunk=jnp.asarray(sp, jnp.int32), cache=cache, scale_prev=jnp.asarray(s_p),
+          first_chunk=jnp.asarray(slice_point, jnp.int32), cache=cache, scale_prev=jnp.asarray(s_p),
           scale_text=jnp.asarray(s_t), blend=jnp.asarray(self.options.nearly_clean_weight, F32),
           step_size=self._step_size(plan.idx))
       options = StepOptions(cfg_number=rt.cfg_number, refresh=plan.refresh,
@@ -197,28 +198,28 @@ class Sampler:
                             ranges=tuple(map(tuple, ranges.tolist())))
       x_next, v, kv = self._step(inputs, options)
       if plan.refresh:
-        store.write(sp, kv)
-        del latents[sp]
+        store.write(slice_point, kv)
+        del latents[slice_point]
       for i, c in enumerate(range(plan.c0, plan.c1)):
-        latents[c] = x_next[:, :, i * cw:(i + 1) * cw]
+        latents[c] = x_next[:, :, i * chunk_width:(i + 1) * chunk_width]
       if on_call is not None:
         on_call(CallRecord(plan, np.asarray(x), t, kv_range, np.asarray(v)))
       if plan.emits is not None:
         c = plan.emits
-        start, _ = emitted_latent_range(c, P, cw)     # I2V: chunk 0 whole; V2V: after P
-        yield Chunk(c, start, latents[c][:, :, start - c * cw:])
+        start, _ = emitted_latent_range(c, P, chunk_width)   # I2V: chunk 0 whole; V2V: after P
+        yield Chunk(c, start, latents[c][:, :, start - c * chunk_width:])
 
-  def _prefill(self, prefix, n_clean, store, tok, null_y, null_m):
+  def _prefill(self, prefix, n_clean, store, tokens_per_chunk, null_y, null_m):
     """Writes the K/V of the whole prefix chunks: t = clean_t, null rows, each sees only itself.
 
     The official code does this in one call over all prefix chunks with kv range 1 per chunk;
     running the chunks one at a time is the same computation in bounded memory.
     """
     rt = self.cfg.runtime
-    cw = rt.chunk_width
+    chunk_width = rt.chunk_width
     for c in range(n_clean):
       kv = self._prefill_fn(
-          x=prefix[:, :, c * cw:(c + 1) * cw], t=jnp.asarray([rt.clean_t], F32),
+          x=prefix[:, :, c * chunk_width:(c + 1) * chunk_width], t=jnp.asarray([rt.clean_t], F32),
           y=null_y, mask=null_m, first_chunk=jnp.asarray(c, jnp.int32),
           step_size=self._step_size(0),
           caption_dropped=rt.cfg_number == 3)         # the cache-writing pass of each mode

@@ -4,8 +4,9 @@ A training row holds K chunks; `segment_ids` (N, K) gives each chunk's video, 1,
 order, runs contiguous, 0 for padding chunks at the end. Inside a video attention is
 block-causal, across videos there is none. With one chunk per query block that is exactly
 a key range per chunk, so the one mask description of the attention package covers packing:
-chunk c of a video that starts at chunk s sees keys [s·tok, (c + 1)·tok). RoPE time restarts
-per video (`frame_index` / `frame_total`), so a packed video computes what it computes alone.
+chunk c of a video that starts at chunk s sees keys [s·tokens_per_chunk,
+(c + 1)·tokens_per_chunk). RoPE time restarts per video (`frame_index` / `frame_total`), so a
+packed video computes what it computes alone.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def segment_layout(segment_ids):
 
 def packed_kv_ranges(segment_ids, tokens_per_chunk: int):
   """(N, K, 2) key ranges of packed rows, each row its own key sequence: chunk c of a video that
-  starts at chunk s sees [s·tok, (c + 1)·tok) (`chunk_kv_ranges` with the segment floor)."""
+  starts at chunk s sees [s·tokens_per_chunk, (c + 1)·tokens_per_chunk) (`chunk_kv_ranges`
+  with the segment floor)."""
   seg = jnp.asarray(segment_ids, jnp.int32)
   _, start, _ = segment_layout(seg)
   chunks = jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32), seg.shape)

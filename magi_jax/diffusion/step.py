@@ -40,7 +40,7 @@ from magi_jax.models.kv_cache import KVCache
 @dataclasses.dataclass(frozen=True)
 class StepInputs:
   """The traced inputs of one step (arrays; `cache` and `step_size` may be None)."""
-  x: jax.Array              # (1, C, n·cw, H, W): the call's chunks, refresh chunk first
+  x: jax.Array              # (1, C, n·chunk_width, H, W): the call's chunks, refresh first
   t: jax.Array              # (n,) each chunk's level (the refresh chunk at clean_t)
   dt: jax.Array             # (d,) each denoised chunk's step t[σ + 1] - t[σ]
   y_cond: jax.Array         # (n, L, C) the chunks' caption rows (null for the refresh chunk)
@@ -66,23 +66,23 @@ class StepOptions:
 
 
 def _split_chunks(x, n):
-  """(1, C, n·cw, H, W) -> (n, C, cw, H, W)."""
+  """(1, C, n·chunk_width, H, W) -> (n, C, chunk_width, H, W)."""
   _, c, f, h, w = x.shape
   return jnp.transpose(x.reshape(c, n, f // n, h, w), (1, 0, 2, 3, 4))
 
 
 def _join_chunks(x):
-  """(n, C, cw, H, W) -> (1, C, n·cw, H, W)."""
-  n, c, cw, h, w = x.shape
-  return jnp.transpose(x, (1, 0, 2, 3, 4)).reshape(1, c, n * cw, h, w)
+  """(n, C, chunk_width, H, W) -> (1, C, n·chunk_width, H, W)."""
+  n, c, chunk_width, h, w = x.shape
+  return jnp.transpose(x, (1, 0, 2, 3, 4)).reshape(1, c, n * chunk_width, h, w)
 
 
 def _geometry(model, inp: StepInputs):
   n = inp.t.shape[0]
-  cw = inp.x.shape[2] // n
+  chunk_width = inp.x.shape[2] // n
   p, pt = model.cfg.patch_size, model.cfg.t_patch_size
-  tok = (inp.x.shape[3] // p) * (inp.x.shape[4] // p) * (cw // pt)
-  return n, cw, tok
+  tokens_per_chunk = (inp.x.shape[3] // p) * (inp.x.shape[4] // p) * (chunk_width // pt)
+  return n, chunk_width, tokens_per_chunk
 
 
 def _ranges(inp: StepInputs, opts: StepOptions):
@@ -91,30 +91,32 @@ def _ranges(inp: StepInputs, opts: StepOptions):
 
 
 def cfg3_velocity(model, inp: StepInputs, opts: StepOptions, backend: str = "auto"):
-  """(v of the denoised chunks (1, C, d·cw, H, W), the refresh chunk's K/V or None)."""
-  n, cw, tok = _geometry(model, inp)
+  """(v of the denoised chunks (1, C, d·chunk_width, H, W), the refresh chunk's K/V or None)."""
+  n, chunk_width, tokens_per_chunk = _geometry(model, inp)
   d = n - int(opts.refresh)
   r = _ranges(inp, opts)
   stack = np.stack if isinstance(r, np.ndarray) else jnp.stack
-  call = functools.partial(model, step_size=inp.step_size, backend=backend, kv_tokens=tok)
+  call = functools.partial(model, step_size=inp.step_size, backend=backend,
+                           kv_tokens=tokens_per_chunk)
   ab = call(jnp.concatenate([inp.x, inp.x]), jnp.stack([inp.t, inp.t]),
             jnp.concatenate([inp.y_cond, jnp.broadcast_to(inp.y_null, inp.y_cond.shape)]),
             jnp.concatenate([inp.m_cond, jnp.broadcast_to(inp.m_null, inp.m_cond.shape)]),
-            ChunkMask(stack([r, r]), q_block=tok), caption_dropped=jnp.array([False, True]),
+            ChunkMask(stack([r, r]), q_block=tokens_per_chunk),
+            caption_dropped=jnp.array([False, True]),
             first_chunk=inp.first_chunk, cache=inp.cache, return_kv=opts.refresh)
   text, prev = ab.velocity[:1], ab.velocity[1:]
-  off = (n - d) * cw
+  off = (n - d) * chunk_width
   # Pass C: each denoised chunk alone, so it sees only itself.
-  own = np.tile(np.array([[[0, tok]]], np.int32), (d, 1, 1))
+  own = np.tile(np.array([[[0, tokens_per_chunk]]], np.int32), (d, 1, 1))
   if opts.ranges is None:
     own = jnp.asarray(own)
   alone = call(_split_chunks(inp.x[:, :, off:], d), inp.t[n - d:, None],
                jnp.broadcast_to(inp.y_null, (d,) + inp.y_null.shape[1:]),
                jnp.broadcast_to(inp.m_null, (d,) + inp.m_null.shape[1:]),
-               ChunkMask(own, q_block=tok), caption_dropped=jnp.array([True]),
+               ChunkMask(own, q_block=tokens_per_chunk), caption_dropped=jnp.array([True]),
                first_chunk=0).velocity
-  s_p = jnp.repeat(inp.scale_prev, cw)[None, None, :, None, None]
-  s_t = jnp.repeat(inp.scale_text, cw)[None, None, :, None, None]
+  s_p = jnp.repeat(inp.scale_prev, chunk_width)[None, None, :, None, None]
+  s_t = jnp.repeat(inp.scale_text, chunk_width)[None, None, :, None, None]
   v = (1 - s_p) * _join_chunks(alone) + (s_p - s_t) * prev[:, :, off:] + s_t * text[:, :, off:]
   kv = KVCache(ab.kv.k[:, 1:2], ab.kv.v[:, 1:2]) if opts.refresh else None
   return v, kv
@@ -122,45 +124,47 @@ def cfg3_velocity(model, inp: StepInputs, opts: StepOptions, backend: str = "aut
 
 def cfg1_velocity(model, inp: StepInputs, opts: StepOptions, backend: str = "auto"):
   """(v of the denoised chunks, the refresh chunk's K/V or None) with one guided pass."""
-  n, cw, tok = _geometry(model, inp)
+  n, chunk_width, tokens_per_chunk = _geometry(model, inp)
   d = n - int(opts.refresh)
   o = n - d                                            # the oldest denoised chunk
+  oldest = slice(o * chunk_width, (o + 1) * chunk_width)
   x, t, y, m, r = inp.x, inp.t, inp.y_cond, inp.m_cond, _ranges(inp, opts)
   if opts.nearly_clean:                                # its copy sees only itself
-    x = jnp.concatenate([x, x[:, :, o * cw:(o + 1) * cw]], axis=2)
+    x = jnp.concatenate([x, x[:, :, oldest]], axis=2)
     t = jnp.concatenate([t, t[o:o + 1]])
     y = jnp.concatenate([y, y[o:o + 1]])
     m = jnp.concatenate([m, m[o:o + 1]])
     end = 0 if inp.cache is None else inp.cache.num_tokens
-    end += n * tok
+    end += n * tokens_per_chunk
     if isinstance(r, np.ndarray):
-      r = np.concatenate([r, np.array([[end, end + tok]], np.int32)])
+      r = np.concatenate([r, np.array([[end, end + tokens_per_chunk]], np.int32)])
     else:
-      r = jnp.concatenate([r, jnp.array([[end, end + tok]], jnp.int32)])
-  out = model(x, t[None], y, m, ChunkMask(r[None], q_block=tok),
+      r = jnp.concatenate([r, jnp.array([[end, end + tokens_per_chunk]], jnp.int32)])
+  out = model(x, t[None], y, m, ChunkMask(r[None], q_block=tokens_per_chunk),
               caption_dropped=jnp.array([False]), first_chunk=inp.first_chunk,
               step_size=inp.step_size, cache=inp.cache, backend=backend,
-              return_kv=opts.refresh, kv_tokens=tok)
+              return_kv=opts.refresh, kv_tokens=tokens_per_chunk)
   vel = out.velocity
   if opts.nearly_clean:
-    mixed = vel[:, :, o * cw:(o + 1) * cw] * inp.blend + vel[:, :, n * cw:] * (1 - inp.blend)
-    vel = jnp.concatenate([vel[:, :, :o * cw], mixed, vel[:, :, (o + 1) * cw:n * cw]], axis=2)
+    mixed = vel[:, :, oldest] * inp.blend + vel[:, :, n * chunk_width:] * (1 - inp.blend)
+    vel = jnp.concatenate([vel[:, :, :oldest.start], mixed,
+                           vel[:, :, oldest.stop:n * chunk_width]], axis=2)
   kv = KVCache(out.kv.k, out.kv.v) if opts.refresh else None
-  return vel[:, :, o * cw:], kv
+  return vel[:, :, oldest.start:], kv
 
 
 def euler_update(x, v, dt):
-  """x + v·dt, chunk by chunk: x, v (1, C, d·cw, H, W), dt (d,)."""
-  cw = x.shape[2] // dt.shape[0]
-  return x + v * jnp.repeat(dt, cw)[None, None, :, None, None]
+  """x + v·dt, chunk by chunk: x, v (1, C, d·chunk_width, H, W), dt (d,)."""
+  chunk_width = x.shape[2] // dt.shape[0]
+  return x + v * jnp.repeat(dt, chunk_width)[None, None, :, None, None]
 
 
 def guided_step(model, inp: StepInputs, opts: StepOptions, backend: str = "auto"):
   """(x_next, v, refresh K/V) of the denoised chunks."""
   velocity = cfg3_velocity if opts.cfg_number == 3 else cfg1_velocity
   v, kv = velocity(model, inp, opts, backend)
-  _, cw, _ = _geometry(model, inp)
-  x_noisy = inp.x[:, :, int(opts.refresh) * cw:]
+  _, chunk_width, _ = _geometry(model, inp)
+  x_noisy = inp.x[:, :, int(opts.refresh) * chunk_width:]
   return euler_update(x_noisy, v, inp.dt), v, kv
 
 
@@ -194,9 +198,9 @@ def make_prefill(model, *, backend: str = "auto"):
   @functools.partial(jax.jit, static_argnames=("caption_dropped",))
   def compiled(state, x, t, y, mask, first_chunk, step_size, *, caption_dropped):
     m = nnx.merge(graphdef, state)
-    tok = (x.shape[2] // m.cfg.t_patch_size) * (x.shape[3] // m.cfg.patch_size) * (
+    tokens_per_chunk = (x.shape[2] // m.cfg.t_patch_size) * (x.shape[3] // m.cfg.patch_size) * (
         x.shape[4] // m.cfg.patch_size)
-    own = ChunkMask(np.array([[[0, tok]]], np.int32), q_block=tok)
+    own = ChunkMask(np.array([[[0, tokens_per_chunk]]], np.int32), q_block=tokens_per_chunk)
     return m(x, t[None], y, mask, own, caption_dropped=jnp.array([caption_dropped]),
              first_chunk=first_chunk, step_size=step_size, backend=backend,
              return_kv=True).kv

@@ -17,13 +17,13 @@ from magi_jax.attention.masks import chunk_kv_ranges
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-  step: int                  # global step counter s
-  idx: int                   # local step inside the stage (s mod dsps)
-  c0: int                    # first denoised chunk
-  c1: int                    # one past the last denoised chunk
-  sigmas: tuple[int, ...]    # per denoised chunk (oldest first): its own step index σ
-  refresh: bool              # chunk c0 - 1 is re-run at clean_t in front of the window
-  emits: int | None          # chunk that is clean after this step (c0 when σ reaches the end)
+  step: int                      # global step counter s
+  idx: int                       # local step inside the stage (s mod dsps)
+  c0: int                        # first denoised chunk
+  c1: int                        # one past the last denoised chunk
+  step_indices: tuple[int, ...]  # per denoised chunk (oldest first): its own step index σ
+  refresh: bool                  # chunk c0 - 1 is re-run at clean_t in front of the window
+  emits: int | None              # chunk that is clean after this step (c0 when σ reaches the end)
 
   @property
   def slice_point(self) -> int:
@@ -52,19 +52,19 @@ def plan_steps(num_chunks: int, num_clean: int, window: int, num_steps: int) -> 
     i = num_clean + stage
     c0, c1 = max(num_clean, i - window + 1), min(num_chunks, i + 1)
     j0, j1 = max(0, i - num_chunks + 1), min(window, i - num_clean + 1)
-    sigmas = tuple(j * dsps + idx for j in range(j1 - 1, j0 - 1, -1))
-    assert len(sigmas) == c1 - c0
-    plans.append(StepPlan(s, idx, c0, c1, sigmas, refresh=(c0 > num_clean and idx == 0),
-                          emits=c0 if sigmas[0] == num_steps - 1 else None))
+    step_indices = tuple(j * dsps + idx for j in range(j1 - 1, j0 - 1, -1))
+    assert len(step_indices) == c1 - c0
+    plans.append(StepPlan(s, idx, c0, c1, step_indices, refresh=(c0 > num_clean and idx == 0),
+                          emits=c0 if step_indices[0] == num_steps - 1 else None))
   return plans
 
 
-def kv_width(sigma: int, num_steps: int, noise2clean_kvrange) -> int | None:
+def kv_width(step_index: int, num_steps: int, noise2clean_kvrange) -> int | None:
   """Chunks a denoised chunk at step σ attends to (itself included); None = all earlier."""
   if not noise2clean_kvrange:
     return None
   q = num_steps // len(noise2clean_kvrange)
-  return int(noise2clean_kvrange[sigma // q])
+  return int(noise2clean_kvrange[step_index // q])
 
 
 def call_widths(plan: StepPlan, num_steps: int, noise2clean_kvrange,
@@ -73,7 +73,7 @@ def call_widths(plan: StepPlan, num_steps: int, noise2clean_kvrange,
   `clean_chunk_kvrange` (-1 in the official config: every earlier chunk, None here)."""
   clean = None if clean_chunk_kvrange == -1 else clean_chunk_kvrange
   return [clean] * plan.refresh + [kv_width(s, num_steps, noise2clean_kvrange)
-                                   for s in plan.sigmas]
+                                   for s in plan.step_indices]
 
 
 def call_ranges(plan: StepPlan, widths, tokens_per_chunk: int):

@@ -35,11 +35,11 @@ class Components:
 def load_special_tokens(path: str, cfg: MagiConfig, flags: TextFlags, *, random_ok: bool,
                         seed: int = 0) -> SpecialTokens | None:
   if path:
-    sp = SpecialTokens.load(path)
-    if sp.dim != cfg.model.caption_channels:
-      raise ComponentError(f"{path}: special tokens of dim {sp.dim}, the DiT takes "
+    special_tokens = SpecialTokens.load(path)
+    if special_tokens.dim != cfg.model.caption_channels:
+      raise ComponentError(f"{path}: special tokens of dim {special_tokens.dim}, the DiT takes "
                            f"{cfg.model.caption_channels}")
-    return sp
+    return special_tokens
   if not (flags.positive_keys() or flags.neg_prompt):
     return None
   if not random_ok:

@@ -86,14 +86,14 @@ def generate(comp: Components, req: Request, *, flags: TextFlags = TextFlags(),
              log=print) -> Result:
   req.validate()
   rt = comp.cfg.runtime
-  cw = rt.chunk_width
+  chunk_width = rt.chunk_width
   tiles = TileConfig(tile_sample_min_length=req.fps // 2)
   t0 = time.perf_counter()
   if not isinstance(comp.vae, JittedVAE):
     comp.vae = JittedVAE(comp.vae)       # compiled once, kept for later calls
   prefix = encode_prefix(comp, req, tiles)
   P = 0 if prefix is None else int(prefix.shape[2])
-  plan = plan_frames(req.num_frames, P, cw, rt.temporal_downsample_factor, req.fps)
+  plan = plan_frames(req.num_frames, P, chunk_width, rt.temporal_downsample_factor, req.fps)
   rows = text_rows(comp, req, flags, infer_chunk_num=plan.infer_chunk_num,
                    clean_chunk_num=plan.clean_chunk_num)
   sampler = comp.sampler(options)

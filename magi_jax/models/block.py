@@ -36,7 +36,8 @@ def cross_backend(backend: str) -> str:
 
 
 def per_chunk(x, g, num_chunks: int):
-  """x (N, S, D) float32 times per-chunk rows g (N, drn, D): token s uses row s // tok."""
+  """x (N, S, D) float32 times per-chunk rows g (N, chunks_in_flight, D): token s uses row
+  s // tokens_per_chunk."""
   xc = rearrange(x, "n (c s) d -> n c s d", c=num_chunks)
   return rearrange(xc * g[:, :, None, :], "n c s d -> n (c s) d")
 
@@ -71,7 +72,8 @@ class TransformerLayer(nnx.Module):
     self.mlp_post_norm = LayerNorm(D, eps=eps, one_plus=True, dtype=F32, rngs=rngs)
 
   def gates(self, cond, policy: Precision):
-    """cond (N, drn, Dc) -> softcapped gates (N, drn, 2D) in the compute dtype."""
+    """cond (N, chunks_in_flight, Dc) -> softcapped gates (N, chunks_in_flight, 2D) in the
+    compute dtype."""
     a = policy.low(jax.nn.silu(cond.astype(F32)))
     logits = self.ada_modulate(a, out_dtype=policy.compute_dtype)
     return policy.low(GATE_SOFTCAP * jnp.tanh(logits.astype(F32) / GATE_SOFTCAP))
@@ -79,7 +81,8 @@ class TransformerLayer(nnx.Module):
   def __call__(self, h, cond, rope, self_mask: ChunkMask, cache_kv, y_feats,
                xattn_mask: ChunkMask, policy: Precision, backend: str):
     cfg = self.cfg
-    nq, nkv, hd, drn = cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim, cond.shape[1]
+    nq, nkv, hd = cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim
+    chunks_in_flight = cond.shape[1]
     low, cd = policy.low, policy.compute_dtype
     scale = hd ** -0.5
     N, S, D = h.shape
@@ -107,7 +110,7 @@ class TransformerLayer(nnx.Module):
 
     # Cross-attention: each chunk is its own row and sees only its caption tokens.
     qx = self.qx_norm(heads(self.qx(a, out_dtype=cd), nq), out_dtype=cd)
-    qx = rearrange(qx, "n (c s) h d -> (n c) s h d", c=drn)
+    qx = rearrange(qx, "n (c s) h d -> (n c) s h d", c=chunks_in_flight)
     kx = self.kx_norm(heads(self.kx(y_feats, out_dtype=cd), nkv), out_dtype=cd)
     vx = heads(self.vx(y_feats, out_dtype=cd), nkv)
     o_cross = attention(qx, kx, vx, xattn_mask, scale=scale, backend=cross_backend(backend))
@@ -119,7 +122,8 @@ class TransformerLayer(nnx.Module):
 
     g = self.gates(cond, policy).astype(F32)
     g_msa, g_mlp = g[..., :D], g[..., D:]
-    h1 = low(h.astype(F32) + self.attn_post_norm(per_chunk(attn, g_msa, drn), out_dtype=F32))
+    h1 = low(h.astype(F32) + self.attn_post_norm(per_chunk(attn, g_msa, chunks_in_flight),
+                                                 out_dtype=F32))
 
     m = self.mlp_norm(h1, out_dtype=cd)
     m = self.fc1(m, out_dtype=cd)
@@ -129,6 +133,6 @@ class TransformerLayer(nnx.Module):
     else:
       m = low(jax.nn.gelu(m.astype(F32), approximate=False))
     m = self.fc2(m, out_dtype=cd)
-    h2 = low(h1.astype(F32) + self.mlp_post_norm(per_chunk(m.astype(F32), g_mlp, drn),
+    h2 = low(h1.astype(F32) + self.mlp_post_norm(per_chunk(m.astype(F32), g_mlp, chunks_in_flight),
                                                  out_dtype=F32))
     return h2, new_kv

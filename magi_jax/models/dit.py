@@ -6,7 +6,8 @@ choice of the adaLN null-caption row. The official call format (absolute kv rang
 slice_point, caption dropout) is the adapter `magi_jax.official.forward`.
 
 Layout: latents are (N, C, T, H, W) like the official code; inside, tokens are (N, S, D) with
-S ordered T-major, then H, then W, so chunk j owns tokens [j·tok, (j+1)·tok).
+S ordered T-major, then H, then W, so chunk j owns tokens
+[j·tokens_per_chunk, (j+1)·tokens_per_chunk).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ jax.tree_util.register_dataclass(DiTOutput, data_fields=["velocity", "kv", "acti
                                  meta_fields=[])
 
 
-def tok_per_chunk(T, H, W, chunks, p, pt) -> int:
+def chunk_token_count(T, H, W, chunks, p, pt) -> int:
   return (T // pt) * (H // p) * (W // p) // chunks
 
 
@@ -77,8 +78,9 @@ def check_latents(model, x, t, step_size) -> tuple[int, int, int, int, int]:
   return N, T, H, W, chunks
 
 
-def check_cache(cfg: ModelConfig, cache: KVCache | None, N: int, tok: int) -> None:
-  """Raises InputError unless `cache` fits a call of N elements with tok-token chunks."""
+def check_cache(cfg: ModelConfig, cache: KVCache | None, N: int, tokens_per_chunk: int) -> None:
+  """Raises InputError unless `cache` fits a call of N elements with chunks of
+  `tokens_per_chunk` tokens."""
   if cache is None:
     return
   want = (cfg.num_layers, None, None, cfg.num_query_groups, cfg.head_dim)
@@ -88,9 +90,9 @@ def check_cache(cfg: ModelConfig, cache: KVCache | None, N: int, tok: int) -> No
       raise InputError(f"cache.{name} has shape {tuple(arr.shape)}; this call needs "
                        f"(layers={cfg.num_layers}, N={N} or 1 (shared by every element), "
                        f"tokens, kv_groups={cfg.num_query_groups}, head_dim={cfg.head_dim})")
-  if cache.num_tokens % tok:
+  if cache.num_tokens % tokens_per_chunk:
     raise InputError(f"cache holds {cache.num_tokens} tokens, not a whole number of "
-                     f"{tok}-token chunks")
+                     f"{tokens_per_chunk}-token chunks")
 
 
 class VideoDiT(nnx.Module):
@@ -148,12 +150,12 @@ class VideoDiT(nnx.Module):
                        f"{captions.shape}")
     if not isinstance(self_mask, ChunkMask):
       raise InputError(f"self_mask must be a ChunkMask, got {type(self_mask).__name__}")
-    tok = tok_per_chunk(T, H, W, chunks, p, pt)
-    if tuple(self_mask.kv_ranges.shape) != (N, chunks, 2) or self_mask.q_block != tok:
+    tokens_per_chunk = chunk_token_count(T, H, W, chunks, p, pt)
+    if tuple(self_mask.kv_ranges.shape) != (N, chunks, 2) or self_mask.q_block != tokens_per_chunk:
       raise InputError(f"self_mask must hold (N, chunks, 2) = ({N}, {chunks}, 2) key ranges of "
-                       f"{tok}-token chunks, got {tuple(self_mask.kv_ranges.shape)} with "
-                       f"q_block {self_mask.q_block}")
-    check_cache(cfg, cache, N, tok)
+                       f"{tokens_per_chunk}-token chunks, got "
+                       f"{tuple(self_mask.kv_ranges.shape)} with q_block {self_mask.q_block}")
+    check_cache(cfg, cache, N, tokens_per_chunk)
     n_cache = 0 if cache is None else cache.num_tokens
     if caption_dropped is not None and not (
         np.size(caption_dropped) in (1, N) or tuple(np.shape(caption_dropped)) == (N, chunks)):
@@ -161,7 +163,7 @@ class VideoDiT(nnx.Module):
                        f"({N}, {chunks}), got shape {np.shape(caption_dropped)}")
     ranges = concrete_ranges(self_mask)
     if ranges is not None and ranges.size:
-      S = chunks * tok
+      S = chunks * tokens_per_chunk
       if ranges.min() < 0 or ranges.max() > n_cache + S or np.any(ranges[..., 0] > ranges[..., 1]):
         raise InputError(f"self-attention key ranges {ranges.tolist()} reach keys outside "
                          f"[cache; current] ({n_cache} cached + {S} current tokens): pass a "
@@ -201,7 +203,7 @@ class VideoDiT(nnx.Module):
     chunks = t.shape[1]
     p, pt = cfg.patch_size, cfg.t_patch_size
     Tt, Ht, Wt = T // pt, H // p, W // p
-    tok = Tt * Ht * Wt // chunks
+    tokens_per_chunk = Tt * Ht * Wt // chunks
     acts = {} if return_activations else None
 
     # Patch embedding, float32.
@@ -239,7 +241,8 @@ class VideoDiT(nnx.Module):
     valid = caption_mask.astype(bool)
     order = jnp.argsort(~valid, axis=1, stable=True)
     feats = policy.low(jnp.take_along_axis(feats, order[:, :, None], axis=1))
-    xmask = ChunkMask(caption_ranges(valid.sum(axis=1)), q_block=tok, layout="key_prefix")
+    xmask = ChunkMask(caption_ranges(valid.sum(axis=1)), q_block=tokens_per_chunk,
+                      layout="key_prefix")
 
     if frame_index is None:
       rope = rope_table(self.rope_bands[...], Tt, Ht, Wt,

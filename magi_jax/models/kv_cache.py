@@ -61,31 +61,32 @@ class KVCacheStore:
       raise CacheError(f"chunks [{lo}, {slice_point}) are needed but the cache holds "
                        f"[{self.first_chunk}, {self.end_chunk}) (capacity "
                        f"{self.capacity_chunks} chunks)")
-    tok = self.tokens_per_chunk
-    a, b = (lo - self.first_chunk) * tok, (slice_point - self.first_chunk) * tok
+    a = (lo - self.first_chunk) * self.tokens_per_chunk
+    b = (slice_point - self.first_chunk) * self.tokens_per_chunk
     if a == 0 and b == self.data.num_tokens:
       return self.data                      # the whole store: no copy of the cache
     return KVCache(self.data.k[:, :, a:b], self.data.v[:, :, a:b])
 
   def write(self, slice_point: int, new: KVCache) -> None:
     """Stores the call's chunks [slice_point, slice_point + n), replacing what was there."""
-    tok = self.tokens_per_chunk
-    if new.num_tokens % tok:
-      raise CacheError(f"{new.num_tokens} tokens is not a whole number of {tok}-token chunks")
+    tokens_per_chunk = self.tokens_per_chunk
+    if new.num_tokens % tokens_per_chunk:
+      raise CacheError(f"{new.num_tokens} tokens is not a whole number of {tokens_per_chunk}-token "
+                       "chunks")
     if self.data is None:
       first, k, v = slice_point, new.k, new.v
     else:
       if slice_point < self.first_chunk or slice_point > self.end_chunk:
         raise CacheError(f"writing at chunk {slice_point} would leave a gap in the cache "
                          f"[{self.first_chunk}, {self.end_chunk})")
-      keep = (slice_point - self.first_chunk) * tok
+      keep = (slice_point - self.first_chunk) * tokens_per_chunk
       k = jnp.concatenate([self.data.k[:, :, :keep], new.k.astype(self.data.k.dtype)], axis=2)
       v = jnp.concatenate([self.data.v[:, :, :keep], new.v.astype(self.data.v.dtype)], axis=2)
       first = self.first_chunk
-    n = k.shape[2] // tok
+    n = k.shape[2] // tokens_per_chunk
     drop = max(0, n - self.capacity_chunks)
     self.first_chunk = first + drop
-    self.data = KVCache(k[:, :, drop * tok:], v[:, :, drop * tok:])
+    self.data = KVCache(k[:, :, drop * tokens_per_chunk:], v[:, :, drop * tokens_per_chunk:])
 
   def nbytes(self) -> int:
     return 0 if self.data is None else self.data.k.nbytes + self.data.v.nbytes

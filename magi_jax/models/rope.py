@@ -19,16 +19,6 @@ def default_bands(num_bands: int):
   return (1.0 / (10000.0 ** (jnp.arange(num_bands, dtype=F32) / num_bands))).astype(F32)
 
 
-def _axis_positions(n: int, ref: float, centred: bool):
-  p = jnp.arange(n, dtype=F32)
-  if centred:
-    p = p - jnp.asarray((n - 1) / 2, F32)
-  if n == 1:
-    return p
-  # Division first, then the multiplication, both in float32 (as the official).
-  return (p / jnp.asarray(n - 1, F32)) * jnp.asarray(ref - 1, F32)
-
-
 def _rescale(p, n, ref):
   """Map coordinates of an axis of n entries onto a reference axis of `ref` entries."""
   # Division first, then the multiplication, both in float32 (as the official). n may be traced.

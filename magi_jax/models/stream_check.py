@@ -35,36 +35,37 @@ class ChunkReport:
 def run(cfg: MagiConfig, *, num_chunks: int, latent_h: int, latent_w: int, kv_window: int,
         backend: str, precision: str, seed: int, log=print):
   m = cfg.model
-  cw = cfg.runtime.chunk_width
+  chunk_width = cfg.runtime.chunk_width
   policy = Precision.named(precision)
   model = VideoDiT(m, precision=policy, distill=cfg.engine.distill, rngs=nnx.Rngs(seed))
   kx, kt, ky = jax.random.split(jax.random.key(seed), 3)
-  x = jax.random.normal(kx, (1, m.latent_channels, num_chunks * cw, latent_h, latent_w))
+  x = jax.random.normal(kx, (1, m.latent_channels, num_chunks * chunk_width, latent_h, latent_w))
   t = jax.random.uniform(kt, (1, num_chunks))
   y = jax.random.normal(ky, (num_chunks, m.caption_max_length, m.caption_channels))
   mask = jnp.ones((num_chunks, m.caption_max_length), jnp.int32)
   step = distill_step_size(cfg.runtime.num_steps) if cfg.engine.distill else None
-  tok = cw * (latent_h // m.patch_size) * (latent_w // m.patch_size)
+  tokens_per_chunk = chunk_width * (latent_h // m.patch_size) * (latent_w // m.patch_size)
   graphdef, state = nnx.split(model)
 
   @functools.partial(jax.jit, static_argnames=("return_kv",))
   def forward(state, x, t, y, mask, ranges, first_chunk, cache, *, return_kv):
-    return nnx.merge(graphdef, state)(x, t, y, mask, ChunkMask(ranges, q_block=tok),
+    return nnx.merge(graphdef, state)(x, t, y, mask, ChunkMask(ranges, q_block=tokens_per_chunk),
                                       first_chunk=first_chunk, step_size=step, cache=cache,
                                       backend=backend, return_kv=return_kv)
 
   widths = [kv_window] * num_chunks
-  full_ranges = chunk_kv_ranges(range(num_chunks), widths=widths, tokens_per_chunk=tok)
+  full_ranges = chunk_kv_ranges(range(num_chunks), widths=widths, tokens_per_chunk=tokens_per_chunk)
   full = forward(state, x, t, y, mask, full_ranges[None], 0, None, return_kv=False).velocity
 
   store = KVCacheStore(capacity_chunks=kv_window - 1 if kv_window > 1 else 1,
-                       tokens_per_chunk=tok)
+                       tokens_per_chunk=tokens_per_chunk)
   reports = []
   for c in range(num_chunks):
     need = min(c, kv_window - 1)
     cache = store.read(c, need)
-    sl = slice(c * cw, (c + 1) * cw)
-    rng = chunk_kv_ranges([c], widths=[kv_window], cache_start=c - need, tokens_per_chunk=tok)
+    sl = slice(c * chunk_width, (c + 1) * chunk_width)
+    rng = chunk_kv_ranges([c], widths=[kv_window], cache_start=c - need,
+                          tokens_per_chunk=tokens_per_chunk)
     t0 = time.perf_counter()
     out = forward(state, x[:, :, sl], t[:, c:c + 1], y[c:c + 1], mask[c:c + 1], rng[None],
                   jnp.asarray(c, jnp.int32), cache, return_kv=True)
@@ -75,4 +76,4 @@ def run(cfg: MagiConfig, *, num_chunks: int, latent_h: int, latent_w: int, kv_wi
     reports.append(ChunkReport(c, dt, store.nbytes(), diff))
     log(f"chunk {c}: {dt * 1e3:8.1f} ms  cache {store.nbytes() / 2 ** 10:8.1f} KiB "
         f"({store.num_chunks} chunks)  max|streamed - full| = {diff:.2e}")
-  return reports, tok
+  return reports, tokens_per_chunk

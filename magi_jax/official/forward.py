@@ -32,15 +32,16 @@ def local_ranges(kv_range, N: int, chunks: int, S: int, slice_point, n_cache: in
   """Official kv ranges (N·chunks, 2) -> ranges inside each element's own [cache; current] keys.
 
   Official ranges are absolute token positions from the start of the video (the official cache
-  starts at chunk 0), and for N > 1 element b's keys start at b·(slice_point·tok + S). The
-  core's key sequence starts at slice_point·tok - n_cache (the cache holds only the chunks
-  the ranges need).
+  starts at chunk 0), and for N > 1 element b's keys start at
+  b·(slice_point·tokens_per_chunk + S). The core's key sequence starts at
+  slice_point·tokens_per_chunk - n_cache (the cache holds only the chunks the ranges need).
   """
-  tok = S // chunks
+  tokens_per_chunk = S // chunks
   elem = np.arange(N * chunks) // chunks
   xp = np if isinstance(kv_range, np.ndarray) else jnp
-  per_elem = slice_point * tok + S
-  return kv_range - (xp.asarray(elem) * per_elem)[:, None] - (slice_point * tok - n_cache)
+  cache_start = slice_point * tokens_per_chunk - n_cache
+  per_elem = slice_point * tokens_per_chunk + S
+  return kv_range - (xp.asarray(elem) * per_elem)[:, None] - cache_start
 
 
 def _squeeze_rows(y, xattn_mask):
@@ -99,7 +100,8 @@ def official_forward(model: VideoDiT, x, t, y, xattn_mask, kv_range, caption_dro
     t: (N, chunks) timesteps, 0 = noise, 1 = clean.
     y: (N*chunks, [1,] L, C) caption rows; xattn_mask (N*chunks, [1,] L) valid tokens.
     kv_range: (N*chunks, 2) official key-token ranges: absolute positions from the start
-      of the video, element-major for N > 1 (element b's keys start at b·range_num·tok).
+      of the video, element-major for N > 1 (element b's keys start at
+      b·range_num·tokens_per_chunk).
     caption_dropout_mask: (N,) or (1,) bool, or (N, chunks) per chunk; True selects the
       adaLN row of the caption-dropped pass (`caption_dropped` of the core).
     slice_point: index of the call's first chunk (earlier chunks come from `cache`).

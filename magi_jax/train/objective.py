@@ -1,8 +1,8 @@
 """The training loss of one batch of packed rows: conditioning, noising, one DiT call, loss.
 
 Inputs (a batch dict, as the trainer feeds it):
-  x1           (N, C, K·cw, h, w) float32  clean latents (or pixels in [-1, 1])
-  segment_ids  (N, K) int32                videos of each packed row, 0 = padding
+  x1           (N, C, K·chunk_width, h, w) float32  clean latents (or pixels in [-1, 1])
+  segment_ids  (N, K) int32                         videos of each packed row, 0 = padding
   text: either text_tokens (N, K, L) int32 + text_mask (N, K, L), encoded by the model's
         `text_encoder`, or text_emb (N, K, L, C) float + text_mask (precomputed T5 rows).
 
@@ -92,37 +92,39 @@ def training_loss(model: TrainModel, batch, key, obj: Objective):
 
 
 def velocity_of_row(model: TrainModel, batch, cond, x0, obj: Objective):
-  """The DiT output for noised packed rows: (N, C, K·cw, h, w)."""
+  """The DiT output for noised packed rows: (N, C, K·chunk_width, h, w)."""
   x1 = batch["x1"].astype(F32)
   seg = batch["segment_ids"]
   N, C, T, h, w = x1.shape
   K = seg.shape[1]
-  cw = obj.chunk_width
-  if T != K * cw:
-    raise ValueError(f"x1 has {T} latent frames; {K} chunks of {cw} need {K * cw}")
+  chunk_width = obj.chunk_width
+  if T != K * chunk_width:
+    raise ValueError(f"x1 has {T} latent frames; {K} chunks of {chunk_width} need "
+                     f"{K * chunk_width}")
   dit = model.dit
   p, pt = dit.cfg.patch_size, dit.cfg.t_patch_size
-  if cw % pt:
-    raise ValueError(f"chunk_width {cw} is not a multiple of t_patch_size {pt}")
-  tok = (cw // pt) * (h // p) * (w // p)
+  if chunk_width % pt:
+    raise ValueError(f"chunk_width {chunk_width} is not a multiple of t_patch_size {pt}")
+  tokens_per_chunk = (chunk_width // pt) * (h // p) * (w // p)
   x_t = flow.interpolate(x0, x1, cond.frame_t)
   y, m = caption_rows(model, batch, cond)
-  frame_index, frame_total = packed_frame_positions(seg, cw // pt)
+  frame_index, frame_total = packed_frame_positions(seg, chunk_width // pt)
   # Each chunk sees [its video's first token, its own end): causal segments.
-  mask = ChunkMask(packed_kv_ranges(seg, tok), q_block=tok, layout="causal_segments")
+  mask = ChunkMask(packed_kv_ranges(seg, tokens_per_chunk), q_block=tokens_per_chunk,
+                   layout="causal_segments")
   out = dit(x_t, cond.t, y, m, mask, caption_dropped=cond.text_drop, backend=obj.backend,
             frame_index=frame_index, frame_total=frame_total).velocity
-  return out, tok
+  return out, tokens_per_chunk
 
 
 def loss_given(model: TrainModel, batch, cond, x0, obj: Objective):
   """The loss for given conditioning and noise (packed == unpacked is tested through this)."""
   x1 = batch["x1"].astype(F32)
-  out, tok = velocity_of_row(model, batch, cond, x0, obj)
+  out, tokens_per_chunk = velocity_of_row(model, batch, cond, x0, obj)
   per_frame = flow.per_frame_sq_error(out, x0, x1, obj.prediction)
   loss = flow.weighted_mean(per_frame, cond.frame_weight)
   sums, counts = chunk_losses(per_frame, cond.frame_weight, cond.t, obj.chunk_width)
   aux = {"bucket_loss_sum": sums, "bucket_count": counts,
          "noisy_frames": jnp.sum(cond.frame_weight),
-         "tokens": jnp.sum(batch["segment_ids"] > 0) * tok}
+         "tokens": jnp.sum(batch["segment_ids"] > 0) * tokens_per_chunk}
   return loss, aux
