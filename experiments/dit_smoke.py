@@ -15,7 +15,7 @@ def main(argv):
   c = _CONFIG.value
   if c.kv_window < 1:
     raise app.UsageError(f"--config.kv_window must be >= 1, got {c.kv_window}")
-  reports, tok = stream_check.run(get_preset(c.preset), num_chunks=c.num_chunks,
+  reports, tokens_per_chunk = stream_check.run(get_preset(c.preset), num_chunks=c.num_chunks,
                                   latent_h=c.latent_h, latent_w=c.latent_w,
                                   kv_window=c.kv_window, backend=c.backend,
                                   precision=c.precision, seed=c.seed)
@@ -23,7 +23,7 @@ def main(argv):
   steady = [r.cache_bytes for r in reports[c.kv_window - 1:]] or [reports[-1].cache_bytes]
   # Chunks before kv_window see a cache of a new size and compile; time the others.
   timed = reports[c.kv_window:] or reports
-  tps = tok * len(timed) / sum(r.seconds for r in timed)
+  tps = tokens_per_chunk * len(timed) / sum(r.seconds for r in timed)
   ok = worst <= c.tolerance
   print(f"tokens/s (chunks with an already-compiled shape): {tps:,.0f}")
   print(f"KV cache bytes once the window is full: min {min(steady)}, max {max(steady)}")

@@ -2,7 +2,7 @@
 
 * 'step': `magi_jax.diffusion.step.make_step` over the preset's abstract DiT (bf16 weights, the
   official policy), once per steady-state call shape (steady.py), with the inputs the sampler
-  builds for that call: x (1, C, chunks·cw, h, w) f32, t / dt / guidance scales f32 per
+  builds for that call: x (1, C, chunks·chunk_width, h, w) f32, t / dt / guidance scales f32 per
   chunk, per-chunk text rows (L, caption_channels) f32 + masks, the null row, kv ranges and
   slice point int32, the KV cache of the cached chunks (layers, 1, tokens, kv groups,
   head_dim) in the compute dtype, the distilled step size. Weights by the project's parameter
@@ -42,11 +42,11 @@ CACHE_AXES = (None, "batch", "length", "act_heads", "head_dim")
 def step_program(job, step, state, call: CallShape) -> Program:
   cfg, mesh, rules = job.cfg, job.mesh, job.rules
   rt, m = cfg.runtime, cfg.model
-  cw, (h, w) = rt.chunk_width, (job.size.latent_h, job.size.latent_w)
+  chunk_width, (h, w) = rt.chunk_width, (job.size.latent_h, job.size.latent_w)
   n, d = call.call_chunks, call.plan.num_denoised
   L, Cc = m.caption_max_length, m.caption_channels
   a = functools.partial(array, mesh=mesh, rules=rules)
-  x = a((1, m.latent_channels, n * cw, h, w), F32)
+  x = a((1, m.latent_channels, n * chunk_width, h, w), F32)
   y_cond = a((n, L, Cc), F32)
   cache = None
   if call.cache_chunks:

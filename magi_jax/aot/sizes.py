@@ -50,8 +50,8 @@ class VideoSize:
 
 
 def tokens_per_chunk(cfg: MagiConfig, latent_h: int, latent_w: int) -> int:
-  m, cw = cfg.model, cfg.runtime.chunk_width
-  return (cw // m.t_patch_size) * (latent_h // m.patch_size) * (latent_w // m.patch_size)
+  m, chunk_width = cfg.model, cfg.runtime.chunk_width
+  return (chunk_width // m.t_patch_size) * (latent_h // m.patch_size) * (latent_w // m.patch_size)
 
 
 def latent_hw(cfg: MagiConfig, height: int, width: int) -> tuple[int, int]:

@@ -8,7 +8,7 @@ layer, the real `Objective` (flow matching per chunk, chunk_width of the preset,
 state donated, and the state / batch shardings of `train.step.mesh_shardings`.
 
 The batch is `--batch` packed rows of precomputed latents and T5 rows (latent-space training
-without the VAE in the step): latents (N, C, K·cw, h, w) f32, segment_ids (N, K) int32 (one
+without the VAE in the step): latents (N, C, K·chunk_width, h, w) f32, segment_ids (N, K) int32 (one
 video per row), text_emb (N, K, L, caption_channels) f32, text_mask (N, K, L) int32. Its rows
 split over the rules' batch axes (data, fsdp); when those do not divide N the batch stays
 replicated (as any dim a mesh axis does not divide; the trainer itself requires
@@ -36,11 +36,12 @@ EMA_DECAY = 0.999
 
 
 def batch_inputs(job) -> dict:
-  m, cw = job.cfg.model, job.cfg.runtime.chunk_width
+  m, chunk_width = job.cfg.model, job.cfg.runtime.chunk_width
   N, K = job.batch, job.size.chunks
   L, Cc = m.caption_max_length, m.caption_channels
   a = functools.partial(array, mesh=job.mesh, rules=job.rules, names=("batch",))
-  return {"latents": a((N, m.latent_channels, K * cw, job.size.latent_h, job.size.latent_w), F32),
+  latent_shape = (N, m.latent_channels, K * chunk_width, job.size.latent_h, job.size.latent_w)
+  return {"latents": a(latent_shape, F32),
           "segment_ids": a((N, K), I32), "text_emb": a((N, K, L, Cc), F32),
           "text_mask": a((N, K, L), I32)}
 

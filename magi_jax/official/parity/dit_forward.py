@@ -47,8 +47,9 @@ def run(directory: str, *, activations: bool = False, backend: str = "reference"
     if "fwd.rope" in data:
       _, _, T, H, W = x.shape
       p, pt = cfg.model.patch_size, cfg.model.t_patch_size
-      drn = data["fwd.in.t"].shape[1]
-      cw = kw.get("chunk_width") or T // drn
-      table = rope_for_call(model, T // pt, H // p, W // p, int(kw.get("slice_point", 0)), cw)
+      chunks_in_flight = data["fwd.in.t"].shape[1]
+      chunk_width = kw.get("chunk_width") or T // chunks_in_flight
+      table = rope_for_call(model, T // pt, H // p, W // p, int(kw.get("slice_point", 0)),
+                            chunk_width)
       results.append(compare("dit_forward/rope", table, data["fwd.rope"], atol=1e-5, rtol=1e-5))
   return results

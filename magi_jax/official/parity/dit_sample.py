@@ -47,10 +47,10 @@ def run_variant(directory: str, variant: str, *, activations: bool = False,
                             precision=Precision.fp32(), distill=cfg.engine.distill)
   sampler = Sampler(model, cfg, options=SamplerOptions(backend=backend))
   noise = d["in.noise"]
-  cw = cfg.runtime.chunk_width
+  chunk_width = cfg.runtime.chunk_width
   records = []
   chunks = list(sampler.sample(ArrayTextRows(d["derived.y"], d["derived.emb_masks"]),
-                               latent_hw=noise.shape[3:], num_chunks=noise.shape[2] // cw,
+                               latent_hw=noise.shape[3:], num_chunks=noise.shape[2] // chunk_width,
                                noise=noise, on_call=records.append))
   results = []
   n_ref = int(meta.get("num_calls", 0))
@@ -59,7 +59,7 @@ def run_variant(directory: str, variant: str, *, activations: bool = False,
   worst = {"x": [], "t": [], "kv_range": [], "velocity": []}
   for i, r in enumerate(records[:n_ref]):
     key = f"call{i:02d}"
-    off = cw if r.plan.refresh else 0
+    off = chunk_width if r.plan.refresh else 0
     pairs = {"x": (r.x, d[f"{key}.x"]), "t": (r.t, d[f"{key}.timestep"][0]),
              "kv_range": (r.kv_range, d[f"{key}.kv_range"]),
              "velocity": (r.velocity, d[f"{key}.out"][:, :, off:])}
