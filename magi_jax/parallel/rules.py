@@ -16,16 +16,21 @@ axes or one that replicates it on purpose (logical axes `REPLICATED`): `tree_sha
 about the others (once per path) and replicates them, or raises `ShardingRuleError` when the
 rules are `strict` (`config.sharding.strict`).
 
-Where the current mesh and rules live: `use_mesh` sets the mesh with `jax.set_mesh` (code that
-needs it reads `jax.sharding.get_abstract_mesh()`, empty outside a mesh) and the logical table
-with flax's `nnx.logical_axis_rules` (JAX has no place for logical-axis rules; flax's is the
-one NNX's own sharding annotations read). This module keeps no state of its own beyond the set
-of paths it already warned about.
+Where the current mesh and rules live: `use_mesh` sets the mesh with `jax.set_mesh` and the
+logical table with flax's `nnx.logical_axis_rules` (JAX has no place for logical-axis rules;
+flax's is the one NNX's own sharding annotations read). Inside a trace JAX exposes only the
+abstract mesh (`jax.sharding.get_abstract_mesh()`); the kernels' `shard_map`s and the
+activation constraints are built on the concrete mesh `use_mesh` was given, which this module
+keeps for the block (one context variable). Built on the abstract mesh instead, the 8-device
+CPU sampler test (tests/test_context_parallel.py) aborted XLA:CPU nondeterministically after
+the Ulysses tests, which the concrete mesh never did. Under a bare `jax.set_mesh` the
+abstract mesh is used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import re
 import warnings
@@ -253,12 +258,18 @@ def tree_shardings(tree, mesh, rules: ShardingRules):
   return out
 
 
+_CONCRETE: contextvars.ContextVar = contextvars.ContextVar("magi_concrete_mesh", default=None)
+
+
 def current_mesh():
-  """The mesh of the innermost `jax.set_mesh` (`use_mesh`) as JAX's abstract mesh, or None
-  outside one. Inside a trace only the abstract mesh exists; `jax.shard_map`, sharding
-  constraints and `axis_size` take it like a concrete one."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return None if mesh.empty else mesh
+  """The concrete mesh of the innermost `use_mesh`; else that of a bare `jax.set_mesh` as JAX's
+  abstract mesh; None outside both (`jax.shard_map`, sharding constraints and `axis_size` take
+  either kind)."""
+  abstract = jax.sharding.get_abstract_mesh()
+  if abstract.empty:
+    return None
+  mesh = _CONCRETE.get()
+  return mesh if mesh is not None and mesh.abstract_mesh == abstract else abstract
 
 
 def current_rules() -> ShardingRules:
@@ -274,15 +285,20 @@ def use_mesh(mesh, rules: ShardingRules = ShardingRules()):
   """Within this block, `constrain` places activations on `mesh` and the context-parallel
   attention backends split the sequence over its 'context' axis: `jax.set_mesh(mesh)` and
   flax's `nnx.logical_axis_rules(rules.logical)`."""
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules.logical):
-    yield mesh
+  token = _CONCRETE.set(mesh)
+  try:
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules.logical):
+      yield mesh
+  finally:
+    _CONCRETE.reset(token)
 
 
 def target_platform() -> str:
   """The platform the program being traced is for: the current mesh's devices (an
   ahead-of-time compile for a TPU topology runs on a CPU host), else JAX's default backend."""
   mesh = current_mesh()
-  device = None if mesh is None else mesh.abstract_device
+  abstract = getattr(mesh, "abstract_mesh", mesh)        # a concrete Mesh has one
+  device = None if abstract is None else abstract.abstract_device
   return device.platform if device is not None else jax.default_backend()
 
 
