@@ -34,6 +34,7 @@ from flax import nnx
 
 from magi_jax.attention import ChunkMask
 from magi_jax.models.kv_cache import KVCache
+from magi_jax.diffusion.shortcut import guided_velocity
 
 
 @jax.tree_util.register_dataclass
@@ -117,7 +118,7 @@ def cfg3_velocity(model, inp: StepInputs, opts: StepOptions, backend: str = "aut
                first_chunk=0).velocity
   s_p = jnp.repeat(inp.scale_prev, chunk_width)[None, None, :, None, None]
   s_t = jnp.repeat(inp.scale_text, chunk_width)[None, None, :, None, None]
-  v = (1 - s_p) * _join_chunks(alone) + (s_p - s_t) * prev[:, :, off:] + s_t * text[:, :, off:]
+  v = guided_velocity(text[:, :, off:], prev[:, :, off:], _join_chunks(alone), s_p, s_t)
   kv = KVCache(ab.kv.k[:, 1:2], ab.kv.v[:, 1:2]) if opts.refresh else None
   return v, kv
 
