@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,10 +25,15 @@ NUM_DEVICES = 8
 FLAG = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _RUNS: dict[str, dict] = {}
+# The child gets the environment the session was collected in, not what earlier tests left
+# in os.environ (loading libtpu for the TPU compile tests sets TPU_LIBRARY_PATH and
+# ALLOW_MULTIPLE_LIBTPU_LOAD): a CPU-only run should not see them.
+_SESSION_ENV = dict(os.environ)
+_FATAL = re.compile(r"^(F\d{4} |.*(Termination timeout|Check failed|Fatal Python error))")
 
 
 def _run_module(path: str) -> dict:
-  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FLAG).strip(),
+  env = dict(_SESSION_ENV, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FLAG).strip(),
              JAX_PLATFORMS="cpu")
   env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
   with tempfile.TemporaryDirectory() as tmp:
@@ -44,7 +50,10 @@ def _run_module(path: str) -> dict:
                                      (bad.get("message") or "") + "\n" + (bad.text or "")) \
             if bad is not None else ("skipped", skipped.get("message")) if skipped is not None \
             else ("passed", "")
-  return {"results": results, "log": proc.stdout[-4000:] + proc.stderr[-2000:]}
+  # A fatal XLA error prints its reason once, before a long thread dump: keep those lines.
+  fatal = [line for line in proc.stderr.splitlines() if _FATAL.match(line)]
+  return {"results": results,
+          "log": proc.stdout[-4000:] + "\n".join(fatal[:20]) + "\n" + proc.stderr[-2000:]}
 
 
 def eight_devices(test):

@@ -166,40 +166,6 @@ def test_ring_rejects_non_causal_concrete_masks():
 
 
 @eight_devices
-@pytest.mark.parametrize("backend", ["ulysses"])
-def test_sampler_on_a_mesh_matches_one_device(backend):
-  """The unchanged sampler, with the DiT's weights sharded by the rules table and self-attention
-  split over 'context' (ring falls back to blockwise where a KV cache makes Sk != Sq)."""
-  from conftest import make_model
-  from flax import nnx
-  from magi_jax.configs import tiny_config
-  from magi_jax.parallel.rules import ShardingRules, tree_shardings
-  from magi_jax.diffusion import Sampler, SamplerOptions
-  from magi_jax.text import ChunkTextRows, TextFlags
-  cfg = tiny_config()
-  r = np.random.default_rng(0)
-  L, C = 64, 32
-  text = ChunkTextRows(r.standard_normal((1, L, C)).astype(np.float32),
-                       (np.arange(L) < 13)[None].astype(np.float32),
-                       r.standard_normal((L, C)).astype(np.float32), infer_chunk_num=3,
-                       clean_chunk_num=0, flags=TextFlags.none())
-
-  def sample(model, backend):
-    s = Sampler(model, cfg, options=SamplerOptions(backend=backend))
-    return np.concatenate([np.asarray(ch.latent) for ch in s.sample(
-        text, latent_hw=(4, 4), num_chunks=3, key=jax.random.key(7))], axis=2)
-
-  want = sample(make_model(), "blockwise")
-  mesh = make_mesh(MeshConfig(data=1, fsdp=2, context=2, tensor=2))
-  model = make_model()
-  state = nnx.state(model)
-  nnx.update(model, jax.device_put(state, tree_shardings(state, mesh, ShardingRules())))
-  with use_mesh(mesh):
-    got = sample(model, backend)
-  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-
-
-@eight_devices
 def test_fit_spec_replicates_dims_the_mesh_does_not_divide():
   from jax.sharding import PartitionSpec as P
   from magi_jax.parallel.rules import fit_spec

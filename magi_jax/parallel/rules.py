@@ -21,10 +21,9 @@ logical table with flax's `nnx.logical_axis_rules` (JAX has no place for logical
 flax's is the one NNX's own sharding annotations read). Inside a trace JAX exposes only the
 abstract mesh (`jax.sharding.get_abstract_mesh()`); the kernels' `shard_map`s and the
 activation constraints are built on the concrete mesh `use_mesh` was given, which this module
-keeps for the block (one context variable). Built on the abstract mesh instead, the 8-device
-CPU sampler test (tests/test_context_parallel.py) aborted XLA:CPU nondeterministically after
-the Ulysses tests, which the concrete mesh never did. Under a bare `jax.set_mesh` the
-abstract mesh is used.
+keeps for the block (one context variable), so eager calls between jitted steps (the
+sampler's loop) place their arrays on real devices. Under a bare `jax.set_mesh` the abstract
+mesh is used.
 """
 
 from __future__ import annotations
