@@ -92,6 +92,24 @@ def test_self_consistency_target_is_the_two_step_euler_average():
   np.testing.assert_allclose(got[1, :, :2], v1[1, :, :2], rtol=1e-6)     # t = 1 chunk
 
 
+def test_held_frames_keep_their_value_for_the_second_step():
+  """An I2V image frame is written back by the sampler every step: the second velocity sees
+  it unmoved, the other frames of its chunk moved."""
+  seen = []
+
+  def velocity(x, t, s):
+    seen.append(x)
+    return jnp.ones_like(x)
+
+  x = jnp.zeros((1, 1, 4, 1, 1))
+  t = jnp.array([[0.2, 0.5]])
+  hold = jnp.array([[True, False, False, False]])
+  shortcut.self_consistency_target(velocity, x, t, 1 / 8, hold_frames=hold)
+  moved = np.asarray(seen[1])[0, 0, :, 0, 0]
+  d1 = np.asarray(shortcut.next_level(t, 1 / 8) - t)[0]
+  np.testing.assert_allclose(moved, [0.0, d1[0], d1[1], d1[1]], rtol=1e-6)
+
+
 def test_self_consistency_target_carries_no_gradient():
   x = jnp.ones((1, 1, 2, 1, 1))
   t = jnp.array([[0.3, 0.1]])

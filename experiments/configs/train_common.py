@@ -113,6 +113,20 @@ def train_config():
   c.optim.weight_decay = 0.1
   c.optim.grad_clip = 1.0
 
+  # Shortcut + guidance distillation (magi_jax/train/distill.py): a teacher makes this run a
+  # distillation run; the student is a distilled DiT of the teacher's architecture.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher = ""           # "" (not distilling) | a base run's workdir | init (the init
+                                   # weights, e.g. an official base checkpoint)
+  c.distill.cycle = (1 / 64,) * 8 + (1 / 32, 1 / 16, 1 / 8)   # step size of step i: cycle[i % n]
+  # The teacher's guidance (MAGI's three passes), by the sampler's rule: a chunk at level t
+  # takes bucket #{cfg_t_range < t} - 1; v2v_text_scales (empty: text_scales) for videos with
+  # clean chunks.
+  c.distill.cfg_t_range = (0.0,)
+  c.distill.prev_chunk_scales = (1.0,)
+  c.distill.text_scales = (3.0,)
+  c.distill.v2v_text_scales = ()
+
   c.sample = ml_collections.ConfigDict()
   c.sample.num_videos = 4
   c.sample.num_steps = 16

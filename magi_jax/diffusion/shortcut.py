@@ -87,13 +87,14 @@ def _per_frame(a, frames_per_chunk: int):
   return jnp.repeat(a, frames_per_chunk, axis=1)[:, None, :, None, None]
 
 
-def self_consistency_target(velocity, x, t, s, clean=None):
+def self_consistency_target(velocity, x, t, s, clean=None, hold_frames=None):
   """The target for one step of size 2s: two steps of size s, Δt-weighted, stop-gradient.
 
   velocity(x, t, s) -> v: the student (or its EMA), x (N, C, K·F, H, W), t (N, K) per chunk,
   s a scalar step size. v1 = velocity(x, t, s); x' = x + (t1 - t)·v1; v2 = velocity(x', t1, s);
   target = ((t1 - t)·v1 + (t2 - t1)·v2) / (t2 - t), per chunk. Where a chunk does not move
-  (clean, or already at t = 1) the target is v1.
+  (clean, or already at t = 1) the target is v1. hold_frames (N, K·F) bool: latent frames
+  that keep their value in x' (an I2V image frame, which the sampler writes back every step).
   """
   t = jnp.asarray(t, F32)
   frames = x.shape[2] // t.shape[1]
@@ -101,7 +102,10 @@ def self_consistency_target(velocity, x, t, s, clean=None):
   t2 = next_level(t1, s, clean)
   d1, d2 = t1 - t, t2 - t1
   v1 = velocity(x, t, s)
-  v2 = velocity(x + _per_frame(d1, frames) * v1, t1, s)
+  x_mid = x + _per_frame(d1, frames) * v1
+  if hold_frames is not None:
+    x_mid = jnp.where(jnp.asarray(hold_frames, bool)[:, None, :, None, None], x, x_mid)
+  v2 = velocity(x_mid, t1, s)
   total = d1 + d2
   moved = total > 0
   w1 = jnp.where(moved, d1 / jnp.where(moved, total, 1.0), 1.0)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -18,6 +20,7 @@ from magi_jax.models.stack import DEFAULT_REMAT_POLICY, RematPolicyError, remat_
 from magi_jax.train import optim
 from magi_jax.train.project import text_kind
 from magi_jax.diffusion.conditioning import ConditioningConfig
+from magi_jax.train.distill import DistillObjective, Guidance
 from magi_jax.train.objective import Objective, TrainModel
 from magi_jax.train.samples import SampleSettings
 
@@ -46,13 +49,29 @@ def tokenizer_for(c):
   return text_kind(c).tokenizer(c)
 
 
-def objective(c) -> Objective:
+def distilling(c) -> bool:
+  """The run distils a teacher (`config.distill.teacher`) into a shortcut student."""
+  return bool(c.get("distill", {}).get("teacher", ""))
+
+
+def objective(c) -> Objective | DistillObjective:
   o = c.objective
   cond = ConditioningConfig(p_v2v=o.p_v2v, p_i2v=o.p_i2v, clean_t_min=o.clean_t_min,
                             text_dropout=o.text_dropout, t_mean=o.t_mean, t_std=o.t_std,
                             t_shift=o.t_shift)
-  return Objective(chunk_width=o.chunk_width, conditioning=cond, prediction=c.model.prediction,
+  base = Objective(chunk_width=o.chunk_width, conditioning=cond, prediction=c.model.prediction,
                    backend=c.model.backend)
+  if not distilling(c):
+    return base
+  d = c.distill
+  try:
+    v2v = tuple(d.v2v_text_scales) or None
+    guidance = Guidance(cfg_t_range=tuple(d.cfg_t_range),
+                        prev_chunk_scales=tuple(d.prev_chunk_scales),
+                        text_scales=tuple(d.text_scales), v2v_text_scales=v2v)
+    return DistillObjective(base=base, cycle=tuple(d.cycle), guidance=guidance)
+  except ValueError as e:
+    raise ConfigError(f"config.distill: {e}") from None
 
 
 def optimizer(c):
@@ -81,8 +100,12 @@ def sample_settings(c) -> SampleSettings:
                         text_scale=s.text_scale, prev_scale=s.prev_scale)
 
 
-def build_model(c, tokenizer) -> TrainModel:
-  """A TrainModel with fresh random weights (the trainer loads checkpoints over it)."""
+def build_model(c, tokenizer, *, with_teacher: bool = True) -> TrainModel:
+  """A TrainModel with fresh random weights (the trainer loads checkpoints over it).
+
+  A distillation run (`distilling(c)`) gets a distilled student DiT and, with `with_teacher`,
+  a `teacher` TrainModel of the same architecture (base DiT and text encoder) whose weights
+  the trainer loads (`trainer.load_teacher`); evaluation builds the student alone."""
   mcfg = model_config(c)
   precision = Precision.named(c.model.precision)
   policy_name = c.model.get("remat_policy", DEFAULT_REMAT_POLICY)   # older run configs lack it
@@ -90,6 +113,11 @@ def build_model(c, tokenizer) -> TrainModel:
     remat_policy(policy_name)
   except RematPolicyError as e:
     raise ConfigError(f"config.model.remat_policy: {e}") from None
+  distill = distilling(c)
+  if distill and c.init.kind != "random" and c.distill.teacher != "init":
+    raise ConfigError(f"config.init.kind={c.init.kind!r} with config.distill.teacher="
+                      f"{c.distill.teacher!r}: a student starts from its teacher; set "
+                      "distill.teacher='init' to distil the init weights")
   if c.init.kind == "random":
     dit = random_module(lambda: VideoDiT(mcfg, precision=precision, rngs=nnx.Rngs(c.seed)),
                         c.seed)
@@ -102,6 +130,15 @@ def build_model(c, tokenizer) -> TrainModel:
   else:
     raise ConfigError(f"config.init.kind must be random | official | converted, got "
                       f"{c.init.kind!r}")
+  teacher = None
+  if distill:
+    # The init weights (random when the teacher is a run: the trainer loads it over both) are
+    # the teacher; the student is a distilled copy of them.
+    if dit.distill:
+      raise ConfigError("config.distill: the init weights are already a distilled model")
+    if with_teacher:
+      teacher = dit
+    dit = distilled_copy(dit, c.seed)
   dit.remat = bool(c.model.remat)
   dit.remat_policy = policy_name
   dit.scan_layers = bool(c.model.get("scan_layers", True))
@@ -112,7 +149,23 @@ def build_model(c, tokenizer) -> TrainModel:
   text = None
   if tokenizer is not None:
     text = text_kind(c).encoder(c, tokenizer, mcfg.caption_channels, nnx.Rngs(c.seed + 2))
-  return TrainModel(dit, text)
+  if teacher is not None:
+    teacher.scan_layers = dit.scan_layers
+    teacher = TrainModel(teacher, None if text is None else _copy(text))
+  return TrainModel(dit, text, teacher)
+
+
+def _copy(module):
+  graphdef, state = nnx.split(module)
+  return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+
+
+def distilled_copy(dit: VideoDiT, seed: int) -> VideoDiT:
+  """A distilled DiT (`distill=True`: the timestep embedder also embeds the step size) with
+  `dit`'s weights: the official distilled architecture adds no parameters."""
+  student = VideoDiT(dit.cfg, precision=dit.precision, distill=True, rngs=nnx.Rngs(seed))
+  nnx.update(student, jax.tree.map(jnp.copy, nnx.state(dit)))
+  return student
 
 
 def frame_encoder(c):

@@ -44,6 +44,7 @@ class MetricsLog:
     self.bucket_sum = np.zeros(len(T_BUCKETS) - 1)
     self.bucket_n = np.zeros(len(T_BUCKETS) - 1)
     self.tokens = 0.0
+    self.by_size = {}
 
   def add(self, m: dict) -> None:
     m = {k: np.asarray(v) for k, v in m.items()}
@@ -55,6 +56,10 @@ class MetricsLog:
       self.bucket_sum += m["bucket_loss_sum"]
       self.bucket_n += m["bucket_count"]
       self.n += 1
+      if "step_size" in m:        # distillation: the loss of each step size on its own
+        name = f"loss_s/1_{round(1 / float(m['step_size']))}"
+        total, count = self.by_size.get(name, (0.0, 0))
+        self.by_size[name] = (total + float(m["loss"]), count + 1)
     self.sums["learning_rate"] = float(m["learning_rate"])
     self.tokens += float(m["tokens"])
 
@@ -72,6 +77,8 @@ class MetricsLog:
     for name, s, n in zip(bucket_names(), self.bucket_sum, self.bucket_n):
       if n:
         out[name] = s / n
+    for name, (total, count) in sorted(self.by_size.items()):
+      out[name] = total / count
     if self.writer is not None:
       for k, v in out.items():
         self.writer.add_scalar(k, v, step)

@@ -29,11 +29,14 @@ T_BUCKETS = (0.0, 0.1, 0.3, 0.6, 1.0)     # per-level loss in TensorBoard: [0, .
 
 
 class TrainModel(nnx.Module):
-  """What the optimizer trains: the DiT and, for the demo, a small text encoder."""
+  """What a training step runs: the DiT, for the demo a small text encoder, and when
+  distilling the frozen teacher DiT (which parts the optimizer trains is the trainer's
+  filter)."""
 
-  def __init__(self, dit, text_encoder=None):
+  def __init__(self, dit, text_encoder=None, teacher=None):
     self.dit = dit
     self.text_encoder = text_encoder
+    self.teacher = teacher            # distillation: the frozen base DiT (train/distill.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,11 @@ class Objective:
 
   def __post_init__(self):
     flow.check_prediction(self.prediction)
+
+  def loss(self, model, batch, key, step):
+    """(loss, aux) of one training step (`step` is unused: every step draws the same way)."""
+    del step
+    return training_loss(model, batch, key, self)
 
 
 def caption_rows(model: TrainModel, batch, cond):

@@ -34,15 +34,18 @@ class SampleSettings:
 
 
 def sampler_config(model, chunk_width: int, s: SampleSettings) -> MagiConfig:
-  """A base-model (cfg 3) sampling config for a trained model; every chunk sees all earlier
-  chunks (training is block-causal over the whole video)."""
-  runtime = _runtime(cfg_number=3, cfg_t_range=(0.0,), prev_chunk_scales=(s.prev_scale,),
+  """The sampling config of a trained model: three guidance passes (cfg 3) for a base model,
+  one (cfg 1, step-size embedding, the official nearly-clean blend) for a distilled student;
+  every chunk sees all earlier chunks (training is block-causal over the whole video)."""
+  distill = bool(getattr(model, "distill", False))
+  runtime = _runtime(cfg_number=1 if distill else 3, cfg_t_range=(0.0,),
+                     prev_chunk_scales=(s.prev_scale,),
                      text_scales=(s.text_scale,), noise2clean_kvrange=(), clean_chunk_kvrange=-1,
                      clean_t=s.clean_t, num_steps=s.num_steps, window_size=s.window_size,
                      chunk_width=chunk_width, num_frames=chunk_width, video_size_h=256,
                      video_size_w=256)
   return MagiConfig(model=model.cfg, runtime=runtime,
-                    engine=_engine(distributed_backend="gloo", distill=False))
+                    engine=_engine(distributed_backend="gloo", distill=distill))
 
 
 def frames_to_latent(frames):

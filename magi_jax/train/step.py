@@ -25,7 +25,8 @@ from einops import rearrange
 from flax import nnx
 
 from magi_jax.media.read import pixels_to_model
-from magi_jax.train.objective import Objective, training_loss
+from magi_jax.train.distill import DistillObjective
+from magi_jax.train.objective import Objective
 
 F32 = jnp.float32
 
@@ -121,8 +122,9 @@ def mesh_shardings(state: TrainState, frozen, mesh, rules) -> StepShardings:
                        replicated=rep)
 
 
-def make_train_step(graphdef, obj: Objective, tx, schedule, *, compute_dtypes=None,
-                    ema_decay: float = 0.0, encode_frames=None, shardings=None):
+def make_train_step(graphdef, obj: Objective | DistillObjective, tx, schedule, *,
+                    compute_dtypes=None, ema_decay: float = 0.0, encode_frames=None,
+                    shardings=None):
   """Returns `step(state, frozen, batch) -> (state, metrics)`, jitted, state donated.
 
   compute_dtypes: a pytree like `params` giving the dtype each master weight is cast to in
@@ -134,11 +136,11 @@ def make_train_step(graphdef, obj: Objective, tx, schedule, *, compute_dtypes=No
   """
   sh = shardings or single_device_shardings()
 
-  def loss_of(params, frozen, batch, key):
+  def loss_of(params, frozen, batch, key, step):
     if compute_dtypes is not None:
       params = jax.tree.map(lambda p, d: p.astype(d), params, compute_dtypes)
     model = nnx.merge(graphdef, params, frozen)
-    return training_loss(model, batch, key, obj)
+    return obj.loss(model, batch, key, step)
 
   @functools.partial(jax.jit, donate_argnums=(0,), in_shardings=(sh.state, sh.frozen, sh.batch),
                      out_shardings=(sh.state, sh.replicated))
@@ -146,7 +148,7 @@ def make_train_step(graphdef, obj: Objective, tx, schedule, *, compute_dtypes=No
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     batch = model_batch(batch, encode_frames)
     (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params, frozen, batch,
-                                                                   key)
+                                                                   key, state.step)
     gnorm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

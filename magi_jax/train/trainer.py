@@ -65,7 +65,40 @@ class _Preemption:
 
 
 def trainable_filter(c):
-  return nnx.LoRAParam if c.lora.rank else nnx.Param
+  """LoRA adapters, or every parameter; never the teacher of a distillation run."""
+  base = nnx.LoRAParam if c.lora.rank else nnx.Param
+  return nnx.All(base, nnx.Not(nnx.PathContains("teacher"))) if build.distilling(c) else base
+
+
+def load_teacher(c, model, echo=print) -> None:
+  """A distillation run's teacher weights into `model.teacher` and, as the student's start,
+  into `model.dit` and `model.text_encoder` (a resumed run restores the student over them).
+
+  `config.distill.teacher`: a base run's workdir (its latest checkpoint, EMA weights when it
+  kept an EMA), or 'init' (the config's init weights, already in place)."""
+  where = c.distill.teacher
+  if where == "init":
+    return
+  tc, teacher, _, step = load_trained(where)
+  if build.distilling(tc):
+    raise ConfigError(f"config.distill.teacher={where!r} is itself a distillation run")
+  for field, mine, theirs in (("model", build.model_config(c), build.model_config(tc)),
+                              ("model.prediction", c.model.prediction, tc.model.prediction),
+                              ("text", c.text.to_dict(), tc.text.to_dict())):
+    if mine != theirs:
+      raise ConfigError(f"config.{field} differs from the teacher run's ({where}): {mine} vs "
+                        f"{theirs}; a student has its teacher's architecture")
+  if tc.lora.rank:
+    from magi_jax.train.lora import merge_lora
+    teacher.dit = merge_lora(teacher.dit)
+  weights = nnx.state(teacher.dit, nnx.Param)
+  nnx.update(model.teacher.dit, weights)
+  nnx.update(model.dit, jax.tree.map(jax.numpy.copy, weights))
+  if teacher.text_encoder is not None:
+    text = nnx.state(teacher.text_encoder, nnx.Param)
+    nnx.update(model.teacher.text_encoder, text)
+    nnx.update(model.text_encoder, jax.tree.map(jax.numpy.copy, text))
+  echo(f"teacher: {where} at step {step}")
 
 
 def split_model(c, model):
@@ -88,6 +121,8 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
   evals = evaluators(c)               # resolved now: a misspelt name fails before step 0
   tokenizer = build.tokenizer_for(c)
   model = build.build_model(c, tokenizer)
+  if build.distilling(c):
+    load_teacher(c, model, echo)
   obj = build.objective(c)
   graphdef, params, frozen = split_model(c, model)
   dtypes = compute_dtypes(params)
@@ -249,7 +284,7 @@ def load_trained(workdir: str, *, step: int | None = None, use_ema: bool = True)
   ckdir = os.path.join(workdir, "checkpoints")
   c = ml_collections.ConfigDict(Checkpointer.read_run(ckdir)["config"])
   tokenizer = build.tokenizer_for(c)
-  model = build.build_model(c, tokenizer)
+  model = build.build_model(c, tokenizer, with_teacher=False)    # a student without its teacher
   graphdef, params, frozen = split_model(c, model)
   schedule, tx = build.optimizer(c)
   abstract = jax.eval_shape(lambda p: init_state(p, tx, seed=c.seed, ema=c.ema_decay > 0), params)
