@@ -26,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from magi_jax.diffusion.schedule import SHIFT
+from magi_jax.errors import MagiError
 
 F32 = jnp.float32
 STEP_CYCLE = (1 / 64,) * 8 + (1 / 32, 1 / 16, 1 / 8)
 
 
-class ShortcutError(ValueError):
+class ShortcutError(MagiError, ValueError):
   pass
 
 

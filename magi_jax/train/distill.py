@@ -39,13 +39,14 @@ from magi_jax.attention import ChunkMask
 from magi_jax.diffusion import flow, shortcut
 from magi_jax.diffusion.conditioning import sample_conditioning
 from magi_jax.diffusion.segments import packed_frame_positions, packed_kv_ranges
+from magi_jax.errors import MagiError
 from magi_jax.text.rows import NULL_CAPTION_VALID
 from magi_jax.train.objective import Objective, caption_rows, chunk_losses
 
 F32 = jnp.float32
 
 
-class DistillConfigError(ValueError):
+class DistillConfigError(MagiError, ValueError):
   pass
 
 
