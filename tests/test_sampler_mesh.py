@@ -1,10 +1,12 @@
 """The unchanged streaming sampler on an 8-device CPU mesh equals the one-device sampler.
 
-Its own module, so its own 8-device child process (tests/multidevice.py): run in the same
-child after the 23 ring and Ulysses cases of tests/test_context_parallel.py, XLA:CPU aborted
-(SIGABRT, no message) on an eager op of the sampler loop (`jax.random.fold_in`) in three
-clean-clone CI runs and in 3 of 4 runs of that module alone; the cause inside XLA:CPU was not
-found (not the environment, not `jax.set_mesh`: both ruled out).
+Its own module, so its own 8-device child process (tests/multidevice.py): in one child after
+the 23 ring and Ulysses cases of tests/test_context_parallel.py, XLA:CPU aborted (SIGABRT, no
+message) on an eager op of the sampler loop (`jax.random.fold_in`) in three clean-clone CI
+runs and in 3 of 4 runs of that module alone; on its own it passed in a one-process run and
+aborted once under two xdist workers. The cause inside XLA:CPU was not found (not the
+environment, not `jax.set_mesh`: both ruled out); a child that dies by a signal is rerun
+(at most twice, with a warning).
 """
 
 import jax
