@@ -3,11 +3,13 @@
 Its own module, so its own 8-device child process (tests/multidevice.py): in one child after
 the 23 ring and Ulysses cases of tests/test_context_parallel.py, XLA:CPU aborted (SIGABRT, no
 message) on an eager op of the sampler loop (`jax.random.fold_in`) in three clean-clone CI
-runs and in 3 of 4 runs of that module alone; on its own it passed in a one-process run and
-aborted once under two xdist workers. The cause inside XLA:CPU was not found (not the
-environment, not `jax.set_mesh`: both ruled out). A child that dies by a signal is rerun (once,
-with a warning), waits longer on collectives, and when it aborts every time this
-test is skipped with that reason; a wrong result still fails.
+runs and in 3 of 4 runs of that module alone. On its own it passed in one-process runs and
+aborted in 4 of 4 attempts under two xdist workers in CI. The cause inside XLA:CPU was not
+found (not the environment, not `jax.set_mesh`: both ruled out). With XLA's collective
+termination timeout raised from 40 s to 900 s the child hung at 0% CPU instead: a collective
+whose participants never all arrive, which XLA:CPU ends with the abort. A child that dies by
+a signal is rerun once (with a warning); when it aborts on both attempts this test is
+skipped with that reason. A wrong result still fails.
 """
 
 import jax
