@@ -38,7 +38,8 @@ from flax import nnx
 from magi_jax.attention import ChunkMask
 from magi_jax.diffusion import flow, shortcut
 from magi_jax.diffusion.conditioning import sample_conditioning
-from magi_jax.diffusion.segments import packed_frame_positions, packed_kv_ranges
+from magi_jax.diffusion.segments import (packed_frame_positions, packed_kv_ranges,
+                                         same_segment)
 from magi_jax.errors import MagiError
 from magi_jax.text.rows import NULL_CAPTION_VALID
 from magi_jax.train.objective import Objective, caption_rows, chunk_losses
@@ -200,8 +201,7 @@ def teacher_guided_velocity(teacher, rows: _Rows, seg, cond, obj: DistillObjecti
 
 def _video_has_clean(seg, clean):
   """(N, K) bool: the chunk's video has clean chunks (a continuation)."""
-  same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
-  return jnp.any(same & clean[:, None, :], axis=2)
+  return jnp.any(same_segment(seg) & clean[:, None, :], axis=2)
 
 
 def student_output(dit, rows: _Rows, x, t, s, cond, obj: DistillObjective):
@@ -255,7 +255,9 @@ def distill_loss(model, batch, key, step, obj: DistillObjective):
   still = nnx.merge(g, jax.lax.stop_gradient(state))       # the student, no gradient
 
   def self_consistency():
-    still_rows = rows_for(still, batch, cond, x_t, obj)
+    # The student's own rows, without gradient (its text path is not run a second time).
+    still_rows = dataclasses.replace(rows, y=jax.lax.stop_gradient(rows.y),
+                                     m=jax.lax.stop_gradient(rows.m))
 
     def velocity(x, t, size):
       out = student_output(still.dit, still_rows, x, t, size, cond, obj)
