@@ -126,6 +126,8 @@ def train_config():
   c.distill.prev_chunk_scales = (1.0,)
   c.distill.text_scales = (3.0,)
   c.distill.v2v_text_scales = ()
+  c.distill.export_official = False   # also write the student (LoRA merged) in the official
+                                      # layout, <workdir>/distilled_dit/, at the end of the run
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num_videos = 4

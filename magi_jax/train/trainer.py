@@ -226,6 +226,8 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
   trained = nnx.merge(graphdef, final_params(state), frozen)
   if c.lora.rank and not stopped and single_host:
     export_lora(c, trained, workdir, echo)
+  if build.distilling(c) and c.distill.get("export_official") and not stopped and single_host:
+    export_distilled(trained, workdir, echo)
   if single_host and not stopped and c.sample_at_end:
     run_evals(evals, c, trained, tokenizer, workdir, step, None, echo)
   return RunResult(step, state, trained, stopped, last)
@@ -264,6 +266,22 @@ def export_lora(c, trained, workdir: str, echo) -> None:
     out = os.path.join(workdir, "merged_dit")
     save_official_dit(merge_lora(trained.dit), out)
     echo(f"wrote the merged DiT (official layout) to {out}")
+
+
+def export_distilled(trained, workdir: str, echo) -> str:
+  """The student in the official layout (`distilled_dit/`, LoRA adapters merged): the key set
+  of the official distilled checkpoints, which is the base key set (the distilled DiT adds no
+  parameters); load it with `distill=True` (`load_official_dit`, `experiments.sample` with a
+  distill preset)."""
+  from magi_jax.official.dit import save_official_dit
+  from magi_jax.train.lora import merge_lora, lora_config
+  dit = trained.dit
+  if lora_config(dit) is not None:
+    dit = merge_lora(dit)
+  out = os.path.join(workdir, "distilled_dit")
+  save_official_dit(dit, out)
+  echo(f"wrote the distilled DiT (official layout) to {out}")
+  return out
 
 
 def final_params(state: TrainState):
