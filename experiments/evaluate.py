@@ -2,9 +2,13 @@
 
 Loads the run's latest checkpoint (EMA weights when the run kept them) and measures, with the
 autoregressive MAGI sampler on held-out episodes, the continuation (V2V) errors against
-copy-last-frame / constant-velocity / blank baselines and text control (T2V). Prints the
-report, writes `<workdir>/eval.json` and a frame strip `<workdir>/eval_strip.png`.
-Expected result for the demo: see experiments/configs/bouncing_tiny.py and the README.
+copy-last-frame / constant-velocity / blank baselines and text control (T2V), and the
+sampler's cost (network evaluations and wall time per chunk). A distilled run samples with one
+guidance pass (cfg_number 1); `--num_steps=8,16` evaluates it at each step count in turn. Prints
+the reports, writes `<workdir>/eval.json` (one report per step count, keyed "<n>_steps") and a
+frame strip `<workdir>/eval_strip.png` (the first step count).
+Expected result for the demo: see experiments/configs/bouncing_tiny.py and
+bouncing_distill.py, and the README.
 """
 
 import json
@@ -18,6 +22,22 @@ _NUM_TEXT = flags.DEFINE_integer("num_text", 32, "caption-only videos for text c
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
 _NO_EMA = flags.DEFINE_bool("no_ema", False, "evaluate the raw weights, not the EMA")
 _TEXT_SCALE = flags.DEFINE_float("text_scale", None, "override the config's guidance scale")
+_NUM_STEPS = flags.DEFINE_list("num_steps", [], "sampler step counts to evaluate, e.g. 8,16 "
+                               "(default: the config's sample.num_steps)")
+
+
+def step_counts(values, default: int) -> list[int]:
+  """The --num_steps list as positive ints (default: [default]); a bad entry is a UsageError."""
+  out = []
+  for v in values or [str(default)]:
+    try:
+      n = int(v)
+    except ValueError:
+      n = 0
+    if n <= 0:
+      raise app.UsageError(f"--num_steps: {v!r} is not a positive step count")
+    out.append(n)
+  return out
 
 
 def main(argv):
@@ -40,15 +60,20 @@ def main(argv):
                          f"on {c.data.kind!r}")
   if _TEXT_SCALE.value is not None:
     c.sample.text_scale = _TEXT_SCALE.value
+  counts = step_counts(_NUM_STEPS.value, c.sample.num_steps)
   print(f"evaluating {_WORKDIR.value} at step {step}")
-  r = evaluate(c, model, tok, num_continuations=_NUM_CONT.value, num_text=_NUM_TEXT.value)
-  print(format_report(r))
-  r["step"] = step
+  reports = {}
+  for n in counts:
+    c.sample.num_steps = n
+    r = evaluate(c, model, tok, num_continuations=_NUM_CONT.value, num_text=_NUM_TEXT.value)
+    print(f"--- {n} sampler steps ---")
+    print(format_report(r))
+    reports[f"{n}_steps"] = r
   with open(os.path.join(_WORKDIR.value, "eval.json"), "w") as f:
-    json.dump(r, f, indent=2)
+    json.dump({"step": step, **reports}, f, indent=2)
+  c.sample.num_steps = counts[0]
   videos, _ = sample_set(c, model, tok, num=6)
   Image.fromarray(frame_strip(videos)).save(os.path.join(_WORKDIR.value, "eval_strip.png"))
-
 
 if __name__ == "__main__":
   app.run(main)

@@ -371,3 +371,63 @@ def test_the_metrics_report_each_step_sizes_loss(distill_run):
   for r in rows:
     assert np.isfinite(r["loss_s/1_8"]) and np.isfinite(r["loss_s/1_4"])
     np.testing.assert_allclose(r["loss"], (r["loss_s/1_8"] + r["loss_s/1_4"]) / 2, rtol=1e-6)
+
+
+def test_evaluate_measures_a_student_at_each_step_count(distill_run, capsys):
+  """`python -m experiments.evaluate --num_steps=2,4` on the smoke student: one report per
+  step count, one guidance pass each, and the cost figures the README table reports."""
+  import json
+
+  from absl import flags
+
+  from experiments import evaluate
+  workdir = str(distill_run["base"] / "student")
+  flags.FLAGS(["evaluate", f"--workdir={workdir}", "--num_steps=2,4", "--num_continuations=2",
+               "--num_text=1"])
+  try:
+    evaluate.main(["evaluate"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  out = capsys.readouterr().out
+  assert "--- 2 sampler steps ---" in out and "--- 4 sampler steps ---" in out
+  with open(distill_run["base"] / "student" / "eval.json") as f:
+    report = json.load(f)
+  assert report["step"] == 4 and set(report) == {"step", "2_steps", "4_steps"}
+  for n in (2, 4):
+    r = report[f"{n}_steps"]
+    assert (r["num_steps"], r["cfg_number"], r["network_evaluations_per_chunk"]) == (n, 1, n)
+    assert r["seconds_per_chunk"] > 0 and 0 <= r["text_control_accuracy"] <= 1
+    assert np.isfinite(r["continuation"]["centre_error_model"])
+  assert (distill_run["base"] / "student" / "eval_strip.png").is_file()
+
+
+def test_evaluate_refuses_a_bad_step_count():
+  from absl import app
+
+  from experiments.evaluate import step_counts
+  assert step_counts([], 8) == [8] and step_counts(["8", "16"], 4) == [8, 16]
+  for bad in (["0"], ["eight"], ["8", "-1"]):
+    with pytest.raises(app.UsageError, match="--num_steps"):
+      step_counts(bad, 8)
+
+
+def test_the_benchmark_table_gives_ratios_to_the_teacher():
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "benchmarks", "distill_student.py")
+  spec = importlib.util.spec_from_file_location("distill_student", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+
+  def report(acc, err, nfe, sec):
+    return {"text_control_accuracy": acc, "network_evaluations_per_chunk": nfe,
+            "seconds_per_chunk": sec,
+            "continuation": {"centre_error_model": err, "bright_ratio_model": 1.2,
+                             "mse_model": 0.01}}
+  text = bench.table([("teacher", report(1.0, 6.0, 48, 0.48)),
+                      ("student", report(0.9, 6.6, 8, 0.08))])
+  rows = text.splitlines()
+  assert len(rows) == 4 and rows[0].startswith("| model | text control")
+  assert "90% (0.90x)" in rows[3] and "6.60 (1.10x)" in rows[3]
+  assert rows[3].endswith("| 6.0x (6.0x) |")

@@ -61,20 +61,35 @@ def sample_set(c, model, tokenizer, *, num: int):
   return videos, names
 
 
+def network_evaluations_per_chunk(sampler: VideoSampler) -> int:
+  """DiT evaluations a chunk costs: its denoising steps x guidance passes (cfg_number)."""
+  rt = sampler.cfg.runtime
+  return int(rt.num_steps) * int(rt.cfg_number)
+
+
 def evaluate(c, model, tokenizer, *, num_continuations: int, num_text: int, echo=print) -> dict:
+  """The demo's figures (module docstring) with the config's sampler settings, plus the
+  sampler's cost: network evaluations per chunk and the wall time per generated chunk of the
+  continuations (the first one, which compiles, left out)."""
+  import time
   world = world_config(c)
   palette = dict(world.colours)
   sampler = make_sampler(c, model, tokenizer)
   F, K = world.frames_per_chunk, world.num_chunks
   P = c.sample.prefix_chunks * F
-  reports = []
+  reports, seconds = [], []
   for i in range(num_continuations):
     ep = held_out(c, i)
+    t0 = time.perf_counter()
     v = sampler.generate(ep.chunk_captions, num_chunks=K, height=world.height,
                          width=world.width, seed=i, prefix_frames=ep.frames[:P],
                          text_scale=c.sample.v2v_text_scale)
+    seconds.append(time.perf_counter() - t0)       # generate returns host frames: synced
     reports.append(bm.continuation_report(v[P:], ep.frames[P:], ep.frames[:P]))
   cont = {k: float(np.mean([r[k] for r in reports])) for k in reports[0]} if reports else {}
+  timed = seconds[1:]
+  per_chunk = (float(np.sum(timed)) / (len(timed) * (K - c.sample.prefix_chunks))
+               if timed else float("nan"))
 
   hits, colours = [], []
   i = 0
@@ -90,8 +105,12 @@ def evaluate(c, model, tokenizer, *, num_continuations: int, num_text: int, echo
     hits.append(got == want)
     colours.append((want, got))
   acc = float(np.mean(hits)) if hits else float("nan")
+  rt = sampler.cfg.runtime
   out = {"continuation": cont, "text_control_accuracy": acc, "text_control_pairs": colours,
-         "num_continuations": num_continuations, "num_text": num_text}
+         "num_continuations": num_continuations, "num_text": num_text,
+         "num_steps": int(rt.num_steps), "cfg_number": int(rt.cfg_number),
+         "network_evaluations_per_chunk": network_evaluations_per_chunk(sampler),
+         "seconds_per_chunk": per_chunk}
   out["targets"] = targets_met(out)
   return out
 
@@ -118,6 +137,9 @@ def format_report(r: dict) -> str:
       f"{c['bright_ratio_copy_last']:.2f}",
       f"text control ({r['num_text']} caption-only videos): {r['text_control_accuracy']:.0%} "
       "dominant colour = caption colour",
+      f"sampler: {r['num_steps']} steps x {r['cfg_number']} guidance pass(es) = "
+      f"{r['network_evaluations_per_chunk']} network evaluations per chunk, "
+      f"{r['seconds_per_chunk'] * 1e3:.0f} ms per generated chunk",
       "targets: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in r["targets"].items()),
   ]
   return "\n".join(lines)
