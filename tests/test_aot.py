@@ -69,6 +69,18 @@ def test_train_on_four_devices(mesh, desc, chunks, train_one_chip):
   assert r.args_gib < train_one_chip[0].args_gib
 
 
+def test_distill_step_on_four_devices(train_one_chip):
+  """A distillation run's step: the student trains, the bf16 teacher rides in the frozen
+  state (more arguments than the base step's), both branches in one program."""
+  (one,) = plan(job="distill", preset="tiny", topology="v5e:1x1")
+  check_fits([one])
+  assert one.job == "distill" and "frozen bf16 teacher" in one.notes
+  assert one.args_gib > train_one_chip[0].args_gib
+  (four,) = plan(job="distill", preset="tiny", topology="v5e:2x2", mesh="fsdp:4")
+  check_fits([four])
+  assert four.mesh == "data:1,fsdp:4,context:1,tensor:1" and four.args_gib < one.args_gib
+
+
 def test_sample_on_four_devices():
   reports = plan(job="sample", preset="tiny", topology="v5e:2x2", mesh="data:2,tensor:2",
                  programs="step")
@@ -102,6 +114,7 @@ def test_refusal_is_reported_by_the_command(capsys):
     (dict(job="sample", tokens=4096), "--tokens is for --job=train"),
     (dict(tokens=8, chunks=2), "not both"),
     (dict(topology="v5e:2x2", mesh="context:4", chunks=6), "6 chunks per row do not split"),
+    (dict(job="distill", preset="4.5B_distill"), "the teacher's base preset"),
 ])
 def test_argument_errors_before_compiling(request_, match, monkeypatch):
   def no_compile(*a, **k):

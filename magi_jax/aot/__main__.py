@@ -1,4 +1,4 @@
-r"""python -m magi_jax.aot --job=sample|train --preset=NAME --topology=KIND:AxB[xC] [flags]
+r"""python -m magi_jax.aot --job=sample|train|distill --preset=NAME --topology=KIND:AxB[xC] [flags]
 
 Compiles the job's real programs for the TPU slice, ahead of time on this machine, and prints
 per-device memory (GiB) and whether the TPU compiler accepts them:
@@ -27,7 +27,8 @@ os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 from absl import flags  # noqa: E402
 
 FLAGS = flags.FlagValues()
-flags.DEFINE_enum("job", None, ["sample", "train"], "what to plan", flag_values=FLAGS)
+flags.DEFINE_enum("job", None, ["sample", "train", "distill"], "what to plan (distill: the "
+                  "train step of distilling the --preset base model)", flag_values=FLAGS)
 flags.DEFINE_string("preset", None, "MAGI-1 preset: 4.5B_base, 4.5B_distill, 24B_base, ..., tiny",
                     flag_values=FLAGS)
 flags.DEFINE_string("topology", None, "TPU slice, libtpu's name: v5e:2x2, v5p:2x2x1, v4:2x2x1, "

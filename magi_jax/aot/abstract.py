@@ -15,11 +15,14 @@ from magi_jax.models import Precision, VideoDiT
 from magi_jax.parallel.rules import ShardingRules, fit_spec, tree_shardings
 
 
-def abstract_dit(cfg: MagiConfig, precision: Precision | None = None) -> VideoDiT:
-  """The preset's DiT with ShapeDtypeStruct parameters (bf16 weights by default)."""
+def abstract_dit(cfg: MagiConfig, precision: Precision | None = None,
+                 distill: bool | None = None) -> VideoDiT:
+  """The preset's DiT with ShapeDtypeStruct parameters (bf16 weights by default); `distill`
+  overrides the preset's architecture (a distillation job's student)."""
   precision = precision or Precision.bf16()
-  return nnx.eval_shape(lambda: VideoDiT(cfg.model, precision=precision,
-                                         distill=cfg.engine.distill, rngs=nnx.Rngs(0)))
+  distill = cfg.engine.distill if distill is None else distill
+  return nnx.eval_shape(lambda: VideoDiT(cfg.model, precision=precision, distill=distill,
+                                         rngs=nnx.Rngs(0)))
 
 
 def with_shardings(tree, shardings):

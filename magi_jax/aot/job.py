@@ -11,12 +11,12 @@ from magi_jax.aot.topology import Topology
 from magi_jax.configs import MagiConfig
 from magi_jax.parallel.rules import ShardingRules
 
-JOBS = ("sample", "train")
+JOBS = ("sample", "train", "distill")   # distill: the train step of a distillation run
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-  kind: str                    # 'sample' | 'train'
+  kind: str                    # 'sample' | 'train' | 'distill'
   preset: str
   cfg: MagiConfig
   topology: Topology

@@ -18,7 +18,7 @@ import jax
 from magi_jax.aot.errors import AOTError
 from magi_jax.parallel.mesh import AXES, MeshConfig, MeshError, make_mesh, mesh_shape
 
-DEFAULT_AXIS = {"train": "fsdp", "sample": "tensor"}
+DEFAULT_AXIS = {"train": "fsdp", "distill": "fsdp", "sample": "tensor"}
 
 
 def parse_mesh(text: str | None, job: str) -> MeshConfig:

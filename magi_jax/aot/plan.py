@@ -49,6 +49,9 @@ def resolve(*, job: str, preset: str, topology: str, mesh: str | None = None,
   except ConfigError as e:
     raise AOTError(f"--preset: {e}") from None
   families = select_families(job, programs)
+  if job == "distill" and cfg.engine.distill:
+    raise AOTError(f"--preset={preset}: --job=distill distils a base model into a student; give "
+                   "the teacher's base preset (e.g. 4.5B_base)")
   if job == "sample":
     if tokens is not None:
       raise AOTError("--tokens is for --job=train (a packed row's length); sampling takes "
@@ -60,7 +63,7 @@ def resolve(*, job: str, preset: str, topology: str, mesh: str | None = None,
     raise AOTError(f"--t5_dtype={t5_dtype!r}: choose one of {', '.join(T5_DTYPES)}")
   topo = get_topology(topology)
   device_mesh, desc = build_mesh(mesh, job, topo.devices)
-  if job == "train":
+  if job in ("train", "distill"):
     if not isinstance(batch, int) or batch < 1:
       raise AOTError(f"--batch={batch}: must be a positive integer")
     context = int(device_mesh.shape.get("context", 1))

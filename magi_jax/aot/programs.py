@@ -7,6 +7,7 @@ Program families per job (`--programs` selects among them):
   sample  'step' (the sampler step of each steady-state call shape, sample_programs.py),
           't5' (the T5 encoder on one prompt), 'vae' (one tile of the tiled VAE decode)
   train   'step' (the train step, train_programs.py)
+  distill 'step' (a distillation run's train step: student, frozen teacher, train_programs.py)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from magi_jax.aot.abstract import per_device_bytes
 from magi_jax.aot.errors import AOTError
 
-FAMILIES = {"sample": ("step", "t5", "vae"), "train": ("step",)}
+FAMILIES = {"sample": ("step", "t5", "vae"), "train": ("step",), "distill": ("step",)}
 
 
 @dataclasses.dataclass

@@ -7,6 +7,13 @@ layer, the real `Objective` (flow matching per chunk, chunk_width of the preset,
 'auto'), AdamW with global-norm clipping (`train.optim.make_optimizer`), optional EMA, the
 state donated, and the state / batch shardings of `train.step.mesh_shardings`.
 
+`--job=distill`: what the trainer builds for a distillation run of the preset (a base model):
+the student is the distilled DiT (`distill=True`, trained as above), the teacher the frozen
+base DiT in bf16 (part of the frozen state, sharded by the same rules), and the objective
+`train.distill.DistillObjective` with the report's step-size cycle and the preset's own
+sampling guidance as the teacher's; one program holds both branches (`lax.cond` between the
+teacher's three-pass target and the student's two half steps).
+
 The batch is `--batch` packed rows of precomputed latents and T5 rows (latent-space training
 without the VAE in the step): latents (N, C, K·chunk_width, h, w) f32, segment_ids (N, K) int32 (one
 video per row), text_emb (N, K, L, caption_channels) f32, text_mask (N, K, L) int32. Its rows
@@ -28,6 +35,7 @@ from magi_jax.aot.abstract import abstract_dit, array, with_shardings
 from magi_jax.aot.programs import Program, describe_inputs
 from magi_jax.parallel.rules import axis_size
 from magi_jax.train import optim
+from magi_jax.train.distill import DistillObjective, Guidance
 from magi_jax.train.objective import Objective, TrainModel
 from magi_jax.train.step import init_state, make_train_step, mesh_shardings
 
@@ -46,11 +54,29 @@ def batch_inputs(job) -> dict:
           "text_mask": a((N, K, L), I32)}
 
 
+def train_model(job):
+  """(TrainModel, trainable filter, objective) of the job: the base run or the distillation."""
+  cfg = job.cfg
+  obj = Objective(chunk_width=cfg.runtime.chunk_width)
+  if job.kind != "distill":
+    dit = abstract_dit(cfg)
+    dit.remat = True
+    return TrainModel(dit, None), nnx.Param, obj
+  student, teacher = abstract_dit(cfg, distill=True), abstract_dit(cfg)
+  student.remat = teacher.remat = True
+  rt = cfg.runtime
+  guidance = Guidance(cfg_t_range=tuple(rt.cfg_t_range),
+                      prev_chunk_scales=tuple(rt.prev_chunk_scales),
+                      text_scales=tuple(rt.text_scales))
+  trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("teacher")))
+  return (TrainModel(student, None, TrainModel(teacher, None)), trainable,
+          DistillObjective(base=obj, guidance=guidance))
+
+
 def train_programs(job) -> list[Program]:
-  cfg, mesh, rules = job.cfg, job.mesh, job.rules
-  dit = abstract_dit(cfg)
-  dit.remat = True
-  graphdef, params, frozen = nnx.split(TrainModel(dit, None), nnx.Param, ...)
+  mesh, rules = job.mesh, job.rules
+  model, trainable, obj = train_model(job)
+  graphdef, params, frozen = nnx.split(model, trainable, ...)
   dtypes = jax.tree.map(lambda x: x.dtype, params)       # bf16 compute, as the model has it
   schedule = optim.learning_rate(1e-4, 1000, 100_000)     # values do not change the program
   tx = optim.make_optimizer(schedule)
@@ -58,13 +84,14 @@ def train_programs(job) -> list[Program]:
   sh = mesh_shardings(state, frozen, mesh, rules)
   batch = batch_inputs(job)
   sh = dataclasses.replace(sh, batch={k: v.sharding for k, v in batch.items()})
-  obj = Objective(chunk_width=cfg.runtime.chunk_width)
   step = make_train_step(graphdef, obj, tx, schedule, compute_dtypes=dtypes,
                          ema_decay=EMA_DECAY if job.ema else 0.0, shardings=sh)
   split = axis_size(mesh, rules.spec(("batch",))[0])
   rows = (f"{job.batch} rows over {split} batch shards" if job.batch % split == 0
           else f"{job.batch} row(s) replicated (batch axes {split} do not divide them)")
-  notes = (f"{rows}, {job.size.describe()} = {job.size.tokens:,} tokens per row; "
+  distill = ("distilled student + frozen bf16 teacher, step-size cycle "
+             f"{len(obj.cycle)} sizes; " if job.kind == "distill" else "")
+  notes = (f"{distill}{rows}, {job.size.describe()} = {job.size.tokens:,} tokens per row; "
            f"fp32 masters + AdamW{' + EMA' if job.ema else ''}, bf16 compute, remat; "
            + describe_inputs(latents=batch["latents"], text_emb=batch["text_emb"]))
   return [Program("step", step, (with_shardings(state, sh.state),
