@@ -13,7 +13,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from magi_jax.diffusion.flow import MIN_ONE_MINUS_T
+from magi_jax.diffusion.flow import clean_to_velocity, frame_t
 
 F32 = jnp.float32
 
@@ -31,10 +31,9 @@ class CleanPredictionDiT(nnx.Module):
 
   def __call__(self, x, t, *args, **kwargs):
     out = self.dit(x, t, *args, **kwargs)
-    N, _, T, _, _ = x.shape
-    t_frames = jnp.repeat(jnp.asarray(t, F32), T // t.shape[1], axis=1)[:, None, :, None, None]
-    v = (out.velocity - x.astype(F32)) / jnp.maximum(1.0 - t_frames, MIN_ONE_MINUS_T)
-    return dataclasses.replace(out, velocity=v)
+    t_frames = frame_t(t, x.shape[2] // t.shape[1])
+    return dataclasses.replace(out, velocity=clean_to_velocity(out.velocity, x.astype(F32),
+                                                               t_frames))
 
 
 def as_velocity_model(dit, prediction: str):

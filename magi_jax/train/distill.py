@@ -38,11 +38,11 @@ from flax import nnx
 from magi_jax.attention import ChunkMask
 from magi_jax.diffusion import flow, shortcut
 from magi_jax.diffusion.conditioning import sample_conditioning
-from magi_jax.diffusion.segments import (packed_frame_positions, packed_kv_ranges,
-                                         same_segment)
+from magi_jax.diffusion.segments import packed_frame_positions, same_segment
 from magi_jax.errors import MagiError
 from magi_jax.text.rows import NULL_CAPTION_VALID
-from magi_jax.train.objective import Objective, caption_rows, chunk_losses
+from magi_jax.train.objective import (Objective, caption_rows, chunk_losses, packed_mask,
+                                      row_geometry)
 
 F32 = jnp.float32
 
@@ -130,23 +130,6 @@ class _Rows:
   tokens_per_chunk: int
 
 
-def _geometry(dit, x1, seg, chunk_width):
-  N, C, T, h, w = x1.shape
-  K = seg.shape[1]
-  if T != K * chunk_width:
-    raise ValueError(f"x1 has {T} latent frames; {K} chunks of {chunk_width} need "
-                     f"{K * chunk_width}")
-  p, pt = dit.cfg.patch_size, dit.cfg.t_patch_size
-  if chunk_width % pt:
-    raise ValueError(f"chunk_width {chunk_width} is not a multiple of t_patch_size {pt}")
-  return (chunk_width // pt) * (h // p) * (w // p), chunk_width // pt
-
-
-def _mask(seg, tokens_per_chunk):
-  return ChunkMask(packed_kv_ranges(seg, tokens_per_chunk), q_block=tokens_per_chunk,
-                   layout="causal_segments")
-
-
 def alone_segments(segment_ids):
   """Segment ids under which every real chunk is a video of its own (1, 2, ..., 0 padding)."""
   seg = jnp.asarray(segment_ids, jnp.int32)
@@ -178,7 +161,7 @@ def teacher_guided_velocity(teacher, rows: _Rows, seg, cond, obj: DistillObjecti
   null_y = jnp.broadcast_to(rows.y_null, rows.y.shape)
   null_m = jnp.broadcast_to(rows.m_null, rows.m.shape)
   ranges = jnp.concatenate([rows.mask.kv_ranges, rows.mask.kv_ranges,
-                            _mask(alone, rows.tokens_per_chunk).kv_ranges])
+                            packed_mask(alone, rows.tokens_per_chunk).kv_ranges])
   dropped = jnp.concatenate([cond.text_drop, jnp.ones_like(cond.text_drop),
                              jnp.ones_like(cond.text_drop)])
   x3 = jnp.concatenate([rows.x_t] * 3)
@@ -216,12 +199,12 @@ def rows_for(model, batch, cond, x_t, obj: DistillObjective) -> _Rows:
   dit = model.dit
   seg = batch["segment_ids"]
   F = obj.chunk_width
-  tokens_per_chunk, token_frames = _geometry(dit, x_t, seg, F)
+  tokens_per_chunk, token_frames = row_geometry(dit, x_t, seg, F)
   y, m = caption_rows(model, batch, cond)
   null = dit.y_embedder.null_caption_embedding[...].astype(F32)
   null_m = (jnp.arange(y.shape[1]) < NULL_CAPTION_VALID).astype(F32)
   frame_index, frame_total = packed_frame_positions(seg, token_frames)
-  return _Rows(x_t, cond.t, y, m, null[None], null_m[None], _mask(seg, tokens_per_chunk),
+  return _Rows(x_t, cond.t, y, m, null[None], null_m[None], packed_mask(seg, tokens_per_chunk),
                frame_index, frame_total, tokens_per_chunk)
 
 

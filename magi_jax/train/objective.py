@@ -99,29 +99,36 @@ def training_loss(model: TrainModel, batch, key, obj: Objective):
   return loss_given(model, batch, cond, x0, obj)
 
 
+def row_geometry(dit, x, segment_ids, chunk_width: int) -> tuple[int, int]:
+  """(tokens_per_chunk, token frames per chunk) of packed rows x (N, C, K·chunk_width, h, w)."""
+  T, h, w = x.shape[2:]
+  K = segment_ids.shape[1]
+  if T != K * chunk_width:
+    raise ValueError(f"x1 has {T} latent frames; {K} chunks of {chunk_width} need "
+                     f"{K * chunk_width}")
+  p, pt = dit.cfg.patch_size, dit.cfg.t_patch_size
+  if chunk_width % pt:
+    raise ValueError(f"chunk_width {chunk_width} is not a multiple of t_patch_size {pt}")
+  return (chunk_width // pt) * (h // p) * (w // p), chunk_width // pt
+
+
+def packed_mask(segment_ids, tokens_per_chunk: int) -> ChunkMask:
+  """Each chunk sees [its video's first token, its own end): causal segments."""
+  return ChunkMask(packed_kv_ranges(segment_ids, tokens_per_chunk), q_block=tokens_per_chunk,
+                   layout="causal_segments")
+
+
 def velocity_of_row(model: TrainModel, batch, cond, x0, obj: Objective):
   """The DiT output for noised packed rows: (N, C, K·chunk_width, h, w)."""
   x1 = batch["x1"].astype(F32)
   seg = batch["segment_ids"]
-  N, C, T, h, w = x1.shape
-  K = seg.shape[1]
-  chunk_width = obj.chunk_width
-  if T != K * chunk_width:
-    raise ValueError(f"x1 has {T} latent frames; {K} chunks of {chunk_width} need "
-                     f"{K * chunk_width}")
   dit = model.dit
-  p, pt = dit.cfg.patch_size, dit.cfg.t_patch_size
-  if chunk_width % pt:
-    raise ValueError(f"chunk_width {chunk_width} is not a multiple of t_patch_size {pt}")
-  tokens_per_chunk = (chunk_width // pt) * (h // p) * (w // p)
+  tokens_per_chunk, token_frames = row_geometry(dit, x1, seg, obj.chunk_width)
   x_t = flow.interpolate(x0, x1, cond.frame_t)
   y, m = caption_rows(model, batch, cond)
-  frame_index, frame_total = packed_frame_positions(seg, chunk_width // pt)
-  # Each chunk sees [its video's first token, its own end): causal segments.
-  mask = ChunkMask(packed_kv_ranges(seg, tokens_per_chunk), q_block=tokens_per_chunk,
-                   layout="causal_segments")
-  out = dit(x_t, cond.t, y, m, mask, caption_dropped=cond.text_drop, backend=obj.backend,
-            frame_index=frame_index, frame_total=frame_total).velocity
+  frame_index, frame_total = packed_frame_positions(seg, token_frames)
+  out = dit(x_t, cond.t, y, m, packed_mask(seg, tokens_per_chunk), caption_dropped=cond.text_drop,
+            backend=obj.backend, frame_index=frame_index, frame_total=frame_total).velocity
   return out, tokens_per_chunk
 
 
