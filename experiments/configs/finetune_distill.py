@@ -27,7 +27,7 @@ Variants: `:lora`; `:tiny` / `:tiny_lora` distil a tiny random official checkpoi
 --config.init.path on the bouncing world (used by the tests).
 """
 
-from experiments.configs.train_common import train_config
+from experiments.configs.train_common import official_video_finetune
 from magi_jax.configs import get_preset
 
 
@@ -58,22 +58,9 @@ def get_config(arg=None):
     if arg == "tiny_lora":
       d.lora.rank, d.lora.alpha = 4, 4.0
     return d
-  c = _distill(train_config())
-  c.model.preset = "4.5B_base"
-  c.model.precision = "bf16"
-  c.model.remat = True
-  c.text.kind = "precomputed"
-  c.data.kind = "video_folder"
-  c.project, c.evals = "", ()      # no demo project: real video, no bouncing samples
-  c.data.height, c.data.width = 480, 832
-  c.data.clip_frames, c.data.stride, c.data.frames_per_chunk = 96, 96, 24
-  c.objective.chunk_width = 6
-  c.vae.kind = "official"          # latent space: frames are encoded per chunk by the VAE
-  c.vae.precision = "bf16"
+  c = _distill(official_video_finetune())
   c.optim.lr = 2e-5
-  c.optim.warmup_steps = 100
   c.total_steps = 4400             # 400 cycles of the 11 step sizes
-  c.sample_at_end = False
   if arg == "lora":
     c.lora.rank = 64
     c.lora.alpha = 64.0

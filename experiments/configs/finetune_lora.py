@@ -16,29 +16,15 @@ Variants: `:tiny` trains adapters on a tiny random official checkpoint at --conf
 with the bouncing world (used by the tests).
 """
 
-from experiments.configs.train_common import train_config
+from experiments.configs.train_common import official_video_finetune
 
 
 def get_config(arg=None):
-  c = train_config()
-  c.model.preset = "4.5B_base"
-  c.model.precision = "bf16"
-  c.model.remat = True
-  c.init.kind = "official"
+  c = official_video_finetune()
   c.lora.rank = 16
   c.lora.alpha = 16.0
-  c.text.kind = "precomputed"
-  c.data.kind = "video_folder"
-  c.project, c.evals = "", ()      # no demo project: real video, no bouncing samples
-  c.data.height, c.data.width = 480, 832
-  c.data.clip_frames, c.data.stride, c.data.frames_per_chunk = 96, 96, 24
-  c.objective.chunk_width = 6
-  c.vae.kind = "official"          # latent space: frames are encoded per chunk by the VAE
-  c.vae.precision = "bf16"
   c.optim.lr = 1e-4
-  c.optim.warmup_steps = 100
   c.total_steps = 2000
-  c.sample_at_end = False
   if arg == "tiny":
     from experiments.configs.bouncing_tiny import get_config as demo
     d = demo("smoke")

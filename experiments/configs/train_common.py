@@ -140,3 +140,25 @@ def train_config():
   c.sample.fps = 8
   c.sample.formats = ("mp4", "gif")
   return c
+
+
+def official_video_finetune():
+  """`train_config()` for fine-tuning the official 4.5B base weights on a video folder: bf16,
+  remat, T5 rows stored with the clips, 480x832 clips of 4 chunks encoded by the official VAE
+  inside the step (the LoRA and distillation fine-tunes start here)."""
+  c = train_config()
+  c.model.preset = "4.5B_base"
+  c.model.precision = "bf16"
+  c.model.remat = True
+  c.init.kind = "official"
+  c.text.kind = "precomputed"
+  c.data.kind = "video_folder"
+  c.project, c.evals = "", ()      # no demo project: real video, no bouncing samples
+  c.data.height, c.data.width = 480, 832
+  c.data.clip_frames, c.data.stride, c.data.frames_per_chunk = 96, 96, 24
+  c.objective.chunk_width = 6
+  c.vae.kind = "official"          # latent space: frames are encoded per chunk by the VAE
+  c.vae.precision = "bf16"
+  c.optim.warmup_steps = 100
+  c.sample_at_end = False
+  return c
