@@ -65,12 +65,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  from experiments.evaluate import step_counts
-  from magi_jax.proj.bouncing.evaluation import evaluate, format_report
+  from magi_jax.proj.bouncing.evaluation import evaluate, format_report, step_counts
   from magi_jax.train import build
   from magi_jax.train.trainer import load_trained
 
-  counts = step_counts(FLAGS.student_steps, 8)
+  try:
+    counts = step_counts(FLAGS.student_steps, 8)
+  except ValueError as e:
+    raise app.UsageError(f"--student_steps: {e}") from None
   kw = dict(num_continuations=FLAGS.num_continuations, num_text=FLAGS.num_text)
   tc, teacher, ttok, tstep = load_trained(FLAGS.teacher)
   sc, student, stok, sstep = load_trained(FLAGS.student)

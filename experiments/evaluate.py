@@ -26,20 +26,6 @@ _NUM_STEPS = flags.DEFINE_list("num_steps", [], "sampler step counts to evaluate
                                "(default: the config's sample.num_steps)")
 
 
-def step_counts(values, default: int) -> list[int]:
-  """The --num_steps list as positive ints (default: [default]); a bad entry is a UsageError."""
-  out = []
-  for v in values or [str(default)]:
-    try:
-      n = int(v)
-    except ValueError:
-      n = 0
-    if n <= 0:
-      raise app.UsageError(f"--num_steps: {v!r} is not a positive step count")
-    out.append(n)
-  return out
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -47,7 +33,8 @@ def main(argv):
   from PIL import Image
 
   from magi_jax.train.checkpoint import CheckpointError
-  from magi_jax.proj.bouncing.evaluation import evaluate, format_report, sample_set
+  from magi_jax.proj.bouncing.evaluation import (evaluate, format_report, sample_set,
+                                                 step_counts)
   from magi_jax.train.samples import frame_strip
   from magi_jax.train.trainer import load_trained
   try:
@@ -60,7 +47,10 @@ def main(argv):
                          f"on {c.data.kind!r}")
   if _TEXT_SCALE.value is not None:
     c.sample.text_scale = _TEXT_SCALE.value
-  counts = step_counts(_NUM_STEPS.value, c.sample.num_steps)
+  try:
+    counts = step_counts(_NUM_STEPS.value, c.sample.num_steps)
+  except ValueError as e:
+    raise app.UsageError(f"--num_steps: {e}") from None
   print(f"evaluating {_WORKDIR.value} at step {step}")
   reports = {}
   for n in counts:

@@ -402,12 +402,10 @@ def test_evaluate_measures_a_student_at_each_step_count(distill_run, capsys):
 
 
 def test_evaluate_refuses_a_bad_step_count():
-  from absl import app
-
-  from experiments.evaluate import step_counts
+  from magi_jax.proj.bouncing.evaluation import step_counts
   assert step_counts([], 8) == [8] and step_counts(["8", "16"], 4) == [8, 16]
   for bad in (["0"], ["eight"], ["8", "-1"]):
-    with pytest.raises(app.UsageError, match="--num_steps"):
+    with pytest.raises(ValueError, match="not a positive step count"):
       step_counts(bad, 8)
 
 

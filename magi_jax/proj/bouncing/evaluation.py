@@ -61,6 +61,21 @@ def sample_set(c, model, tokenizer, *, num: int):
   return videos, names
 
 
+def step_counts(values, default: int) -> list[int]:
+  """Sampler step counts from strings (e.g. a `--num_steps=8,16` list; empty: [default]);
+  ValueError naming a bad entry."""
+  out = []
+  for v in values or [str(default)]:
+    try:
+      n = int(v)
+    except ValueError:
+      n = 0
+    if n <= 0:
+      raise ValueError(f"{v!r} is not a positive step count")
+    out.append(n)
+  return out
+
+
 def network_evaluations_per_chunk(sampler: VideoSampler) -> int:
   """DiT evaluations a chunk costs: its denoising steps x guidance passes (cfg_number)."""
   rt = sampler.cfg.runtime
