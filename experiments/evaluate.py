@@ -41,7 +41,7 @@ def main(argv):
     c, model, tok, step = load_trained(_WORKDIR.value, step=_STEP.value,
                                        use_ema=not _NO_EMA.value)
   except CheckpointError as e:
-    raise app.UsageError(str(e)) from None
+    raise SystemExit(f"checkpoint error: {e}") from None
   if c.data.kind != "bouncing":
     raise app.UsageError("experiments.evaluate measures bouncing_shapes runs; this run trained "
                          f"on {c.data.kind!r}")

@@ -39,6 +39,7 @@ def main(argv):
     print(f"process {info['process_index']} of {info['process_count']} ({info['source']}): "
           f"{info['local_device_count']} of {info['global_device_count']} devices")
   from magi_jax.configs import ConfigError
+  from magi_jax.train.checkpoint import CheckpointError
   from magi_jax.train.trainer import TrainingError, train
   logging.set_verbosity(logging.WARNING)     # orbax logs every save at INFO
   c = _CONFIG.value
@@ -50,6 +51,8 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   except TrainingError as e:
     raise SystemExit(f"training stopped: {e}") from None
+  except CheckpointError as e:
+    raise SystemExit(f"checkpoint error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ def train_config():
   c.log_every = 50                 # metrics interval (TensorBoard, log line with ETA)
   c.checkpoint_every = 500         # async orbax saves; also at the end and on SIGTERM
   c.keep_checkpoints = 3
-  c.async_checkpoints = True
+  c.resume = "same"                # resume a workdir only with its run's config; "changed":
+                                   # also with other fields (printed; magi_jax/train/resume.py)
+  # Synchronous saves: a crash loses at most checkpoint_every steps. Asynchronous ones write
+  # while training goes on (faster for large states) and a crash may lose up to twice that.
+  c.async_checkpoints = False
   c.max_consecutive_nans = 10      # non-finite steps in a row before the run stops
   c.tensorboard = True
   c.sample_every = 0               # sample videos + frame strip every N steps (0: end only)

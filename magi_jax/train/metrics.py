@@ -24,16 +24,23 @@ def bucket_names():
 class MetricsLog:
   """Accumulates per-step metrics; `flush(step)` writes the interval means everywhere."""
 
-  def __init__(self, workdir: str, *, total_steps: int, enabled: bool = True):
+  def __init__(self, workdir: str, *, total_steps: int, enabled: bool = True,
+               resume_step: int = 0):
+    """resume_step: the step the run (re)starts from; points logged after it by an earlier
+    attempt are dropped from metrics.jsonl and TensorBoard (its `purge_step`), so every step
+    appears once however often the run resumed."""
     self.workdir, self.total_steps = workdir, total_steps
     # In a multi-host run every process computes the same (replicated) metrics; one writes.
     self.primary = jax.process_index() == 0
     self.enabled = enabled
+    self.history_path = os.path.join(workdir, "metrics.jsonl")
+    if self.primary:
+      drop_history_after(self.history_path, resume_step)
     self.writer = None
     if enabled and self.primary:
       from tensorboardX import SummaryWriter
-      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    self.history_path = os.path.join(workdir, "metrics.jsonl")
+      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                  purge_step=resume_step + 1)
     self._reset()
     self._t0 = time.time()
     self._t_last = time.time()
@@ -90,15 +97,17 @@ class MetricsLog:
     self._reset()
     return out
 
-  def line(self, step: int, out: dict, steps_done_here: int) -> str:
+  def line(self, step: int, out: dict, steps_done_here: int, committed: int | None = None) -> str:
+    """The log line; `committed`: the newest checkpoint whose save has finished."""
     elapsed = time.time() - self._t0
     rate = elapsed / max(steps_done_here, 1)
     eta = rate * max(self.total_steps - step, 0)
     return (f"step {step}/{self.total_steps}  loss {out.get('loss', float('nan')):.4f}  "
             f"grad {out.get('grad_norm', float('nan')):.3f}  lr {out['learning_rate']:.2e}  "
             f"{out['step_time_s'] * 1000:.0f} ms/step  {out['tokens_per_s']:.0f} tok/s  "
-            f"ETA {eta / 60:.1f} min" + (f"  skipped {out['skipped_steps']}"
-                                         if out["skipped_steps"] else ""))
+            f"ETA {eta / 60:.1f} min"
+            + (f"  skipped {out['skipped_steps']}" if out["skipped_steps"] else "")
+            + (f"  saved {committed}" if committed is not None else ""))
 
   def add_image(self, tag: str, image_hwc: np.ndarray, step: int) -> None:
     if self.writer is not None:
@@ -108,6 +117,30 @@ class MetricsLog:
   def close(self):
     if self.writer is not None:
       self.writer.close()
+
+
+def drop_history_after(path: str, step: int) -> None:
+  """Rewrites metrics.jsonl without its rows past `step` (atomically; a torn last line of a
+  killed run goes too)."""
+  if not os.path.exists(path):
+    return
+  keep, changed = [], False
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        changed = True
+        continue
+      if int(row.get("step", 0)) > step:
+        changed = True
+        continue
+      keep.append(line if line.endswith("\n") else line + "\n")
+  if changed:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
 
 
 def plot_loss_curve(history_path: str, out_png: str) -> None:

@@ -4,6 +4,12 @@
 checkpoint, the model, optimizer, EMA, step, key and data position are restored from it, so
 an interrupted run (SIGTERM, preemption, kill -9) resumes to the same parameters an
 uninterrupted run reaches. SIGTERM saves a checkpoint at the current step and returns.
+
+A workdir of another config is refused before any work (`resume.check_resume`); a checkpoint
+that does not restore is moved aside and the newest intact one resumes
+(`Checkpointer.restore_newest_intact`); with synchronous saves (the default) a crash loses at
+most `checkpoint_every` steps (log lines name the newest committed checkpoint); after a resume
+metrics.jsonl and TensorBoard hold each step once.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from magi_jax.train import build
 from magi_jax.train.checkpoint import Checkpointer
 from magi_jax.train.metrics import MetricsLog, plot_loss_curve
 from magi_jax.train.project import evaluators
+from magi_jax.train.resume import check_resume
 from magi_jax.train.step import TrainState, init_state, make_train_step, mesh_shardings
 
 
@@ -117,6 +124,7 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
   it is not checkpointed unless it has grain's get_state/set_state.
   devices: the devices the mesh (`config.mesh`) is laid over (default: all of them).
   """
+  check_resume(c, workdir, echo)      # a workdir of another run: refused before any work
   os.makedirs(workdir, exist_ok=True)
   evals = evaluators(c)               # resolved now: a misspelt name fails before step 0
   tokenizer = build.tokenizer_for(c)
@@ -142,11 +150,10 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints,
                       every=c.checkpoint_every, async_save=c.async_checkpoints)
-  start = ckpt.latest_step()
-  if start is not None:
+  if ckpt.latest_step() is not None:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             state)
-    state = ckpt.restore(abstract, ckpt_data)
+    state, start = ckpt.restore_newest_intact(abstract, ckpt_data, echo)
     echo(f"resumed from {ckpt.directory}/{start} (step {int(state.step)})")
   ckpt.write_run({"config": c.to_dict()})
 
@@ -163,8 +170,8 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
   if not single_host and (c.sample_every or c.sample_at_end or c.lora.rank):
     echo("multi-host run: sample videos and the LoRA export are skipped; make them from the "
          "checkpoint on one host")
-  log = MetricsLog(workdir, total_steps=c.total_steps, enabled=c.tensorboard)
   step = int(state.step)
+  log = MetricsLog(workdir, total_steps=c.total_steps, enabled=c.tensorboard, resume_step=step)
   first_step = step
   pending, last = [], {}       # this interval's metrics, still on device
   stopped = False
@@ -203,10 +210,10 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
       # run stopping on non-finite steps never writes a checkpoint past the streak.
       if log_now or step % ckpt.every == 0 or preempt.received:
         drain()
+      ckpt.save(step, state, ckpt_data)
       if log_now:
         last = log.flush(step)
-        echo(log.line(step, last, step - first_step))
-      ckpt.save(step, state, ckpt_data)
+        echo(log.line(step, last, step - first_step, committed=ckpt.committed_step()))
       if single_host and c.sample_every and step % c.sample_every == 0 and step < c.total_steps:
         run_evals(evals, c, nnx.merge(graphdef, final_params(state), frozen), tokenizer, workdir,
                   step, log, echo)
@@ -308,9 +315,29 @@ def load_trained(workdir: str, *, step: int | None = None, use_ema: bool = True)
   abstract = jax.eval_shape(lambda p: init_state(p, tx, seed=c.seed, ema=c.ema_decay > 0), params)
   ckpt = Checkpointer(ckdir, keep=c.keep_checkpoints, every=c.checkpoint_every)
   try:
-    state = ckpt.restore(abstract, step=step)
+    state = restore_or_name_the_good_steps(ckpt, abstract, step)
     step = int(state.step)
   finally:
     ckpt.close()
   p = final_params(state) if use_ema else state.params
   return c, nnx.merge(graphdef, p, frozen), tokenizer, step
+
+
+def restore_or_name_the_good_steps(ckpt: Checkpointer, abstract, step: int | None):
+  """The state at `step` (default: the latest); a step that does not restore raises one
+  CheckpointError naming it, the reason and the steps that do restore (for `--step`)."""
+  from magi_jax.train.checkpoint import CheckpointError, failure_reason
+  want = ckpt.latest_step() if step is None else step
+  if want is None:
+    raise CheckpointError(f"no checkpoint in {ckpt.directory}")
+  if want not in ckpt.manager.all_steps():
+    raise CheckpointError(f"no checkpoint step {want} in {ckpt.directory}; it holds steps "
+                          f"{sorted(ckpt.manager.all_steps())}")
+  try:
+    return ckpt.restore(abstract, step=want)
+  except Exception as e:              # noqa: BLE001 - reported with the steps that do restore
+    good = ckpt.steps_that_restore(abstract)
+    offer = (f"steps that restore: {', '.join(map(str, good))} (pass --step={good[0]})" if good
+             else "no step of this run restores")
+    raise CheckpointError(f"checkpoint step {want} in {ckpt.directory} does not restore "
+                          f"({failure_reason(e)}); {offer}") from None
