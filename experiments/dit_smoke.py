@@ -1,9 +1,10 @@
 """The DiT streaming smoke run (see experiments/configs/dit_smoke.py for command and result)."""
 
 from absl import app
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/dit_smoke.py",
+from magi_jax import cli
+
+_CONFIG = cli.config_file_flag("config", "experiments/configs/dit_smoke.py",
                                           "experiment config file")
 
 
@@ -33,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -16,6 +16,8 @@ import os
 
 from absl import app, flags, logging
 
+from magi_jax import cli
+
 _WORKDIR = flags.DEFINE_string("workdir", "runs/bouncing_tiny", "training run directory")
 _NUM_CONT = flags.DEFINE_integer("num_continuations", 32, "held-out continuation episodes")
 _NUM_TEXT = flags.DEFINE_integer("num_text", 32, "caption-only videos for text control")
@@ -66,4 +68,4 @@ def main(argv):
   Image.fromarray(frame_strip(videos)).save(os.path.join(_WORKDIR.value, "eval_strip.png"))
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -8,14 +8,14 @@ and a bad field fails as a usage error naming the `--config.<field>`.
 """
 
 from absl import app, logging
-from ml_collections import config_flags
 
+from magi_jax import cli
 from magi_jax.errors import MagiError
 from magi_jax.parallel import distributed
 
 distributed.define_flags()   # --coordinator_address ... --distributed
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py",
+_CONFIG = cli.config_file_flag("config", "experiments/configs/tiny.py",
                                           "sampling config file")
 
 
@@ -37,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

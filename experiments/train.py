@@ -9,13 +9,13 @@ and its expected result.
 import os
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from magi_jax import cli
 from magi_jax.parallel import distributed
 
 distributed.define_flags()   # --coordinator_address ... --distributed
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.config_file_flag(
     "config", "experiments/configs/bouncing_tiny.py", "training config file (append :smoke "
     "for a few-step run)")
 _WORKDIR = flags.DEFINE_string("workdir", "", "run directory: checkpoints, TensorBoard "
@@ -56,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -16,7 +16,7 @@ ROOT = pathlib.Path(magi_jax.__file__).parent
 # A package may import the packages of lower layers only (and itself).
 LAYERS = (
     ("errors", "json_file"),
-    ("configs", "parallel", "formats", "media"),
+    ("configs", "parallel", "formats", "media", "cli"),
     ("attention",),
     ("models",),
     ("text", "data"),

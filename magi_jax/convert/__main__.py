@@ -18,6 +18,7 @@ import os
 
 from absl import app, flags
 
+from magi_jax import cli
 from magi_jax.configs import ConfigError, PRESETS, get_preset, load_magi_config
 
 FLAGS = flags.FLAGS
@@ -88,4 +89,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
