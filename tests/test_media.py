@@ -13,6 +13,7 @@ from PIL import Image
 from magi_jax.media import (MediaError, VideoWriter, decoded_frames, plan_frames,
                             prefix_latent_frames_for_video, read_image, read_video, to_uint8,
                             validate_num_frames, validate_size, write_video)
+from magi_jax.media.read import container_kind
 from magi_jax.media.write import gif_delays_ms
 
 
@@ -207,6 +208,25 @@ def test_read_errors(tmp_path):
   empty.write_bytes(b"")
   with pytest.raises(MediaError, match="empty.mp4: file is empty"):
     read_video(empty, 32, 32)
+
+
+def test_an_image_is_not_a_video_and_a_video_is_not_an_image(tmp_path):
+  png = tmp_path / "still.png"
+  Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(png)
+  jpg = tmp_path / "still.jpg"
+  Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(jpg)
+  for path, name in ((png, "PNG"), (jpg, "JPEG")):
+    with pytest.raises(MediaError, match=rf"{path.name}: is an image \({name}\), not a video: "
+                                         r"a V2V prefix needs a video .*--config.mode=i2v"):
+      read_video(path, 48, 64)
+  mp4 = tmp_path / "clip.mp4"
+  write_video(mp4, flat_frames(4))
+  assert container_kind(mp4) == ("video", "MP4/MOV")
+  with pytest.raises(MediaError, match=r"clip.mp4: is a video \(MP4/MOV\), not an image: I2V "
+                                       r"starts from one image .*--config.mode=v2v"):
+    read_image(mp4, 48, 64)
+  assert read_image(png, 48, 64).shape == (1, 48, 64, 3)      # each still reads as itself
+  assert read_video(mp4, 48, 64).shape[0] == 4
 
 
 def test_zero_frame_video(tmp_path):

@@ -50,6 +50,45 @@ def _check_file(path) -> None:
     raise media_error(path, "file is empty (0 bytes)")
 
 
+# Leading bytes of still-image and video containers (GIF is left out: it may be either).
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"),
+                (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+_VIDEO_MAGIC = ((b"\x1a\x45\xdf\xa3", "Matroska/WebM"),)
+
+
+def container_kind(path) -> tuple[str, str] | None:
+  """('image' | 'video', format name) from the file's first bytes, or None when unknown."""
+  with open(path, "rb") as f:
+    head = f.read(16)
+  for magic, name in _IMAGE_MAGIC:
+    if head.startswith(magic):
+      return "image", name
+  if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+    return "image", "WebP"
+  if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+    return "video", "AVI"
+  if head[4:8] == b"ftyp":
+    return ("image", "AVIF/HEIF") if head[8:12] in (b"avif", b"heic", b"mif1") else (
+        "video", "MP4/MOV")
+  for magic, name in _VIDEO_MAGIC:
+    if head.startswith(magic):
+      return "video", name
+  return None
+
+
+def _check_kind(path, want: str) -> None:
+  """Refuses a video where an image is read and the other way round (ffmpeg reads either)."""
+  kind = container_kind(path)
+  if kind is None or kind[0] == want:
+    return
+  if want == "video":
+    raise media_error(path, f"is an image ({kind[1]}), not a video: a V2V prefix needs a video "
+                            "(to start from one image use I2V: --config.mode=i2v "
+                            "--config.image=PATH)")
+  raise media_error(path, f"is a video ({kind[1]}), not an image: I2V starts from one image "
+                          "(to continue a video use V2V: --config.mode=v2v --config.video=PATH)")
+
+
 def _scale_filter(height: int, width: int, policy: str) -> str:
   """'fit' stretches to W x H; 'crop' covers then centre-crops; 'pad' fits inside, black bars."""
   if policy == "fit":
@@ -88,6 +127,7 @@ def read_image(path, height: int, width: int, policy: str = "fit") -> np.ndarray
   The file's bytes are piped to ffmpeg as image2pipe, exactly as the official code does.
   """
   _check_file(path)
+  _check_kind(path, "image")
   validate_size(height, width)
   vf = _scale_filter(height, width, policy)
   with open(path, "rb") as f:
@@ -105,9 +145,11 @@ def read_video(path, height: int, width: int, fps: int = 24,
   """The first `max_frames` frames (None: all) of a video as uint8 [N, height, width, 3].
 
   Official `ffmpeg_v2v` graph: seek to 0, resample to `fps` with ffmpeg's fps filter, then
-  stretch to width x height. The V2V prefix is the FIRST 32 frames (max_frames=32).
+  stretch to width x height. The V2V prefix is the FIRST 32 frames (max_frames=32). A still
+  image (PNG, JPEG, ...) is refused: ffmpeg would read it as a one-frame video.
   """
   _check_file(path)
+  _check_kind(path, "video")
   validate_size(height, width)
   if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
                                  or max_frames < 1):
