@@ -9,7 +9,8 @@ One `:smoke` run (6 steps, a checkpoint every 2) is the source; each test damage
   TensorBoard hold every step once;
 * when no checkpoint restores nothing is moved;
 * a workdir of another config is refused before any work, naming the differing fields;
-  `config.resume=changed` and run-control fields (total_steps, ...) pass.
+  `config.resume=changed` and run-control fields (total_steps, ...) pass;
+* a save that fails with ENOSPC stops the run naming the intact checkpoint, which resumes.
 """
 
 from __future__ import annotations
@@ -212,3 +213,30 @@ def test_run_control_fields_and_resume_changed_pass_the_check(source):
 def test_differences_name_fields_only_one_side_has():
   assert differences({"a": {"b": 1}, "c": 2}, {"a": {"b": 1}, "d": (1, 2)}) == [
       ("c", 2, "<absent>"), ("d", "<absent>", [1, 2])]
+
+
+def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(source, monkeypatch,
+                                                                     tmp_path):
+  """ENOSPC injected where the trainer calls orbax (the 4th step's save): the run stops with
+  the reason and the intact checkpoint, which resumes."""
+  import errno
+
+  import orbax.checkpoint as ocp
+  c = _config(source["base"] / "tfds")
+  real = ocp.CheckpointManager.save
+
+  def save(self, step, *a, **k):
+    if step == 4:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real(self, step, *a, **k)
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  w = tmp_path / "full"
+  with pytest.raises(CheckpointError, match=r"saving checkpoint 4 to .* failed \(no space left "
+                                            r"on device\): OSError: .*No space left on device; "
+                                            r"the newest checkpoint, step 2, is intact"):
+    train(c, str(w), echo=lambda *_: None)
+  monkeypatch.setattr(ocp.CheckpointManager, "save", real)
+  lines = []
+  result = train(c, str(w), echo=lines.append)
+  assert any(line.startswith("resumed from") and line.endswith("(step 2)") for line in lines)
+  _assert_bitwise(jax.device_get(result.state), source["state"])

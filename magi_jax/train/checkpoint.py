@@ -24,6 +24,7 @@ Recovery (tests/test_checkpoint_faults.py):
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import json
 import logging
@@ -103,11 +104,24 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except OSError as e:
+      self._save_failed(step, e)
     if saved:
       self.in_flight = step
       self._write_fingerprint(step, fingerprint(state))
     return saved
+
+  def _save_failed(self, step: int, e: OSError):
+    """A save that could not be written (a full disk, a lost mount): the run stops with the
+    reason and the newest committed checkpoint, which the failed save did not touch."""
+    space = " (no space left on device)" if e.errno == errno.ENOSPC else ""
+    good = [s for s in self.manager.all_steps() if s != step]
+    last = (f"the newest checkpoint, step {max(good)}, is intact and the rerun resumes from it"
+            if good else "there is no earlier checkpoint")
+    raise CheckpointError(f"saving checkpoint {step} to {self.directory} failed{space}: "
+                          f"{failure_reason(e)}; {last}") from e
 
   def committed_step(self) -> int | None:
     """The newest step whose save has finished (an asynchronous one still writing excluded)."""
@@ -214,7 +228,11 @@ class Checkpointer:
     return dst
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except OSError as e:              # an asynchronous save that could not be written
+      step, self.in_flight = self.in_flight, None
+      self._save_failed(step, e)
     self.in_flight = None
 
   def close(self) -> None:
