@@ -150,6 +150,9 @@ def test_repeated_nans_stop_with_the_last_good_checkpoint(tmp_path, monkeypatch)
                                            r"the run had reached step 6"):
     train(c, str(tmp_path), data=batches(), echo=lines.append)
   assert sum("update skipped" in l for l in lines) == 3
+  with open(tmp_path / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  assert [(r["step"], r["skipped_steps"]) for r in rows] == [(5, 3)]   # visible in the metrics
   assert reads == [2, 2, 2]                                    # steps 1-2, 3-4, 5-6
   with ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints")) as m:
     steps = m.all_steps()

@@ -190,6 +190,8 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
       echo(f"step {at}: non-finite loss ({float(m['loss'])}) or gradient norm "
            f"({float(m['grad_norm'])}); update skipped ({streak} in a row)")
       if streak >= c.max_consecutive_nans:
+        log.flush(at)                 # the skipped steps reach metrics.jsonl / TensorBoard
+        log.close()
         ckpt.wait()
         good = ckpt.latest_step()
         ran_on = (f"; the run had reached step {step} when the metrics were read"
