@@ -276,14 +276,15 @@ def test_command_line(tmp_path, t2v, compile_cache):
 
 
 def test_command_line_bad_input_is_a_usage_error(tmp_path):
-  """A MagiError from build_from_config leaves the command as absl's usage error: the message,
-  exit status 1, no traceback."""
+  """A MagiError from build_from_config leaves the command as a usage error (magi_jax/cli.py):
+  one line on stderr, exit status 2, no traceback."""
   out = tmp_path / "never.mp4"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "experiments.sample", "--config=experiments/configs/tiny.py",
          f"--config.output={out}", "--config.special_token_flags=hq,sparkles"]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 1, proc.stderr[-3000:]
-  assert "--config.special_token_flags: unknown ['sparkles']" in proc.stderr
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "--config.special_token_flags: unknown ['sparkles']" in errors[0]
   assert "Traceback" not in proc.stderr
   assert not out.exists()

@@ -216,14 +216,20 @@ class Checkpointer:
     os.replace(tmp, self._fingerprint_path())
 
   def move_aside(self, step: int) -> str:
-    """Moves checkpoint `step` to <checkpoints>.corrupt/<step> (a numbered name when taken)."""
+    """Moves checkpoint `step` to <checkpoints>.corrupt/<step> (a numbered name when taken).
+    In a multi-host run process 0 moves it (the checkpoint directory is shared) and every
+    process waits for it before reading the directory again."""
     src = os.path.join(self.directory, str(step))
     root = self.directory + CORRUPT_SUFFIX
-    os.makedirs(root, exist_ok=True)
     dst, n = os.path.join(root, str(step)), 1
     while os.path.exists(dst):
       dst, n = os.path.join(root, f"{step}.{n}"), n + 1
-    shutil.move(src, dst)
+    if jax.process_index() == 0:
+      os.makedirs(root, exist_ok=True)
+      shutil.move(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"magi_jax checkpoint {step} moved aside")
     self.manager.reload()
     return dst
 
