@@ -132,17 +132,23 @@ class Checkpointer:
 
   def restore(self, abstract_state, data_iterator=None, step: int | None = None):
     """The state at `step` (default: latest); also moves `data_iterator` to its position.
-    CheckpointError when it does not restore (the reason in one line)."""
+    A step that does not restore raises one CheckpointError naming it, the reason and the
+    steps that do restore (for `--step`)."""
+    steps = self.manager.all_steps()
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
+    if step not in steps:
+      raise CheckpointError(f"no checkpoint step {step} in {self.directory}; it holds steps "
+                            f"{sorted(steps)}")
     try:
       return self._restore_step(step, abstract_state, data_iterator)
-    except CheckpointError:
-      raise
     except Exception as e:            # noqa: BLE001 - orbax / TensorStore / grain read errors
-      raise CheckpointError(f"checkpoint {self.directory}/{step} does not restore: "
-                            f"{failure_reason(e)}") from e
+      good = self.steps_that_restore(abstract_state, skip=(step,))
+      offer = (f"steps that restore: {', '.join(map(str, good))} (pass --step={good[0]})"
+               if good else "no step of this run restores")
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} does not restore "
+                            f"({failure_reason(e)}); {offer}") from None
 
   def restore_newest_intact(self, abstract_state, data_iterator=None, echo=print):
     """(state, step) of the newest checkpoint that restores, or (None, None) when there is none.
@@ -167,10 +173,10 @@ class Checkpointer:
           "or move the checkpoints away")
     return None, None
 
-  def steps_that_restore(self, abstract_state) -> list[int]:
-    """The steps whose state restores into `abstract_state` (newest first)."""
+  def steps_that_restore(self, abstract_state, skip=()) -> list[int]:
+    """The steps (newest first, `skip` left out) whose state restores into `abstract_state`."""
     good = []
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    for step in sorted(set(self.manager.all_steps()) - set(skip), reverse=True):
       try:
         self._restore_step(step, abstract_state, None)
       except Exception:               # noqa: BLE001

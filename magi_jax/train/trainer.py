@@ -317,29 +317,9 @@ def load_trained(workdir: str, *, step: int | None = None, use_ema: bool = True)
   abstract = jax.eval_shape(lambda p: init_state(p, tx, seed=c.seed, ema=c.ema_decay > 0), params)
   ckpt = Checkpointer(ckdir, keep=c.keep_checkpoints, every=c.checkpoint_every)
   try:
-    state = restore_or_name_the_good_steps(ckpt, abstract, step)
+    state = ckpt.restore(abstract, step=step)
     step = int(state.step)
   finally:
     ckpt.close()
   p = final_params(state) if use_ema else state.params
   return c, nnx.merge(graphdef, p, frozen), tokenizer, step
-
-
-def restore_or_name_the_good_steps(ckpt: Checkpointer, abstract, step: int | None):
-  """The state at `step` (default: the latest); a step that does not restore raises one
-  CheckpointError naming it, the reason and the steps that do restore (for `--step`)."""
-  from magi_jax.train.checkpoint import CheckpointError, failure_reason
-  want = ckpt.latest_step() if step is None else step
-  if want is None:
-    raise CheckpointError(f"no checkpoint in {ckpt.directory}")
-  if want not in ckpt.manager.all_steps():
-    raise CheckpointError(f"no checkpoint step {want} in {ckpt.directory}; it holds steps "
-                          f"{sorted(ckpt.manager.all_steps())}")
-  try:
-    return ckpt.restore(abstract, step=want)
-  except Exception as e:              # noqa: BLE001 - reported with the steps that do restore
-    good = ckpt.steps_that_restore(abstract)
-    offer = (f"steps that restore: {', '.join(map(str, good))} (pass --step={good[0]})" if good
-             else "no step of this run restores")
-    raise CheckpointError(f"checkpoint step {want} in {ckpt.directory} does not restore "
-                          f"({failure_reason(e)}); {offer}") from None

@@ -13,6 +13,8 @@ are re-simulated from their seeds, which is what the TFDS test split stores.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from magi_jax.proj.bouncing.world import simulate
@@ -86,7 +88,6 @@ def evaluate(c, model, tokenizer, *, num_continuations: int, num_text: int, echo
   """The demo's figures (module docstring) with the config's sampler settings, plus the
   sampler's cost: network evaluations per chunk and the wall time per generated chunk of the
   continuations (the first one, which compiles, left out)."""
-  import time
   world = world_config(c)
   palette = dict(world.colours)
   sampler = make_sampler(c, model, tokenizer)
