@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -20,6 +21,7 @@ from magi_jax.train.trainer import TrainingError, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 12, 3
+KILLS, PER_CHAIN = 10, 3
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
@@ -70,35 +72,105 @@ def uninterrupted(tmp_path_factory, compile_cache):
   return base, _final_state(workdir)
 
 
-@pytest.mark.parametrize("kill_at", [2, 7, 12], ids=["before_the_first_save", "mid_run",
-                                                  "at_the_final_save"])
-def test_kill_9_then_resume_is_bitwise_equal_and_loses_at_most_one_interval(
-    uninterrupted, compile_cache, kill_at):
-  """Killed right after the log line of step `kill_at` (saves are synchronous: the line names
-  the newest committed checkpoint), the rerun resumes from at most `EVERY` steps back, reaches
-  the uninterrupted run's state bitwise, and metrics.jsonl holds every step once."""
-  base, (step, want) = uninterrupted
-  workdir = base / f"killed_{kill_at}"
-  rc, out = _run_until(_cmd(workdir, base / "tfds"), _env(compile_cache), f"step {kill_at}/",
-                       signal.SIGKILL)
-  assert rc == -signal.SIGKILL, out[-2000:]                  # killed, not finished
-  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as m:
-    saved = m.latest_step()
-  assert (saved or 0) >= kill_at - EVERY, (saved, out[-2000:])  # at most one interval lost
-  proc = subprocess.run(_cmd(workdir, base / "tfds"), cwd=REPO, env=_env(compile_cache),
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert ("resumed from" in proc.stdout) == (saved is not None)
+def _kill_after(cmd, env, step, delay):
+  """Runs cmd and kills it (SIGKILL) `delay` seconds after its log line of `step`, or after its
+  first line of output when `step` is None (start-up: data, restore, compile); returns
+  (rc, output). rc is 0 when the run finished before the kill came."""
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  out, timer = [], None
+  for line in proc.stdout:
+    out.append(line)
+    if timer is None and (step is None or line.startswith(f"step {step}/")):
+      timer = threading.Timer(delay, proc.kill)
+      timer.start()
+  proc.wait(timeout=300)
+  if timer is not None:
+    timer.cancel()
+  return proc.returncode, "".join(out)
+
+
+def _committed(workdir):
+  path = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(path):
+    return None
+  with ocp.CheckpointManager(path) as m:
+    return m.latest_step()
+
+
+def _assert_final_is(workdir, want):
   got_step, got = _final_state(workdir)
-  assert got_step == step == STEPS
+  assert got_step == STEPS
   leaves_w = jax.tree_util.tree_leaves_with_path(want)
   leaves_g = jax.tree_util.tree_leaves_with_path(got)
   assert [p for p, _ in leaves_w] == [p for p, _ in leaves_g]
   for (path, a), (_, b) in zip(leaves_w, leaves_g):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
-  with open(workdir / "metrics.jsonl") as f:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
     logged = [json.loads(line)["step"] for line in f]
-  assert logged == list(range(1, STEPS + 1))
+  assert logged == list(range(1, STEPS + 1))          # each step once, after every resume
+
+
+def test_kill_9_at_ten_random_moments_resumes_bitwise_and_loses_at_most_one_interval(
+    uninterrupted, compile_cache):
+  """SIGKILL at KILLS moments drawn from a seeded generator (MAGI_FAULT_SEED picks another
+  draw): a random delay after the log line of a random step the run has still to do, or after
+  its first output line (start-up). Workdirs take PER_CHAIN kills each, so the moments spread
+  over the whole run. Sync and async saves alternate. After each kill the newest committed
+  checkpoint is at most one interval behind the last logged step (synchronous saves: under
+  `EVERY`; an asynchronous save in flight: under 2·EVERY) and the next run resumes from exactly
+  it; every workdir, run to the end, holds the uninterrupted run's state bitwise with each step
+  logged once."""
+  base, (step, want) = uninterrupted
+  assert step == STEPS
+  seed = int(os.environ.get("MAGI_FAULT_SEED", "0"))
+  rng = np.random.default_rng(seed)
+  env = _env(compile_cache)
+  moments, chain = [], 0
+
+  def finish(workdir, resumed):
+    rc, out = _kill_after(_cmd(workdir, base / "tfds"), env, STEPS + 1, 0.0)   # no kill
+    assert rc == 0, out[-3000:]
+    assert resumed is None or f"resumed from {workdir / 'checkpoints'}/{resumed} " in out, out
+    _assert_final_is(workdir, want)
+
+  while len(moments) < KILLS:
+    workdir, resumed, kills = base / f"chain_{chain}", None, 0
+    chain += 1
+    while kills < PER_CHAIN and len(moments) < KILLS:
+      async_save = len(moments) % 2 == 1
+      first = (resumed or 0) + 1
+      at = int(rng.integers(first - 1, STEPS + 1))          # first - 1: at start-up
+      at = None if at < first else at
+      delay = float(rng.uniform(0.0, 0.5))
+      cmd = _cmd(workdir, base / "tfds") + [f"--config.async_checkpoints={async_save}"]
+      rc, out = _kill_after(cmd, env, at, delay)
+      what = (f"seed {seed}, kill {len(moments) + 1}: {delay * 1000:.0f} ms after "
+              f"{'start-up' if at is None else f'step {at}'} ({'a' if async_save else ''}sync "
+              f"saves)\n{out[-1500:]}")
+      if resumed is not None and "resumed from" in out:
+        assert f"resumed from {workdir / 'checkpoints'}/{resumed} " in out, what
+      if rc == 0:                                   # the kill came after the run had ended
+        _assert_final_is(workdir, want)
+        break
+      assert rc == -signal.SIGKILL, what
+      logged = [int(line.split()[1].split("/")[0]) for line in out.splitlines()
+                if line.startswith("step ") and "/" in line.split()[1]]
+      saved = _committed(workdir)
+      reached = max(logged, default=resumed or 0)
+      interval = 2 * EVERY if async_save else EVERY
+      assert reached - (saved or 0) < interval, (saved, what)   # at most one interval lost
+      assert saved is None or resumed is None or saved >= resumed, what
+      moments.append((at, async_save, reached, saved))
+      resumed, kills = saved, kills + 1
+    else:
+      finish(workdir, resumed)
+  if seed == 0:        # the default draw covers the moments the suite promises
+    assert any(a is None for a, *_ in moments), moments                  # start-up
+    assert any(a is not None and 1 < a < STEPS for a, *_ in moments), moments   # mid-run
+    assert any(a == STEPS for a, *_ in moments), moments                 # the final save
+    assert any(asy for _, asy, *_ in moments), moments                   # an async run
+
 
 
 def test_sigterm_saves_the_current_step_and_exits(uninterrupted, compile_cache):
