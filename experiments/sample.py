@@ -2,7 +2,8 @@
 
 Writes the video to `--config.output` (default sample.mp4) and prints
 `wrote <output>: <frames> frames, <W>x<H>, <chunks> chunks`. See experiments/configs/tiny.py
-(runs anywhere, random weights) and the official-model configs. The config becomes a request
+(runs anywhere, random weights) and the official-model configs; `--config.checkpoint=runs/NAME`
+samples a training run instead (magi_jax/generate/trained.py). The config becomes a request
 in `magi_jax.generate.build_from_config`; everything is validated before any weights load,
 and a bad field fails as a usage error naming the `--config.<field>`.
 """
@@ -26,9 +27,16 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   from magi_jax.generate import build_from_config, generate
+  from magi_jax.generate.trained import is_run_dir, sample_run
+
+  from magi_jax import compile_cache
 
   c = _CONFIG.value
+  compile_cache.enable(c.compile_cache_dir)
   try:
+    if is_run_dir(c.checkpoint):
+      sample_run(c)
+      return
     comp, req, flags, opts = build_from_config(c)
     logging.info("sampling %s with %s", req.mode, c.preset)
     generate(comp, req, flags=flags, options=opts, progress=c.progress)

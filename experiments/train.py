@@ -42,9 +42,11 @@ def main(argv):
   from magi_jax.train.checkpoint import CheckpointError
   from magi_jax.train.trainer import TrainingError, train
   logging.set_verbosity(logging.WARNING)     # orbax logs every save at INFO
+  from magi_jax import compile_cache
   c = _CONFIG.value
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
   print(f"workdir: {workdir}")
+  compile_cache.enable(c.get("compile_cache_dir", ""))
   try:
     train(c, workdir)
   except (ConfigError, ValueError) as e:

@@ -33,8 +33,8 @@ The library raises the same messages as typed errors (subclasses of `magi_jax.er
 """
 
 
-def _command(*args) -> str:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def _command(*args, **env_vars) -> str:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **env_vars)
   env.pop("MAGI_VERBOSE", None)
   proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=300)
@@ -115,6 +115,14 @@ def _cases(tmp):
   yield ("command", "`experiments.train --no_such_flag=3`", _command(train, "--no_such_flag=3"))
   yield ("command", "`experiments.sample --config.mode=i2v` without an image",
          _command("experiments.sample", "--config.mode=i2v", "--config.prompt=a cat"))
+  yield ("command", "`experiments.sample --config=...magi.py:4.5B_distill "
+         "--config.checkpoint=sand-ai/MAGI-1` with HF_HUB_OFFLINE=1 and an empty cache",
+         _command("experiments.sample", "--config=experiments/configs/magi.py:4.5B_distill",
+                  "--config.checkpoint=sand-ai/MAGI-1", HF_HUB_OFFLINE="1",
+                  HF_HUB_CACHE=os.path.join(tmp, "hf")))
+  yield ("command", "`experiments.sample --config.checkpoint=<tmp>/nothing` (neither a run "
+         "nor a repository id)",
+         _command("experiments.sample", f"--config.checkpoint={tmp}/nothing"))
   yield ("command", "`experiments.evaluate --workdir=<tmp>` (not a run)",
          _command("experiments.evaluate", f"--workdir={tmp}"))
   yield ("command", "`magi_jax.convert --src=<tmp>/junk --config=tiny` (random bytes as "

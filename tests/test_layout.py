@@ -16,14 +16,15 @@ ROOT = pathlib.Path(magi_jax.__file__).parent
 # A package may import the packages of lower layers only (and itself).
 LAYERS = (
     ("errors", "json_file"),
-    ("configs", "parallel", "formats", "media", "cli"),
+    ("configs", "parallel", "formats", "media", "cli", "compile_cache"),
     ("attention",),
     ("models",),
     ("text", "data"),
     ("diffusion",),
     ("official",),       # mirrors the PyTorch release: layouts, strict load / export, parity
     ("convert",),        # checkpoints in and out: orbax, official (detected), random weights
-    ("generate", "train"),
+    ("train",),
+    ("generate",),       # sampling: official / converted weights and training runs
     ("aot",),
     ("proj",),           # projects on top of the library (the bouncing-shapes demo)
 )

@@ -47,9 +47,10 @@ def _compare(tmp_path, name, backend):
 
 
 @eight_devices
-@pytest.mark.parametrize("name", list(MESHES))
-def test_train_steps_on_mesh_match_one_device(tmp_path, name):
-  _compare(tmp_path, name, "ring")
+def test_train_steps_on_mesh_match_one_device(tmp_path):
+  """Ring attention over fsdp x context x tensor; data x context is the Ulysses case below
+  (ring on it: tests/test_context_parallel.py)."""
+  _compare(tmp_path, "fsdp2_context2_tensor2", "ring")
 
 
 @eight_devices

@@ -9,8 +9,10 @@ Command (a GPU/TPU job; the official 4.5B weights and T5 are downloaded separate
 Expected result: only the adapters train (the optimizer state holds adapter-shaped moments
 only); `runs/my_lora/lora.safetensors` holds them, and with `--config.lora.export_merged=True`
 `runs/my_lora/merged_dit/` is the merged model in the official layout (loadable by
-`python -m experiments.sample --config.dit_checkpoint=...`). The tests run this path on tiny
-random "official" weights (tests/test_train_lora.py).
+`python -m experiments.sample --config.dit_checkpoint=...`). Sample the run itself with
+`--config.checkpoint=runs/my_lora`, or the adapters on the base weights with
+`--config.lora=runs/my_lora/lora.safetensors` (`lora_scale` to weaken them). The tests run
+this path on tiny random "official" weights (tests/test_train_lora.py).
 
 Variants: `:tiny` trains adapters on a tiny random official checkpoint at --config.init.path
 with the bouncing world (used by the tests).

@@ -11,6 +11,16 @@ def sample_config(preset: str, **overrides) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.preset = preset               # magi_jax.configs preset (model / runtime / engine settings)
   c.magi_config = ""              # optional official *_config.json instead of the preset
+  # A training run directory (runs/NAME, what experiments.train writes) to sample: its DiT,
+  # text encoder or T5, VAE (or pixel space), video size and sampler settings
+  # (magi_jax/generate/trained.py). Or a Hugging Face repository id, owner/name[@revision]
+  # (sand-ai/MAGI-1): the preset's DiT, VAE and T5 from it (magi_jax/convert/hub.py), for the
+  # weight fields below that are left empty.
+  c.checkpoint = ""
+  c.step = 0                      # the run's checkpoint step (0: the latest)
+  c.use_ema = True                # the run's EMA weights when it kept them (False: raw)
+  c.lora = ""                     # a LoRA adapter file (lora.safetensors) merged into the DiT
+  c.lora_scale = 1.0              # times the adapters' trained update
   # Weights: converted orbax or official directories. Empty = random (tiny preset only).
   c.dit_checkpoint = ""
   c.vae_checkpoint = ""
@@ -19,6 +29,8 @@ def sample_config(preset: str, **overrides) -> ml_collections.ConfigDict:
   c.special_token_flags = "hq,duration"   # official run.sh: PAD_HQ=1 PAD_DURATION=1
   c.neg_prompt = False            # official NEG_PROMPT
   c.text_cache_dir = "~/.cache/magi_jax/text"   # on-disk T5 embedding cache ("" = off)
+  c.compile_cache_dir = "~/.cache/magi_jax/jax_compile"   # persistent JAX compilation cache:
+                                  # a second run loads its programs ("" = JAX's own setting)
   c.precision = "bf16"            # bf16 (the official policy) | fp32
   c.backend = "auto"              # attention backend (auto: by platform and mesh)
   # What to generate.

@@ -24,6 +24,8 @@ def train_config():
   c.sample_every = 0               # sample videos + frame strip every N steps (0: end only)
   c.sample_at_end = True
   c.ema_decay = 0.0                # 0 disables the EMA of the parameters
+  c.compile_cache_dir = "~/.cache/magi_jax/jax_compile"   # persistent JAX compilation cache:
+                                   # a rerun loads its programs ("" = JAX's own setting)
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "tiny"          # magi_jax.configs preset the architecture starts from

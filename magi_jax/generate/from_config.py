@@ -5,7 +5,8 @@ attributes will do); `python -m experiments.sample` and launch/colab/sample.ipyn
 `build_from_config`. Everything is checked before any weights load, and a bad value raises a
 typed error (a `MagiError`) whose message names the `--config.<field>` to change:
 `ConfigError` for the preset, the config file, the sizes and steps, the checkpoint paths and
-the special-token flags; `RequestError` / `PromptScheduleError` for what to generate.
+the special-token flags; `HubError` for weights named by repository (`--config.checkpoint`);
+`RequestError` / `PromptScheduleError` for what to generate.
 """
 
 from __future__ import annotations
@@ -38,12 +39,18 @@ def build_from_config(c) -> tuple[Components, Request, TextFlags, SamplerOptions
   req.validate()
   _check_prompts(req, cfg)
   flags = _text_flags(c)
-  random_ok = c.preset == "tiny" and not c.magi_config
-  _check_checkpoints(c, flags, random_ok)
-  dit, cfg = load_dit(c.dit_checkpoint, cfg, c.precision, random_ok=random_ok, seed=c.seed)
+  hub = getattr(c, "checkpoint", "")
+  random_ok = c.preset == "tiny" and not c.magi_config and not hub
+  paths = _weight_paths(c, cfg)
+  _check_checkpoints(c, paths, flags, random_ok)
+  dit, cfg = load_dit(paths["dit_checkpoint"], cfg, c.precision, random_ok=random_ok,
+                      seed=c.seed)
+  if getattr(c, "lora", ""):
+    from magi_jax.generate.trained import apply_lora
+    dit = apply_lora(dit, c.lora, c.lora_scale)
   comp = Components(
-      dit=dit, cfg=cfg, vae=load_vae(c.vae_checkpoint, c.precision, random_ok=random_ok),
-      text=load_text_encoder(c.t5_checkpoint, cfg, random_ok=random_ok,
+      dit=dit, cfg=cfg, vae=load_vae(paths["vae_checkpoint"], c.precision, random_ok=random_ok),
+      text=load_text_encoder(paths["t5_checkpoint"], cfg, random_ok=random_ok,
                              cache_dir=c.text_cache_dir or None),
       special=load_special_tokens(c.special_tokens, cfg, flags, random_ok=random_ok))
   opts = SamplerOptions(nearly_clean_weight=c.nearly_clean_weight, backend=c.backend)
@@ -87,10 +94,34 @@ def _text_flags(c) -> TextFlags:
   return TextFlags(**{k: k in names for k in known}, neg_prompt=bool(c.neg_prompt))
 
 
-def _check_checkpoints(c, flags: TextFlags, random_ok: bool) -> None:
+def _weight_paths(c, cfg: MagiConfig) -> dict[str, str]:
+  """{checkpoint field: local path}: the fields as given, the parts left empty from the
+  repository `--config.checkpoint` names (magi_jax/convert/hub.py)."""
+  from magi_jax.convert.hub import parse_hub_id, resolve
+  paths = {f: getattr(c, f) for f in _CHECKPOINTS}
+  spec = getattr(c, "checkpoint", "")
+  if not spec:
+    return paths
+  hub = parse_hub_id(spec)
+  if hub is None:
+    raise ConfigError(f"--config.checkpoint={spec!r} is neither a training run directory (no "
+                      "checkpoints/run.json in it) nor a Hugging Face repository id "
+                      "(owner/name[@revision])")
+  if c.magi_config:
+    raise ConfigError("--config.checkpoint (a repository) finds the weights by preset name: "
+                      "use --config.preset, not --config.magi_config")
+  parts = {"dit_checkpoint": "dit", "vae_checkpoint": "vae", "t5_checkpoint": "t5"}
+  need = [part for field, part in parts.items() if not paths[field]]
+  if need:
+    found = resolve(*hub, c.preset, cfg, need)
+    paths.update({field: found[part] for field, part in parts.items() if part in found})
+  return paths
+
+
+def _check_checkpoints(c, paths: dict[str, str], flags: TextFlags, random_ok: bool) -> None:
   """Every given path exists; without random weights, every needed one is given."""
-  for field in (*_CHECKPOINTS, "special_tokens"):
-    path = getattr(c, field)
+  given = dict(paths, special_tokens=c.special_tokens)
+  for field, path in given.items():
     if path and not os.path.exists(path):
       raise ConfigError(f"--config.{field}={path!r} does not exist")
   if random_ok:
@@ -98,7 +129,7 @@ def _check_checkpoints(c, flags: TextFlags, random_ok: bool) -> None:
   needed = list(_CHECKPOINTS)       # name every missing part at once, before loading anything
   if flags.positive_keys() or flags.neg_prompt:
     needed.append("special_tokens")
-  missing = [f for f in needed if not getattr(c, f)]
+  missing = [f for f in needed if not given[f]]
   if missing:
     raise ConfigError(
         "preset " + repr(c.preset) + " needs real weights; set " +

@@ -126,5 +126,5 @@ def generate(comp: Components, req: Request, *, flags: TextFlags = TextFlags(),
     raise RuntimeError(f"wrote {frames} frames, the frame plan says {plan.output_frames}")
   total = time.perf_counter() - t0
   log(f"wrote {req.output}: {frames} frames, {req.width}x{req.height}, "
-      f"{len(chunk_times)} chunks in {total:.1f} s")
+      f"{len(chunk_times)} chunks in {total:.1f} s (first chunk after {chunk_times[0]:.1f} s)")
   return Result(req.output, frames, len(chunk_times), total, chunk_times)

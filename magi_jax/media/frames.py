@@ -22,14 +22,16 @@ def _is_int(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
 
 
-def validate_size(height: int, width: int) -> None:
-  """Raises MediaError unless height and width are positive multiples of 16."""
+def validate_size(height: int, width: int, multiple: int = SIZE_MULTIPLE) -> None:
+  """Raises MediaError unless height and width are positive multiples of `multiple` (16: the
+  VAE's x8 and the DiT's patch 2; a pixel-space model needs its patch size only)."""
+  why = "VAE x8 and DiT patch 2" if multiple == SIZE_MULTIPLE else "the model's patch size"
   for name, v in (("height", height), ("width", width)):
     if not _is_int(v) or v <= 0:
-      raise MediaError(f"{name} {v!r} must be a positive integer (a multiple of {SIZE_MULTIPLE})")
-    if v % SIZE_MULTIPLE:
-      raise MediaError(f"{name} {v} is not divisible by {SIZE_MULTIPLE} "
-                       f"(VAE x8 and DiT patch 2); try {v // SIZE_MULTIPLE * SIZE_MULTIPLE or 16}")
+      raise MediaError(f"{name} {v!r} must be a positive integer (a multiple of {multiple})")
+    if v % multiple:
+      raise MediaError(f"{name} {v} is not divisible by {multiple} "
+                       f"({why}); try {v // multiple * multiple or multiple}")
 
 
 def validate_num_frames(num_frames: int, temporal_downsample: int = 4) -> None:

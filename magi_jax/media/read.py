@@ -22,7 +22,7 @@ import subprocess
 import numpy as np
 
 from magi_jax.media.errors import MediaError, ffmpeg_error, media_error
-from magi_jax.media.frames import validate_size
+from magi_jax.media.frames import SIZE_MULTIPLE, validate_size
 
 POLICIES = ("fit", "crop", "pad")
 
@@ -120,15 +120,17 @@ def _run(args, path, what: str, stdin: bytes | None = None) -> bytes:
   return res.stdout
 
 
-def read_image(path, height: int, width: int, policy: str = "fit") -> np.ndarray:
+def read_image(path, height: int, width: int, policy: str = "fit", *,
+               multiple: int = SIZE_MULTIPLE) -> np.ndarray:
   """The I2V conditioning image as uint8 [1, height, width, 3] (official `ffmpeg_i2v`).
 
   policy: "fit" (official default: stretch, aspect ratio ignored), "crop" or "pad".
+  multiple: what height and width must divide by (`validate_size`).
   The file's bytes are piped to ffmpeg as image2pipe, exactly as the official code does.
   """
   _check_file(path)
   _check_kind(path, "image")
-  validate_size(height, width)
+  validate_size(height, width, multiple)
   vf = _scale_filter(height, width, policy)
   with open(path, "rb") as f:
     data = f.read()
@@ -141,7 +143,7 @@ def read_image(path, height: int, width: int, policy: str = "fit") -> np.ndarray
 
 
 def read_video(path, height: int, width: int, fps: int = 24,
-               max_frames: int | None = 32) -> np.ndarray:
+               max_frames: int | None = 32, *, multiple: int = SIZE_MULTIPLE) -> np.ndarray:
   """The first `max_frames` frames (None: all) of a video as uint8 [N, height, width, 3].
 
   Official `ffmpeg_v2v` graph: seek to 0, resample to `fps` with ffmpeg's fps filter, then
@@ -150,7 +152,7 @@ def read_video(path, height: int, width: int, fps: int = 24,
   """
   _check_file(path)
   _check_kind(path, "video")
-  validate_size(height, width)
+  validate_size(height, width, multiple)
   if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
                                  or max_frames < 1):
     raise MediaError(f"max_frames {max_frames!r} must be a positive integer or None")

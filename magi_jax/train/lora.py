@@ -93,13 +93,13 @@ class LoRALinear(Linear):
     y = super().__call__(x, out_dtype=F32, precision=precision)   # base, float32, unrounded
     return (y + self.delta(x, precision=precision)).astype(out_dtype)
 
-  def merged_kernel(self):
-    """W + A·B·scale in the kernel's dtype (formed in float32, rounded once); per layer when
-    stacked."""
+  def merged_kernel(self, scale: float = 1.0):
+    """W + A·B·(alpha / rank)·scale in the kernel's dtype (formed in float32, rounded once);
+    per layer when stacked."""
     w = self.kernel[...]
     ab = jnp.matmul(self.lora_a[...].astype(F32), self.lora_b[...].astype(F32),
                     precision=jax.lax.Precision.HIGHEST)
-    return (w.astype(F32) + ab * self.scale).astype(w.dtype)
+    return (w.astype(F32) + ab * (self.scale * scale)).astype(w.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,15 +215,16 @@ def split_trainable(model, lora: bool):
   return nnx.split(model, nnx.LoRAParam if lora else nnx.Param, ...)
 
 
-def merge_lora(model: VideoDiT) -> VideoDiT:
-  """A new plain VideoDiT (Linear layers again) with kernels W + A·B·scale.
+def merge_lora(model: VideoDiT, scale: float = 1.0) -> VideoDiT:
+  """A new plain VideoDiT (Linear layers again) with kernels W + A·B·(alpha / rank)·scale
+  (`scale` weakens or strengthens the adapters' update; 1 is the trained one).
 
   The adapted model is left unchanged; unadapted weights are shared (not copied).
   """
   adapters = _adapters(model)
   if not adapters:
     raise LoRAError("merge_lora: the model has no LoRA adapters")
-  merged = {("layers", n, "kernel"): m.merged_kernel() for n, m in adapters.items()}
+  merged = {("layers", n, "kernel"): m.merged_kernel(scale) for n, m in adapters.items()}
   source = {path: var.get_value() for path, var in
             nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))}
   abstract = nnx.eval_shape(lambda: type(model)(model.cfg, precision=model.precision,

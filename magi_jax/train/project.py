@@ -29,11 +29,24 @@ class TextKind:
 @dataclasses.dataclass(frozen=True)
 class Project:
   """data: kind -> fn(c, workdir, tokenizer, common_kwargs) -> grain iterator of batches;
-  text: kind -> TextKind; evals: name -> fn(c, model, tokenizer, workdir, step, log, echo)."""
+  text: kind -> TextKind; evals: name -> fn(c, model, tokenizer, workdir, step, log, echo);
+  shapes: data kind -> fn(c) -> VideoShape, the videos that source yields (what sampling a
+  trained run generates by default)."""
   name: str
   data: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
   text: Mapping[str, TextKind] = dataclasses.field(default_factory=dict)
   evals: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
+  shapes: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoShape:
+  """Pixel frames of a training video: height x width, `num_chunks` chunks of
+  `frames_per_chunk` frames."""
+  height: int
+  width: int
+  frames_per_chunk: int
+  num_chunks: int
 
 
 NO_PROJECT = Project(name="")
@@ -70,6 +83,15 @@ def data_source(c) -> Callable:
 def text_kind(c) -> TextKind:
   p = load_project(c)
   return _pick(p.text, c.text.kind, "text.kind", p, ("precomputed",))
+
+
+def video_shape(c) -> VideoShape:
+  """The videos `config.data` yields (video_folder: data.height x data.width, clip_frames)."""
+  d = c.data
+  if d.kind == "video_folder":
+    return VideoShape(d.height, d.width, d.frames_per_chunk, d.clip_frames // d.frames_per_chunk)
+  p = load_project(c)
+  return _pick(p.shapes, d.kind, "data.kind", p, ("video_folder",))(c)
 
 
 def evaluators(c) -> list[Callable]:

@@ -18,7 +18,7 @@ from magi_jax.train.checkpoint import RUN_FILE, Checkpointer
 # Top-level config fields (and sections) a resume may change.
 RUN_CONTROL = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints",
                "async_checkpoints", "max_consecutive_nans", "tensorboard", "sample_every",
-               "sample_at_end", "sample", "evals", "resume")
+               "sample_at_end", "sample", "evals", "resume", "compile_cache_dir")
 RESUME_MODES = ("same", "changed")
 SHOWN = 5                  # differing fields named in the message
 

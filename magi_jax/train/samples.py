@@ -64,7 +64,11 @@ class VideoSampler:
 
   def __init__(self, model, tokenizer, *, chunk_width: int, prediction: str,
                settings: SampleSettings = SampleSettings(), backend: str = "auto",
-               encode: Callable | None = None, decode: Callable | None = None):
+               encode: Callable | None = None, decode: Callable | None = None,
+               text: Callable | None = None):
+    """encode / decode: uint8 frames (T, H, W, 3) <-> the DiT's latents (1, C, T', h, w)
+    (default: pixel space); text: captions -> (rows (N, L, C), mask (N, L)) (default: the
+    model's trained text encoder on the tokenizer's ids)."""
     self.model, self.tokenizer = model, tokenizer
     self.chunk_width = chunk_width
     self.cfg = sampler_config(model.dit, chunk_width, settings)
@@ -73,15 +77,20 @@ class VideoSampler:
     self._by_scale = {settings.text_scale: self.sampler}     # share the compiled steps
     self.encode = encode or frames_to_latent
     self.decode = decode or latent_to_frames
-    self._text = jax.jit(lambda ids, m: model.text_encoder(ids, m))
+    if text is None:
+      encoder = jax.jit(lambda ids, m: model.text_encoder(ids, m))
+
+      def text(captions):
+        ids, mask = tokenizer(captions)
+        return encoder(jnp.asarray(ids), jnp.asarray(mask))
+    self._text = text
 
   def text_rows(self, chunk_captions: Sequence[str], num_chunks: int, clean_chunks: int):
     """Rows for the noisy chunks: caption i for noisy chunk i (the last one repeats)."""
     n = num_chunks - clean_chunks
     caps = list(chunk_captions)[clean_chunks:] or list(chunk_captions)[-1:]
     caps = (caps + caps[-1:] * n)[:n]
-    ids, mask = self.tokenizer(caps)
-    emb, m = self._text(jnp.asarray(ids), jnp.asarray(mask))
+    emb, m = self._text(caps)
     null = np.asarray(self.model.dit.y_embedder.null_caption_embedding[...], np.float32)
     return ChunkTextRows(np.asarray(emb), np.asarray(m), null, infer_chunk_num=num_chunks,
                          clean_chunk_num=clean_chunks, flags=TextFlags.none())

@@ -13,7 +13,7 @@ from magi_jax.configs import ConfigError
 from magi_jax.data.pipeline import make_pipeline
 from magi_jax.proj.bouncing.text_encoder import DemoTextEncoder, WordTokenizer
 from magi_jax.proj.bouncing.world import WorldConfig, vocabulary
-from magi_jax.train.project import Project, TextKind
+from magi_jax.train.project import Project, TextKind, VideoShape
 
 
 def world_config(c) -> WorldConfig:
@@ -85,6 +85,11 @@ def bouncing_batches(data_dir, world=None, split: str = "train", *, batch_size: 
                        seed=seed, num_chunks=world.num_chunks, **kwargs)
 
 
+def video_shape(c) -> VideoShape:
+  w = world_config(c)
+  return VideoShape(w.height, w.width, w.frames_per_chunk, w.num_chunks)
+
+
 PROJECT = Project(name="bouncing", data={"bouncing": train_batches},
                   text={"demo": TextKind(tokenizer=demo_tokenizer, encoder=demo_encoder)},
-                  evals={"samples": write_samples})
+                  evals={"samples": write_samples}, shapes={"bouncing": video_shape})
