@@ -6,7 +6,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite's time is mostly XLA:CPU compiling small programs; LLVM at optimisation level 0
 # compiles them faster and runs them no slower at these sizes (tests/test_layer_scan.py and
 # test_train_objective.py: 270 -> 188 CPU-seconds). Set before JAX starts, and inherited by the
-# suite's subprocesses; an XLA_FLAGS that already sets the level wins.
+# suite's subprocesses; an XLA_FLAGS that already sets the level wins. The TPU compiler's memory
+# figures do not move with it (`magi_jax.aot --job=sample --preset=4.5B_distill
+# --topology=v5e:2x2`: the same args / temp / peak GiB for all four programs).
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = " ".join(
       [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
@@ -73,13 +75,24 @@ def compile_cache(tmp_path_factory):
   compilation_cache.reset_cache()
 
 
-# The longest files first (per-file times of a two-worker run, slowest first): with
-# `--dist loadfile` a long file that starts last keeps one worker busy while the other idles.
-# Order inside a file, and of every file not listed, is the collection order.
-SLOW_FIRST = ("test_distill.py", "test_aot.py", "test_train_resume.py", "test_distributed.py",
-              "test_mesh_train.py", "test_sample_trained.py", "test_layer_scan.py",
-              "test_context_parallel.py", "test_context_memory_bench.py", "test_sampler_mesh.py",
-              "test_parity_command.py", "test_train_objective.py", "test_distill_export.py")
+# The longest files first (per-file seconds of a two-worker run, slowest first): with
+# `--dist loadfile` each worker takes the next file when it is almost out of work, and a long
+# file that starts last keeps one worker busy while the other idles. Order inside a file, and
+# of every file not listed, is the collection order.
+SLOW_FIRST = ("test_train_resume.py", "test_distill.py", "test_sampler_mesh.py",
+              "test_distributed.py", "test_aot.py", "test_sample_trained.py",
+              "test_layer_scan.py", "test_mesh_train.py", "test_parity_command.py",
+              "test_context_parallel.py", "test_context_memory_bench.py",
+              "test_distill_export.py", "test_train_objective.py", "test_notebook.py",
+              "test_error_table.py", "test_sample_command.py", "test_checkpoint_faults.py",
+              "test_dit_behaviour.py")
+
+
+def pytest_configure(config):
+  # pytest-xdist would otherwise queue the files by their number of tests (most first), which
+  # puts a slow file of one test (the 8-device sampler) last.
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):

@@ -163,7 +163,7 @@ def test_bad_requests_name_the_field(run_dir, run, tmp_path):
     generate_run(run, _sc(run_dir, height=48))
   with pytest.raises(ConfigError, match="mode='x2v'"):
     generate_run(run, _sc(run_dir, mode="x2v"))
-  with pytest.raises(ConfigError, match="not a training run directory"):
+  with pytest.raises(ConfigError, match="neither a training run directory"):
     build_from_config(_sc(run_dir / "checkpoints"))
 
 
