@@ -5,7 +5,8 @@ autoregressive MAGI sampler on held-out episodes, the continuation (V2V) errors 
 copy-last-frame / constant-velocity / blank baselines and text control (T2V), and the
 sampler's cost (network evaluations and wall time per chunk). A distilled run samples with one
 guidance pass (cfg_number 1); `--num_steps=8,16` evaluates it at each step count in turn. Prints
-the reports, writes `<workdir>/eval.json` (one report per step count, keyed "<n>_steps") and a
+the reports, writes `<workdir>/eval.json` (one report per step count, keyed "<n>_steps";
+`eval_seed<N>.json` for `--eval_seed=N`, another block of held-out episodes) and a
 frame strip `<workdir>/eval_strip.png` (the first step count).
 Expected result for the demo: see experiments/configs/bouncing_tiny.py and
 bouncing_distill.py, and the README.
@@ -24,6 +25,9 @@ _NUM_TEXT = flags.DEFINE_integer("num_text", 32, "caption-only videos for text c
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
 _NO_EMA = flags.DEFINE_bool("no_ema", False, "evaluate the raw weights, not the EMA")
 _TEXT_SCALE = flags.DEFINE_float("text_scale", None, "override the config's guidance scale")
+_EVAL_SEED = flags.DEFINE_integer("eval_seed", 0, "block of held-out episodes to evaluate on "
+                                   "(blocks never overlap each other or the training episodes; "
+                                   "0 is the one the demo was tuned on)", lower_bound=0)
 _NUM_STEPS = flags.DEFINE_list("num_steps", [], "sampler step counts to evaluate, e.g. 8,16 "
                                "(default: the config's sample.num_steps)")
 
@@ -57,11 +61,13 @@ def main(argv):
   reports = {}
   for n in counts:
     c.sample.num_steps = n
-    r = evaluate(c, model, tok, num_continuations=_NUM_CONT.value, num_text=_NUM_TEXT.value)
+    r = evaluate(c, model, tok, num_continuations=_NUM_CONT.value, num_text=_NUM_TEXT.value,
+                 block=_EVAL_SEED.value)
     print(f"--- {n} sampler steps ---")
     print(format_report(r))
     reports[f"{n}_steps"] = r
-  with open(os.path.join(_WORKDIR.value, "eval.json"), "w") as f:
+  name = "eval.json" if _EVAL_SEED.value == 0 else f"eval_seed{_EVAL_SEED.value}.json"
+  with open(os.path.join(_WORKDIR.value, name), "w") as f:
     json.dump({"step": step, **reports}, f, indent=2)
   c.sample.num_steps = counts[0]
   videos, _ = sample_set(c, model, tok, num=6)

@@ -189,3 +189,22 @@ def test_text_control_accuracy():
   assert acc == 0.5
   with pytest.raises(ValueError):
     bm.text_control_accuracy([red], ["red", "blue"], PALETTE)
+
+
+def test_evaluation_blocks_are_disjoint_and_block_0_is_unchanged():
+  """`--eval_seed=N` picks block N of the test split; no two blocks (and no block and the
+  training seeds) share an episode seed."""
+  from experiments.configs import bouncing_tiny
+  from magi_jax.proj.bouncing.evaluation import BLOCK, held_out
+  from magi_jax.proj.bouncing.tfds_builder import split_seed
+  from magi_jax.proj.bouncing.training import world_config
+  from magi_jax.proj.bouncing.world import simulate
+  c = bouncing_tiny.get_config()
+  np.testing.assert_array_equal(held_out(c, 3).frames,
+                                simulate(world_config(c), split_seed("test", 3)).frames)
+  seeds = {b: {split_seed("test", b * BLOCK + i) for i in range(64)} for b in range(3)}
+  assert not (seeds[0] & seeds[1] or seeds[1] & seeds[2] or seeds[0] & seeds[2])
+  assert not seeds[1] & {split_seed("train", i) for i in range(c.data.train_episodes)}
+  assert not np.array_equal(held_out(c, 3, 1).frames, held_out(c, 3).frames)
+  with pytest.raises(ValueError, match="outside a block"):
+    held_out(c, BLOCK)

@@ -27,8 +27,19 @@ from magi_jax.train.samples import VideoSampler
 TARGETS = {"text_control_accuracy": 0.9, "bright_ratio_band": 0.5}
 
 
-def held_out(c, i: int):
-  return simulate(world_config(c), split_seed("test", i))
+# `--eval_seed=N` evaluates on block N of the held-out episodes: test-split indices
+# [N·BLOCK, (N+1)·BLOCK), so blocks never share an episode (and the test split's seeds never
+# meet the training seeds: tfds_builder.split_seed). Block 0 is what the demo was tuned on.
+BLOCK = 10_000
+
+
+def held_out(c, i: int, block: int = 0):
+  """Held-out episode `i` of evaluation block `block`."""
+  if not 0 <= i < BLOCK:
+    raise ValueError(f"held-out episode {i} is outside a block of {BLOCK}")
+  if block < 0:
+    raise ValueError(f"evaluation block {block} must be >= 0")
+  return simulate(world_config(c), split_seed("test", block * BLOCK + i))
 
 
 def make_sampler(c, model, tokenizer) -> VideoSampler:
@@ -84,8 +95,10 @@ def network_evaluations_per_chunk(sampler: VideoSampler) -> int:
   return int(rt.num_steps) * int(rt.cfg_number)
 
 
-def evaluate(c, model, tokenizer, *, num_continuations: int, num_text: int, echo=print) -> dict:
-  """The demo's figures (module docstring) with the config's sampler settings, plus the
+def evaluate(c, model, tokenizer, *, num_continuations: int, num_text: int, block: int = 0,
+             echo=print) -> dict:
+  """The demo's figures (module docstring) with the config's sampler settings on evaluation
+  block `block` (continuations: its first episodes, text control: the ones after), plus the
   sampler's cost: network evaluations per chunk and the wall time per generated chunk of the
   continuations (the first one, which compiles, left out)."""
   world = world_config(c)
@@ -95,7 +108,7 @@ def evaluate(c, model, tokenizer, *, num_continuations: int, num_text: int, echo
   P = c.sample.prefix_chunks * F
   reports, seconds = [], []
   for i in range(num_continuations):
-    ep = held_out(c, i)
+    ep = held_out(c, i, block)
     t0 = time.perf_counter()
     v = sampler.generate(ep.chunk_captions, num_chunks=K, height=world.height,
                          width=world.width, seed=i, prefix_frames=ep.frames[:P],
@@ -110,7 +123,7 @@ def evaluate(c, model, tokenizer, *, num_continuations: int, num_text: int, echo
   hits, colours = [], []
   i = 0
   while len(hits) < num_text:
-    ep = held_out(c, num_continuations + i)
+    ep = held_out(c, num_continuations + i, block)
     i += 1
     if len(ep.objects) != 1:
       continue
@@ -123,7 +136,7 @@ def evaluate(c, model, tokenizer, *, num_continuations: int, num_text: int, echo
   acc = float(np.mean(hits)) if hits else float("nan")
   rt = sampler.cfg.runtime
   out = {"continuation": cont, "text_control_accuracy": acc, "text_control_pairs": colours,
-         "num_continuations": num_continuations, "num_text": num_text,
+         "num_continuations": num_continuations, "num_text": num_text, "eval_seed": block,
          "num_steps": int(rt.num_steps), "cfg_number": int(rt.cfg_number),
          "network_evaluations_per_chunk": network_evaluations_per_chunk(sampler),
          "seconds_per_chunk": per_chunk}
@@ -143,7 +156,8 @@ def targets_met(r: dict) -> dict:
 def format_report(r: dict) -> str:
   c = r["continuation"]
   lines = [
-      f"continuation ({r['num_continuations']} held-out episodes, per generated frame):",
+      f"continuation ({r['num_continuations']} held-out episodes of block "
+      f"{r.get('eval_seed', 0)}, per generated frame):",
       f"  ball-centre error  model {c['centre_error_model']:.2f} px   copy-last "
       f"{c['centre_error_copy_last']:.2f} px   constant-velocity "
       f"{c['centre_error_const_velocity']:.2f} px",
