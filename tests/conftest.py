@@ -79,13 +79,17 @@ def compile_cache(tmp_path_factory):
 # `--dist loadfile` each worker takes the next file when it is almost out of work, and a long
 # file that starts last keeps one worker busy while the other idles. Order inside a file, and
 # of every file not listed, is the collection order.
-SLOW_FIRST = ("test_train_resume.py", "test_distill.py", "test_sampler_mesh.py",
-              "test_distributed.py", "test_aot.py", "test_sample_trained.py",
-              "test_layer_scan.py", "test_mesh_train.py", "test_parity_command.py",
+SLOW_FIRST = ("test_train_resume.py", "test_distill.py", "test_distributed.py", "test_aot.py",
+              "test_sample_trained.py", "test_layer_scan.py", "test_mesh_train.py", "test_parity_command.py",
               "test_context_parallel.py", "test_context_memory_bench.py",
               "test_distill_export.py", "test_train_objective.py", "test_notebook.py",
               "test_error_table.py", "test_sample_command.py", "test_checkpoint_faults.py",
               "test_dit_behaviour.py")
+
+
+# Last: the 8-device sampler, whose XLA:CPU child aborts now and then (tests/test_sampler_mesh.py)
+# and did so twice in a row next to the kill -9 runs of test_train_resume.py at the start.
+LAST = ("test_sampler_mesh.py",)
 
 
 def pytest_configure(config):
@@ -97,4 +101,5 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
   rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-  items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))
+  rank.update({name: len(SLOW_FIRST) + 1 + i for i, name in enumerate(LAST)})
+  items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(SLOW_FIRST)))
