@@ -80,7 +80,8 @@ def compile_cache(tmp_path_factory):
 # file that starts last keeps one worker busy while the other idles. Order inside a file, and
 # of every file not listed, is the collection order.
 SLOW_FIRST = ("test_train_resume.py", "test_distill.py", "test_distributed.py", "test_aot.py",
-              "test_sample_trained.py", "test_layer_scan.py", "test_mesh_train.py", "test_parity_command.py",
+              "test_sample_trained.py", "test_layer_scan.py", "test_mesh_train.py",
+              "test_parity_command.py",
               "test_context_parallel.py", "test_context_memory_bench.py",
               "test_distill_export.py", "test_train_objective.py", "test_notebook.py",
               "test_error_table.py", "test_sample_command.py", "test_checkpoint_faults.py",
