@@ -9,9 +9,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # suite's subprocesses; an XLA_FLAGS that already sets the level wins. The TPU compiler's memory
 # figures do not move with it (`magi_jax.aot --job=sample --preset=4.5B_distill
 # --topology=v5e:2x2`: the same args / temp / peak GiB for all four programs).
+XLA_OPT_FLAG = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = " ".join(
-      [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), XLA_OPT_FLAG]).strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from absl import flags
 
+from conftest import XLA_OPT_FLAG
 from magi_jax.parallel import distributed
 from magi_jax.parallel.distributed import Plan, resolve_plan
 
@@ -302,15 +303,12 @@ def test_cpu_collectives_enabled():
 _CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "MAGI_", "JAX_COORDINATOR")
 
 
-_OPT = "--xla_backend_optimization_level=0"      # as tests/conftest.py sets for the suite
-
-
 def _clean_env(**extra):
   env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES)}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
              PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
   env.update(extra)
-  env["XLA_FLAGS"] = f"{_OPT} {env['XLA_FLAGS']}"
+  env["XLA_FLAGS"] = f"{XLA_OPT_FLAG} {env['XLA_FLAGS']}"     # as the suite runs
   return env
 
 

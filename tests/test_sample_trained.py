@@ -178,3 +178,21 @@ def test_the_sample_command_writes_a_video_of_the_run(run_dir, tmp_path, compile
   assert f"wrote {out}: 8 frames, 24x24, 2 chunks" in proc.stdout
   from magi_jax.media import read_video
   assert read_video(str(out), 24, 24, fps=8, max_frames=None, multiple=1).shape[0] == 8
+
+
+def test_a_latent_runs_vae_is_the_one_it_trained_with(tmp_path):
+  """Sampling loads the run's VAE as training does (`build.frozen_vae`): random weights only
+  for `random_tiny`; an official VAE without a path is an error, never random weights."""
+  from magi_jax.convert.load import ComponentError
+  from magi_jax.train.build import frozen_vae
+  c = bouncing_tiny.get_config("smoke")
+  assert frozen_vae(c) is None                                  # pixel space
+  c.vae.kind = "random_tiny"
+  a, b = frozen_vae(c), frozen_vae(c)
+  np.testing.assert_array_equal(np.asarray(a.encoder.patch_embed.kernel[...]),
+                                np.asarray(b.encoder.patch_embed.kernel[...]))
+  c.vae.kind = "official"
+  with pytest.raises(ComponentError, match="no VAE checkpoint given"):
+    frozen_vae(c)
+  with pytest.raises(ComponentError, match="not found"):
+    frozen_vae(c, str(tmp_path / "missing"))

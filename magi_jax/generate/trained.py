@@ -108,14 +108,14 @@ def load_run(sc) -> TrainedRun:
 
 def _vae_codec(c, sc):
   """(encode, decode) through the run's VAE: each chunk of frames on its own, as in training."""
-  from magi_jax.convert.load import load_vae
+  from magi_jax.train.build import frozen_vae
   from magi_jax.train.step import vae_chunk_encoder
   from magi_jax.train.samples import latent_to_frames
   path = sc.vae_checkpoint or ("" if c.vae.kind == "random_tiny" else c.vae.path)
   if path and not os.path.isdir(path):
     raise ConfigError(f"the run's VAE {path!r} is not a directory (the run trained with "
                       f"vae.path={c.vae.path!r}; pass --config.vae_checkpoint)")
-  vae = load_vae(path, c.vae.precision, random_ok=not path, seed=c.seed)
+  vae = frozen_vae(c, sc.vae_checkpoint)           # the VAE the run trained with
   F, K = c.data.frames_per_chunk, c.objective.chunk_width
   chunk_encode = jax.jit(vae_chunk_encoder(vae, scale_factor=c.vae.scale_factor,
                                            frames_per_chunk=F))

@@ -168,17 +168,26 @@ def distilled_copy(dit: VideoDiT, seed: int) -> VideoDiT:
   return student
 
 
-def frame_encoder(c):
-  """The frozen VAE's per-chunk encoder for latent-space training, or None (pixel space)."""
+def frozen_vae(c, path: str = ""):
+  """The frozen VAE of a latent-space config, or None (pixel space): `config.vae`'s, from
+  `path` instead of `vae.path` when given (random weights only for `random_tiny` without one)."""
   if c.vae.kind == "none":
     return None
   from magi_jax.convert.load import load_vae
-  from magi_jax.train.step import vae_chunk_encoder
   if c.vae.kind not in ("official", "converted", "random_tiny"):
     raise ConfigError(f"config.vae.kind must be none | official | converted | random_tiny, got "
                       f"{c.vae.kind!r}")
-  vae = load_vae("" if c.vae.kind == "random_tiny" else c.vae.path, c.vae.precision,
-                 random_ok=c.vae.kind == "random_tiny", seed=c.seed)
+  random = c.vae.kind == "random_tiny"
+  path = path or ("" if random else c.vae.path)
+  return load_vae(path, c.vae.precision, random_ok=random and not path, seed=c.seed)
+
+
+def frame_encoder(c):
+  """The frozen VAE's per-chunk encoder for latent-space training, or None (pixel space)."""
+  vae = frozen_vae(c)
+  if vae is None:
+    return None
+  from magi_jax.train.step import vae_chunk_encoder
   F = c.data.frames_per_chunk
   if F % 4 or F // 4 != c.objective.chunk_width:
     raise ConfigError(f"latent training: data.frames_per_chunk ({F}) must be 4 x "
