@@ -7,6 +7,7 @@ no two packages import each other.
 """
 
 import ast
+import gc
 import pathlib
 
 import magi_jax
@@ -31,6 +32,18 @@ LAYERS = (
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 
+def _parse(path: pathlib.Path) -> ast.AST:
+  """ast.parse with the garbage collector held off: CPython 3.11 raises "AST constructor
+  recursion depth mismatch" when a finalizer runs mid-parse (seen in CI after an earlier test
+  of the worker left orbax coroutines to be collected)."""
+  gc.collect()
+  gc.disable()
+  try:
+    return ast.parse(path.read_text(), filename=str(path))
+  finally:
+    gc.enable()
+
+
 def _package(module: str) -> str:
   parts = module.split(".")
   return parts[1] if len(parts) > 1 else ""
@@ -46,7 +59,7 @@ def _module_name(path: pathlib.Path) -> str:
 
 def _imports(path: pathlib.Path):
   """(line, imported magi_jax module) of every import statement in the file."""
-  tree = ast.parse(path.read_text(), filename=str(path))
+  tree = _parse(path)
   for node in ast.walk(tree):
     if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
       if node.module == "magi_jax":
@@ -76,7 +89,7 @@ def test_every_package_has_a_layer():
 
 def test_no_relative_imports():
   for path in ROOT.rglob("*.py"):
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(_parse(path)):
       assert not (isinstance(node, ast.ImportFrom) and node.level), (
           f"{path.relative_to(ROOT.parent)}:{node.lineno}: use absolute magi_jax imports")
 
