@@ -36,7 +36,6 @@ def _parse(path: pathlib.Path) -> ast.AST:
   """ast.parse with the garbage collector held off: CPython 3.11 raises "AST constructor
   recursion depth mismatch" when a finalizer runs mid-parse (seen in CI after an earlier test
   of the worker left orbax coroutines to be collected)."""
-  gc.collect()
   gc.disable()
   try:
     return ast.parse(path.read_text(), filename=str(path))
