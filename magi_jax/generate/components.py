@@ -25,11 +25,23 @@ class Components:
   samplers: dict = dataclasses.field(default_factory=dict)   # compiled samplers, reused
 
   def sampler(self, options):
-    """One Sampler (and its compiled steps) per options, reused by every generate() call."""
+    """One Sampler (and its compiled steps) per options, reused by every generate() call;
+    under other runtime settings (`with_runtime`) the same compiled steps with that runtime."""
     from magi_jax.diffusion import Sampler
     if options not in self.samplers:
       self.samplers[options] = Sampler(self.dit, self.cfg, options=options)
-    return self.samplers[options]
+    base = self.samplers[options]
+    if base.cfg.runtime == self.cfg.runtime:
+      return base
+    changed = {f.name: getattr(self.cfg.runtime, f.name)
+               for f in dataclasses.fields(self.cfg.runtime)
+               if getattr(self.cfg.runtime, f.name) != getattr(base.cfg.runtime, f.name)}
+    return base.with_runtime(**changed)
+
+  def with_runtime(self, **fields) -> Components:
+    """The same loaded parts and compiled samplers under other runtime settings (video size,
+    frames, steps, guidance scales): what a server changes per request."""
+    return dataclasses.replace(self, cfg=self.cfg.replace(runtime=fields))
 
 
 def load_special_tokens(path: str, cfg: MagiConfig, flags: TextFlags, *, random_ok: bool,

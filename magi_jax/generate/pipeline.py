@@ -46,6 +46,15 @@ class JittedVAE:
 
 
 @dataclasses.dataclass
+class ChunkFrames:
+  """One decoded chunk, as `generate(on_chunk=...)` hands it over (already in the file)."""
+  index: int                  # 0-based among the chunks written
+  frames: np.ndarray          # (T, H, W, 3) uint8: this chunk's new frames
+  total_frames: int           # frames written so far, this chunk's included
+  seconds: float              # time this chunk took (the first: from the start of generate)
+
+
+@dataclasses.dataclass
 class Result:
   output: str
   frames: int
@@ -83,7 +92,9 @@ def text_rows(comp: Components, req: Request, flags: TextFlags, *, infer_chunk_n
 
 def generate(comp: Components, req: Request, *, flags: TextFlags = TextFlags(),
              options: SamplerOptions = SamplerOptions(), progress: bool = True,
-             log=print) -> Result:
+             log=print, on_chunk=None) -> Result:
+  """Writes the video of `req` to `req.output`, chunk by chunk; `on_chunk(ChunkFrames)` is
+  called after each chunk is in the file (a server streams them from there)."""
   req.validate()
   rt = comp.cfg.runtime
   chunk_width = rt.chunk_width
@@ -111,13 +122,17 @@ def generate(comp: Components, req: Request, *, flags: TextFlags = TextFlags(),
     for chunk in sampler.sample(rows, latent_hw=(h, w), num_chunks=plan.infer_chunk_num,
                                 key=jax.random.key(req.seed), prefix=prefix, on_call=on_call):
       z = (chunk.latent / rt.scale_factor).astype(u8_dtype)
+      new = []
       for pixels in iter_tiled_decode(comp.vae, z, tiles):    # one temporal tile at a time
         u8 = to_uint8(np.asarray(pixels[0]), compute_dtype=np.dtype(pixels.dtype))
-        writer.append(np.transpose(u8, (1, 2, 3, 0)))
+        new.append(np.transpose(u8, (1, 2, 3, 0)))
+        writer.append(new[-1])
         frames += u8.shape[1]
       now = time.perf_counter()
       chunk_times.append(now - last)
       last = now
+      if on_chunk is not None:
+        on_chunk(ChunkFrames(len(chunk_times) - 1, np.concatenate(new), frames, chunk_times[-1]))
       if bar is not None:
         bar.set_postfix(chunk=chunk.index, frames=frames)
   if bar is not None:
