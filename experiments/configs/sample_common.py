@@ -31,6 +31,8 @@ def sample_config(preset: str, **overrides) -> ml_collections.ConfigDict:
   c.text_cache_dir = "~/.cache/magi_jax/text"   # on-disk T5 embedding cache ("" = off)
   c.compile_cache_dir = "~/.cache/magi_jax/jax_compile"   # persistent JAX compilation cache:
                                   # a second run loads its programs ("" = JAX's own setting)
+  c.compile_ahead = True          # compile the request's sampler steps in the background
+                                  # while the text encoder and the VAE load
   c.precision = "bf16"            # bf16 (the official policy) | fp32
   c.backend = "auto"              # attention backend (auto: by platform and mesh)
   # What to generate.

@@ -56,6 +56,20 @@ class Chunk:
   latent: jax.Array           # (1, C, frames, h, w) float32
 
 
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """One sampler call as the plan fixes it on the host (`Sampler.calls`)."""
+  plan: StepPlan
+  t: np.ndarray               # (n,) levels, the refresh chunk at clean_t
+  dt: np.ndarray              # (d,) steps of the denoised chunks
+  kv_range: np.ndarray        # the official absolute key-token ranges
+  ranges: np.ndarray          # (n, 2) the same inside [cache; current]
+  cached_chunks: int          # cached chunks the call reads
+  scale_prev: np.ndarray      # (d,) guidance scales
+  scale_text: np.ndarray
+  options: StepOptions        # what its compiled step depends on besides shapes
+
+
 @dataclasses.dataclass
 class CallRecord:
   """What one sampler call saw and produced (for parity checks and debugging)."""
@@ -93,6 +107,11 @@ class Sampler:
     return other
 
   # ------------------------------------------------------------------ helpers
+  @property
+  def step(self):
+    """The compiled step function (`make_step`): its `ahead` and `stats` serve ahead.py."""
+    return self._step
+
   def compilations(self) -> int:
     """How many distinct step functions have been compiled so far."""
     return self._step.variants()
@@ -108,12 +127,34 @@ class Sampler:
     return (np.array([rt.prev_chunk_scales[i] for i in b], F32),
             np.array([rt.text_scales[i] for i in b], F32))
 
+  def calls(self, num_chunks: int, prefix_latent_frames: int,
+            tokens_per_chunk: int) -> Iterator[Call]:
+    """What every call of a video is, apart from its arrays: the plan, levels, steps, key
+    ranges, cached chunks read and the compiled step's options (in call order)."""
+    rt = self.cfg.runtime
+    steps, clean_w = rt.num_steps, rt.clean_chunk_kvrange
+    n_clean = prefix_latent_frames // rt.chunk_width
+    for plan in plan_steps(num_chunks, n_clean, rt.window_size, steps):
+      t_den = self.ts[list(plan.step_indices)]
+      t = np.concatenate([[F32(rt.clean_t)] * plan.refresh, t_den]).astype(F32)
+      dt = (self.ts[[s + 1 for s in plan.step_indices]] - t_den).astype(F32)
+      widths = call_widths(plan, steps, rt.noise2clean_kvrange, clean_w)
+      kv_range, need = call_ranges(plan, widths, tokens_per_chunk)
+      ranges = kv_range - (plan.slice_point - need) * tokens_per_chunk   # in [cache; current]
+      nearly = (rt.cfg_number == 1
+                and schedule.nearly_clean(t_den[0],
+                                          self.cfg.engine.distill_nearly_clean_chunk_threshold))
+      s_p, s_t = self._scales(t_den)
+      options = StepOptions(cfg_number=rt.cfg_number, refresh=plan.refresh,
+                            nearly_clean=bool(nearly), ranges=tuple(map(tuple, ranges.tolist())))
+      yield Call(plan, t, dt, kv_range, ranges, need, s_p, s_t, options)
+
   # ------------------------------------------------------------------ the loop
   def sample(self, text, *, latent_hw: tuple[int, int], num_chunks: int, key=None, noise=None,
              prefix=None, on_call: Callable[[CallRecord], None] | None = None) -> Iterator[Chunk]:
     """Yields the clean chunks in order. `text` has `.cond(chunk)` and `.null()` rows."""
     rt, m = self.cfg.runtime, self.model.cfg
-    chunk_width, W, steps = rt.chunk_width, rt.window_size, rt.num_steps
+    chunk_width, steps = rt.chunk_width, rt.num_steps
     h, w = latent_hw
     C = m.latent_channels
     if h % m.patch_size or w % m.patch_size:
@@ -138,7 +179,7 @@ class Sampler:
                          f"prefix of {P} latent frames gives {n_clean}")
     prefix = None if prefix is None else jnp.asarray(prefix, F32)
 
-    plans = plan_steps(num_chunks, n_clean, W, steps)
+    plans = plan_steps(num_chunks, n_clean, rt.window_size, steps)
     clean_w = rt.clean_chunk_kvrange
     store = KVCacheStore(max(1, cache_chunks_needed(plans, steps, rt.noise2clean_kvrange, clean_w)),
                          tokens_per_chunk)
@@ -159,51 +200,38 @@ class Sampler:
       self._prefill(prefix, n_clean, store, tokens_per_chunk, null_y, null_m)
 
     latents: dict[int, jax.Array] = {}
-    for plan in plans:
+    for call in self.calls(num_chunks, P, tokens_per_chunk):
+      plan, slice_point, chunks = call.plan, call.plan.slice_point, list(call.plan.chunks)
       for c in range(plan.c0, plan.c1):
         if c not in latents:
           latents[c] = initial(c)
-      chunks = list(plan.chunks)
       x = jnp.concatenate([latents[c] for c in chunks], axis=2)
-      slice_point = plan.slice_point
       first_frame = slice_point * chunk_width
       if P > first_frame:                             # prefix padding (I2V frame 0, V2V tail)
         n_pad = min(P - first_frame, x.shape[2])
         x = x.at[:, :, :n_pad].set(prefix[:, :, first_frame:first_frame + n_pad])
-      t_den = self.ts[list(plan.step_indices)]
-      t = np.concatenate([[F32(rt.clean_t)] * plan.refresh, t_den]).astype(F32)
-      dt = (self.ts[[s + 1 for s in plan.step_indices]] - t_den).astype(F32)
-      widths = call_widths(plan, steps, rt.noise2clean_kvrange, clean_w)
-      kv_range, need = call_ranges(plan, widths, tokens_per_chunk)
-      ranges = kv_range - (slice_point - need) * tokens_per_chunk   # inside [cache; current]
       call_rows = [(null_y[0], null_m[0]) if (plan.refresh and i == 0) else cond_row(c)
                    for i, c in enumerate(chunks)]
       y_cond = jnp.stack([r for r, _ in call_rows])
       m_cond = jnp.stack([k for _, k in call_rows])
       for c in [c for c in rows if c < plan.c0]:      # chunks that left the window
         del rows[c]
-      cache = store.read(slice_point, need)
-      nearly = (rt.cfg_number == 1
-                and schedule.nearly_clean(t_den[0],
-                                          self.cfg.engine.distill_nearly_clean_chunk_threshold))
-      s_p, s_t = self._scales(t_den)
       inputs = StepInputs(
-          x=x, t=jnp.asarray(t), dt=jnp.asarray(dt), y_cond=y_cond, m_cond=m_cond,
-          y_null=null_y, m_null=null_m, ranges=jnp.asarray(ranges, jnp.int32),
-          first_chunk=jnp.asarray(slice_point, jnp.int32), cache=cache, scale_prev=jnp.asarray(s_p),
-          scale_text=jnp.asarray(s_t), blend=jnp.asarray(self.options.nearly_clean_weight, F32),
+          x=x, t=jnp.asarray(call.t), dt=jnp.asarray(call.dt), y_cond=y_cond, m_cond=m_cond,
+          y_null=null_y, m_null=null_m, ranges=jnp.asarray(call.ranges, jnp.int32),
+          first_chunk=jnp.asarray(slice_point, jnp.int32),
+          cache=store.read(slice_point, call.cached_chunks),
+          scale_prev=jnp.asarray(call.scale_prev), scale_text=jnp.asarray(call.scale_text),
+          blend=jnp.asarray(self.options.nearly_clean_weight, F32),
           step_size=self._step_size(plan.idx))
-      options = StepOptions(cfg_number=rt.cfg_number, refresh=plan.refresh,
-                            nearly_clean=bool(nearly),
-                            ranges=tuple(map(tuple, ranges.tolist())))
-      x_next, v, kv = self._step(inputs, options)
+      x_next, v, kv = self._step(inputs, call.options)
       if plan.refresh:
         store.write(slice_point, kv)
         del latents[slice_point]
       for i, c in enumerate(range(plan.c0, plan.c1)):
         latents[c] = x_next[:, :, i * chunk_width:(i + 1) * chunk_width]
       if on_call is not None:
-        on_call(CallRecord(plan, np.asarray(x), t, kv_range, np.asarray(v)))
+        on_call(CallRecord(plan, np.asarray(x), call.t, call.kv_range, np.asarray(v)))
       if plan.emits is not None:
         c = plan.emits
         start, _ = emitted_latent_range(c, P, chunk_width)   # I2V: chunk 0 whole; V2V: after P

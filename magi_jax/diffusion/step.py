@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -169,25 +170,59 @@ def guided_step(model, inp: StepInputs, opts: StepOptions, backend: str = "auto"
   return euler_update(x_noisy, v, inp.dt), v, kv
 
 
+def signature(inputs: StepInputs, options: StepOptions):
+  """What a compiled step is keyed by: options, the inputs' tree, shapes and dtypes."""
+  leaves, tree = jax.tree.flatten(inputs)
+  return options, tree, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+
+
 def make_step(model, *, backend: str = "auto"):
   """`step(inputs: StepInputs, options: StepOptions) -> (x_next, v, refresh_kv)` over a
   snapshot of `model`'s parameters; `step.compiled(state, inputs, options)` is the jitted
-  function (what the planner lowers)."""
+  function (what the planner lowers).
+
+  `step.ahead(abstract_inputs, options, submit)` compiles a step before it is called:
+  `submit(fn)` runs `fn` (a thread pool's `submit`), and a later call with that signature waits
+  for the compile and runs its executable. A call whose arrays are placed differently from
+  what was compiled ahead (another device or sharding) runs through the jit instead, as does
+  any signature not compiled ahead; `step.stats()` counts both."""
   graphdef, state = nnx.split(model)
 
   @functools.partial(jax.jit, static_argnames=("options",))
   def compiled(state, inputs: StepInputs, options: StepOptions):
     return guided_step(nnx.merge(graphdef, state), inputs, options, backend)
 
-  variants = set()
+  variants, ahead = set(), {}
+  counts = {"ahead": 0, "jit": 0}
+  lock = threading.Lock()
 
   def step(inputs: StepInputs, options: StepOptions):
-    leaves, tree = jax.tree.flatten(inputs)
-    variants.add((options, tree, tuple((x.shape, str(x.dtype)) for x in leaves)))
+    key = signature(inputs, options)
+    variants.add(key)
+    future = ahead.get(key)
+    if future is not None:
+      executable = future.result()           # waits for a compile still running
+      try:
+        out = executable(state, inputs)
+      except ValueError:                      # placed unlike the compiled program
+        pass
+      else:
+        counts["ahead"] += 1
+        return out
+    counts["jit"] += 1
     return compiled(state, inputs, options)
 
+  def compile_ahead(inputs: StepInputs, options: StepOptions, submit):
+    key = signature(inputs, options)
+    with lock:
+      if key not in ahead:
+        ahead[key] = submit(lambda: compiled.lower(state, inputs, options=options).compile())
+      return ahead[key]
+
   step.compiled = compiled
+  step.ahead = compile_ahead
   step.variants = lambda: len(variants)       # distinct compiled signatures called so far
+  step.stats = lambda: dict(counts, compiled_ahead=len(ahead))
   return step
 
 

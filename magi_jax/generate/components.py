@@ -23,6 +23,7 @@ class Components:
   text: TextEncoder
   special: SpecialTokens | None
   samplers: dict = dataclasses.field(default_factory=dict)   # compiled samplers, reused
+  ahead: object = None            # the steps compiling in the background (diffusion/ahead.py)
 
   def sampler(self, options):
     """One Sampler (and its compiled steps) per options, reused by every generate() call;

@@ -15,7 +15,8 @@ import os
 
 from magi_jax.configs import ConfigError, MagiConfig, get_preset, load_magi_config
 from magi_jax.convert.load import load_dit, load_text_encoder, load_vae
-from magi_jax.diffusion import SamplerOptions
+from magi_jax.diffusion import Sampler, SamplerOptions
+from magi_jax.diffusion.ahead import compile_ahead
 from magi_jax.generate.components import Components, load_special_tokens
 from magi_jax.generate.request import Request
 from magi_jax.media import plan_frames
@@ -48,13 +49,28 @@ def build_from_config(c) -> tuple[Components, Request, TextFlags, SamplerOptions
   if getattr(c, "lora", ""):
     from magi_jax.generate.trained import apply_lora
     dit = apply_lora(dit, c.lora, c.lora_scale)
-  comp = Components(
+  opts = SamplerOptions(nearly_clean_weight=c.nearly_clean_weight, backend=c.backend)
+  sampler = Sampler(dit, cfg, options=opts)
+  ahead = _compile_ahead(sampler, req, cfg) if getattr(c, "compile_ahead", True) else None
+  comp = Components(      # the VAE and the text encoder load while the steps compile
       dit=dit, cfg=cfg, vae=load_vae(paths["vae_checkpoint"], c.precision, random_ok=random_ok),
       text=load_text_encoder(paths["t5_checkpoint"], cfg, random_ok=random_ok,
                              cache_dir=c.text_cache_dir or None),
-      special=load_special_tokens(c.special_tokens, cfg, flags, random_ok=random_ok))
-  opts = SamplerOptions(nearly_clean_weight=c.nearly_clean_weight, backend=c.backend)
+      special=load_special_tokens(c.special_tokens, cfg, flags, random_ok=random_ok),
+      samplers={opts: sampler}, ahead=ahead)
   return comp, req, flags, opts
+
+
+def _compile_ahead(sampler: Sampler, req: Request, cfg: MagiConfig):
+  """The request's sampler steps compiling in the background (diffusion/ahead.py); None for
+  V2V, whose prefix length is known only once the video is read (compiled on first use)."""
+  if req.mode == "v2v":
+    return None
+  rt = cfg.runtime
+  P = 1 if req.mode == "i2v" else 0
+  plan = plan_frames(req.num_frames, P, rt.chunk_width, rt.temporal_downsample_factor, req.fps)
+  return compile_ahead(sampler, latent_hw=(req.height // 8, req.width // 8),
+                       num_chunks=plan.infer_chunk_num, prefix_latent_frames=P)
 
 
 def _magi_config(c) -> MagiConfig:
