@@ -27,6 +27,7 @@ LAYERS = (
     ("train",),
     ("generate",),       # sampling: official / converted weights and training runs
     ("aot",),
+    ("device_plan",),    # what fits on this machine: runtime, memory plan, compiler figure
     ("proj",),           # projects on top of the library (the bouncing-shapes demo)
 )
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

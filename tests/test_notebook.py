@@ -1,4 +1,5 @@
-"""launch/colab/sample.ipynb runs top to bottom on CPU with the tiny preset.
+"""launch/colab/sample.ipynb runs top to bottom on CPU with the tiny preset: the runtime is
+detected and its memory plan printed (with the compiler's figures) before anything loads.
 
 The code cells are executed in order in one namespace, without the shell / magic lines
 (`!pip install ...`: the package is already installed here). After the settings cell the test
@@ -56,6 +57,7 @@ def test_notebook_format():
 
 def test_notebook_runs(tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(REPO)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")   # the settings cell's default
   out_dir = tmp_path / "outputs"
   ns = {"__name__": "__main__"}
   code = [c for c in _load()["cells"] if c["cell_type"] == "code"]
@@ -72,6 +74,14 @@ def test_notebook_runs(tmp_path, monkeypatch, capsys):
               "i2v": plan_frames(nf, 1, chunk_width).output_frames,
               "v2v": plan_frames(nf, p, chunk_width).output_frames}
   assert expected == {"t2v": 16, "i2v": 24, "v2v": 17}
+  # The memory plan of the CPU runtime, printed before anything loaded, with the compiler's
+  # figures for the steps, the VAE tile and T5.
+  printed = capsys.readouterr().out
+  plan_text = printed[:printed.index("tiny (random weights)")]
+  assert "runtime: CPU" in plan_text and "video: 64x64 (the preset's)" in plan_text
+  for program in ("step+refresh", "vae", "t5"):
+    assert f"compiler: {program}" in plan_text
+  assert plan_text.rstrip().endswith("fits: yes")
   for mode, frames in expected.items():
     res = ns[mode]
     assert res.output == str(out_dir / f"{mode}.mp4")
@@ -82,5 +92,5 @@ def test_notebook_runs(tmp_path, monkeypatch, capsys):
 
   html = ns["html"]
   assert html.count("<video") == 3 and "data:video/mp4;base64," in html
-  printed = capsys.readouterr().out
+  printed += capsys.readouterr().out
   assert f"video: {out_dir / 't2v.mp4'}" in printed  # outside IPython: the paths are printed

@@ -29,6 +29,13 @@ def sample_config(preset: str, **overrides) -> ml_collections.ConfigDict:
   c.special_token_flags = "hq,duration"   # official run.sh: PAD_HQ=1 PAD_DURATION=1
   c.neg_prompt = False            # official NEG_PROMPT
   c.text_cache_dir = "~/.cache/magi_jax/text"   # on-disk T5 embedding cache ("" = off)
+  # Where and how T5 runs (a memory plan sets these: magi_jax/device_plan): its weights'
+  # dtype (float32 as MAGI-1; bfloat16 halves them), its device ("" the accelerator, "cpu"
+  # the host, the official t5_device), and text_first: encode the prompts, then free T5
+  # before the DiT loads (the components then serve only those prompts).
+  c.t5_dtype = "float32"
+  c.t5_device = ""
+  c.text_first = False
   c.compile_cache_dir = "~/.cache/magi_jax/jax_compile"   # persistent JAX compilation cache:
                                   # a second run loads its programs ("" = JAX's own setting)
   c.compile_ahead = True          # compile the request's sampler steps in the background

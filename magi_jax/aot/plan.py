@@ -24,7 +24,7 @@ from magi_jax.aot.programs import build_programs, select_families
 from magi_jax.aot.report import ProgramReport
 from magi_jax.aot.sizes import check_context_split, size_for_tokens, video_size
 from magi_jax.aot.steady import default_chunks
-from magi_jax.aot.topology import get_topology
+from magi_jax.aot.topology import Topology, get_topology
 from magi_jax.configs import ConfigError, MagiConfig, get_preset
 from magi_jax.parallel.rules import ShardingRules
 
@@ -61,7 +61,7 @@ def resolve(*, job: str, preset: str, topology: str, mesh: str | None = None,
     size = video_size(cfg, height, width, chunks, default_chunks(cfg))
   if t5_dtype not in T5_DTYPES:
     raise AOTError(f"--t5_dtype={t5_dtype!r}: choose one of {', '.join(T5_DTYPES)}")
-  topo = get_topology(topology)
+  topo = topology if isinstance(topology, Topology) else get_topology(topology)
   device_mesh, desc = build_mesh(mesh, job, topo.devices)
   if job in ("train", "distill"):
     if not isinstance(batch, int) or batch < 1:

@@ -121,3 +121,13 @@ def get_topology(name: str) -> Topology:
     raise AOTError(f"--topology={name!r}: libtpu cannot describe this slice: {e}") from None
   devices = tuple(sorted(desc.devices, key=lambda d: d.id))
   return Topology(canonical, chip, dims, devices)
+
+
+def local_topology(usable_gib: float, kind: str = "") -> Topology:
+  """This machine's own devices as a topology (the compiler of the runtime that will run the
+  job: TPU, GPU or CPU), with `usable_gib` per device (what the runtime lets JAX allocate)."""
+  import jax
+  devices = tuple(sorted(jax.local_devices(), key=lambda d: d.id))
+  kind = kind or devices[0].device_kind
+  chip = ChipKind(f"local {kind}", usable_gib, 1, usable_gib, 1)
+  return Topology(f"local:{kind}", chip, (len(devices),), devices)

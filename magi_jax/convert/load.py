@@ -108,9 +108,15 @@ def load_vae(path: str, precision: str, *, random_ok: bool, seed: int = 0):
 
 
 def load_text_encoder(path: str, cfg: MagiConfig, *, random_ok: bool, cache_dir: str | None,
-                      seed: int = 0) -> TextEncoder:
+                      seed: int = 0, dtype: str = "float32") -> TextEncoder:
+  """The prompt encoder of `path` (converted or Hugging Face T5 directory; empty: the tiny
+  preset's random T5) with its weights in `dtype` (float32 as MAGI-1 runs it, or bfloat16 for
+  small devices; the embedding cache keeps the two apart)."""
   from magi_jax.convert.orbax_io import is_converted, load_converted_t5
+  from magi_jax.text.t5 import with_dtype
   from magi_jax.text.tokenizer import T5Tokenizer
+  if dtype not in ("float32", "bfloat16"):
+    raise ComponentError(f"--config.t5_dtype={dtype!r}: use float32 or bfloat16")
   max_length = cfg.model.caption_max_length
   if not path:
     if not random_ok:
@@ -118,16 +124,18 @@ def load_text_encoder(path: str, cfg: MagiConfig, *, random_ok: bool, cache_dir:
     t5cfg = T5Config(vocab_size=ByteTokenizer.vocab_size, d_model=cfg.model.caption_channels,
                      d_kv=8, num_heads=4, d_ff=2 * cfg.model.caption_channels, num_layers=2)
     t5 = random_module(lambda: T5Encoder(t5cfg, rngs=nnx.Rngs(0)), seed + 2, scale=1.0)
-    return TextEncoder(t5, ByteTokenizer(), max_length=max_length, cache_dir=cache_dir,
-                       model_id=f"random-tiny-t5-{seed}")
+    return TextEncoder(with_dtype(t5, dtype), ByteTokenizer(), max_length=max_length,
+                       cache_dir=cache_dir, model_id=f"random-tiny-t5-{seed}")
   _require_dir(path, "T5")
   if is_converted(path):
     from magi_jax.text.encoder import directory_fingerprint
-    enc = TextEncoder(load_converted_t5(path), T5Tokenizer(path), max_length=max_length,
-                      cache_dir=cache_dir, model_id=directory_fingerprint(path))
+    enc = TextEncoder(with_dtype(load_converted_t5(path), dtype), T5Tokenizer(path),
+                      max_length=max_length, cache_dir=cache_dir,
+                      model_id=directory_fingerprint(path))
   else:
     from magi_jax.official.t5 import load_text_encoder as load_official_text_encoder
-    enc = load_official_text_encoder(path, max_length=max_length, cache_dir=cache_dir)
+    enc = load_official_text_encoder(path, max_length=max_length, cache_dir=cache_dir,
+                                     dtype=jnp.dtype(dtype))
   if enc.t5.cfg.d_model != cfg.model.caption_channels:
     raise ComponentError(f"T5 d_model {enc.t5.cfg.d_model} != the DiT's caption_channels "
                          f"{cfg.model.caption_channels}")

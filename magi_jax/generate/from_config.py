@@ -40,10 +40,16 @@ def build_from_config(c) -> tuple[Components, Request, TextFlags, SamplerOptions
   req.validate()
   _check_prompts(req, cfg)
   flags = _text_flags(c)
+  _t5_placement(c)                        # bad t5_device / t5_dtype: before anything loads
+  if getattr(c, "t5_dtype", "float32") not in ("float32", "bfloat16"):
+    raise ConfigError(f"--config.t5_dtype={c.t5_dtype!r}: use float32 or bfloat16")
   hub = getattr(c, "checkpoint", "")
   random_ok = c.preset == "tiny" and not c.magi_config and not hub
   paths = _weight_paths(c, cfg)
   _check_checkpoints(c, paths, flags, random_ok)
+  text = None
+  if getattr(c, "text_first", False):     # encode the prompts, free T5, then load the DiT
+    text = _encode_first(c, paths, cfg, req, random_ok)
   dit, cfg = load_dit(paths["dit_checkpoint"], cfg, c.precision, random_ok=random_ok,
                       seed=c.seed)
   if getattr(c, "lora", ""):
@@ -52,13 +58,49 @@ def build_from_config(c) -> tuple[Components, Request, TextFlags, SamplerOptions
   opts = SamplerOptions(nearly_clean_weight=c.nearly_clean_weight, backend=c.backend)
   sampler = Sampler(dit, cfg, options=opts)
   ahead = _compile_ahead(sampler, req, cfg) if getattr(c, "compile_ahead", True) else None
+  if text is None:
+    with _t5_placement(c):
+      text = _load_text(c, paths, cfg, random_ok)
   comp = Components(      # the VAE and the text encoder load while the steps compile
       dit=dit, cfg=cfg, vae=load_vae(paths["vae_checkpoint"], c.precision, random_ok=random_ok),
-      text=load_text_encoder(paths["t5_checkpoint"], cfg, random_ok=random_ok,
-                             cache_dir=c.text_cache_dir or None),
-      special=load_special_tokens(c.special_tokens, cfg, flags, random_ok=random_ok),
+      text=text, special=load_special_tokens(c.special_tokens, cfg, flags, random_ok=random_ok),
       samplers={opts: sampler}, ahead=ahead)
   return comp, req, flags, opts
+
+
+def _load_text(c, paths, cfg: MagiConfig, random_ok: bool):
+  return load_text_encoder(paths["t5_checkpoint"], cfg, random_ok=random_ok,
+                           cache_dir=c.text_cache_dir or None,
+                           dtype=getattr(c, "t5_dtype", "float32"))
+
+
+def _t5_placement(c):
+  """Where T5's weights live: the default device, or the host CPU (`--config.t5_device=cpu`,
+  the official runtime_config.t5_device)."""
+  import contextlib
+
+  import jax
+  device = getattr(c, "t5_device", "")
+  if device == "":
+    return contextlib.nullcontext()
+  if device != "cpu":
+    raise ConfigError(f"--config.t5_device={device!r}: use '' (the accelerator) or 'cpu'")
+  return jax.default_device(jax.devices("cpu")[0])
+
+
+def _encode_first(c, paths, cfg: MagiConfig, req: Request, random_ok: bool):
+  """The request's prompts encoded by a T5 that is freed before returning (EncodedPrompts)."""
+  import gc
+
+  from magi_jax.text.encoder import EncodedPrompts
+  prompts = ([p.prompt for p in load_prompt_file(req.prompt_file)] if req.prompt_file
+             else [req.prompt])
+  with _t5_placement(c):
+    encoder = _load_text(c, paths, cfg, random_ok)
+    encoded = EncodedPrompts(encoder, prompts)
+  del encoder
+  gc.collect()                  # the T5 weights' device buffers go with their last reference
+  return encoded
 
 
 def _compile_ahead(sampler: Sampler, req: Request, cfg: MagiConfig):

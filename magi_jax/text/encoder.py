@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from magi_jax.errors import MagiError
 from magi_jax.text.cache import EmbeddingCache, cache_key
 from magi_jax.text.clean_caption import preprocess_prompt
 from magi_jax.text.t5 import T5Encoder
@@ -92,3 +93,32 @@ class TextEncoder:
       if p not in done:
         done[p] = self.encode_one(p)
     return (np.stack([done[p][0] for p in prompts]), np.stack([done[p][1] for p in prompts]))
+
+
+class PromptNotEncodedError(MagiError, KeyError):
+  def __str__(self):
+    return str(self.args[0])
+
+
+class EncodedPrompts:
+  """A fixed set of prompts encoded once, with the `encode` interface of `TextEncoder`, so the
+  encoder itself can be freed before the DiT loads (a memory plan's `text_first`). Asking for
+  a prompt that was not encoded is an error naming it."""
+
+  def __init__(self, encoder: TextEncoder, prompts: Sequence[str]):
+    prompts = list(dict.fromkeys(prompts))
+    emb, mask = encoder.encode(prompts)
+    self.rows = {p: (emb[i], mask[i]) for i, p in enumerate(prompts)}
+    self.max_length, self.model_id = encoder.max_length, encoder.model_id
+    self.encoder_calls = encoder.encoder_calls
+
+  def encode(self, prompts: Sequence[str]):
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    for p in prompts:
+      if p not in self.rows:
+        raise PromptNotEncodedError(
+            f"prompt {p!r} was not encoded before the text encoder was freed (text_first): "
+            f"these were: {sorted(self.rows)}; build the components again for new prompts")
+    return (np.stack([self.rows[p][0] for p in prompts]),
+            np.stack([self.rows[p][1] for p in prompts]))

@@ -227,3 +227,14 @@ class T5Encoder(nnx.Module):
       acts["rel_bias"] = rel[None]
       return out, acts
     return out
+
+
+def with_dtype(t5: T5Encoder, dtype) -> T5Encoder:
+  """The same encoder with its parameters (and compute) in `dtype` (float32 <-> bfloat16)."""
+  dtype = jnp.dtype(dtype)
+  if jnp.dtype(t5.dtype) == dtype:
+    return t5
+  out = nnx.eval_shape(lambda: T5Encoder(t5.cfg, dtype=dtype, rngs=nnx.Rngs(0),
+                                         matmul_precision=t5.matmul_precision))
+  nnx.update(out, jax.tree.map(lambda x: x.astype(dtype), nnx.state(t5)))
+  return out
