@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -80,6 +81,7 @@ def _cases(tmp):
   from magi_jax.media import validate_num_frames, validate_size, write_video
   from magi_jax.media.read import read_image, read_video
   from magi_jax.parallel.mesh import MeshConfig, mesh_shape
+  from magi_jax.serve import Form, prepare
   from magi_jax.text.prompts import load_prompt_file
   from magi_jax.train.distill import Guidance
   from magi_jax.diffusion.shortcut import check_cycle
@@ -123,6 +125,16 @@ def _cases(tmp):
   yield ("command", "`experiments.sample --config.checkpoint=<tmp>/nothing` (neither a run "
          "nor a repository id)",
          _command("experiments.sample", f"--config.checkpoint={tmp}/nothing"))
+  yield ("command", "`experiments.serve --port=70000`", _command("experiments.serve",
+                                                                  "--port=70000"))
+  with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    yield ("command", "`experiments.serve --port=<port>` with the port taken",
+           _command("experiments.serve", f"--port={port}").replace(str(port), "<port>"))
+  yield ("command", "`experiments.serve --config.checkpoint=<tmp>/run` (a training run)",
+         _command("experiments.serve", f"--config.checkpoint={os.path.dirname(run)}"))
   yield ("command", "`experiments.evaluate --workdir=<tmp>` (not a run)",
          _command("experiments.evaluate", f"--workdir={tmp}"))
   yield ("command", "`magi_jax.convert --src=<tmp>/junk --config=tiny` (random bytes as "
@@ -151,6 +163,12 @@ def _cases(tmp):
   yield ("request", "a prompt and a prompt file at once",
          _raises(Request(prompt="a cat", prompt_file=prompts).validate))
   yield ("prompts", "a prompt file that is not JSON", _raises(load_prompt_file, prompts))
+  tiny = get_preset("tiny").runtime
+  for what, form in (("an empty prompt", Form(prompt=" ")),
+                     ("mode I2V without an image", Form(mode="i2v", prompt="a cat")),
+                     ("steps 5 (window 2)", Form(prompt="a cat", num_steps=5)),
+                     ("4 prompt lines for 3 chunks", Form(chunk_prompts="a\nb\nc\nd"))):
+    yield ("web page", what, _raises(prepare, form, tiny, tmp, "video.mp4"))
   yield ("config", "an unknown preset", _raises(get_preset, "7B"))
   yield ("mesh", "a mesh of 3 devices on 4", _raises(mesh_shape, MeshConfig(fsdp=3), 4))
   yield ("distill", "a step-size cycle with 1/3", _raises(check_cycle, (1 / 3,)))

@@ -26,6 +26,7 @@ LAYERS = (
     ("convert",),        # checkpoints in and out: orbax, official (detected), random weights
     ("train",),
     ("generate",),       # sampling: official / converted weights and training runs
+    ("serve",),          # the streaming web app over generate
     ("aot",),
     ("device_plan",),    # what fits on this machine: runtime, memory plan, compiler figure
     ("proj",),           # projects on top of the library (the bouncing-shapes demo)
