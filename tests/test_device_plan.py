@@ -98,17 +98,27 @@ def test_what_does_not_fit_says_what_would():
   assert "int8" in p.problem and "4.5B_distill" in p.problem
   with pytest.raises(PlanError, match="24B_distill on NVIDIA T4 x1: 720x1280 needs"):
     p.require()
-  # An explicit size is kept, not lowered.
+  # An explicit size is kept, not lowered: 720x720 on the T4 takes int8 weights instead.
   asked = choose("4.5B_distill", T4, height=720, width=720)
-  assert (asked.height, asked.width, asked.size_note, asked.fits) == (720, 720, "as asked", False)
+  assert (asked.height, asked.width, asked.size_note, asked.fits, asked.dit_weights) == (
+      720, 720, "as asked", True, "int8")
+
+
+def test_int8_weights_where_bf16_fits_nowhere():
+  p = choose("24B_distill", A100)
+  # bf16: 44.5 GiB of weights alone; int8 (22.4 GiB) at 480x832 leaves room for the step.
+  assert (p.dit_weights, p.height, p.width, p.fits) == ("int8", 480, 832, True)
+  assert 0.5 < p.parts.dit_int8 / p.parts.dit_weights < 0.51
+  assert "int8 layer weights: bf16 does not fit" in p.describe()
+  assert choose("4.5B_distill", A100).dit_weights == "bf16"
 
 
 def test_apply_sets_the_sampling_fields():
   from experiments.configs import magi
   c = magi.get_config("4.5B_distill")
   choose("4.5B_distill", V5E).apply(c)
-  assert (c.height, c.width, c.t5_dtype, c.t5_device, c.text_first) == (
-      480, 832, "float32", "cpu", True)
+  assert (c.height, c.width, c.t5_dtype, c.t5_device, c.text_first, c.dit_weights) == (
+      480, 832, "float32", "cpu", True, "bf16")
 
 
 def test_compiler_check_on_this_cpu():

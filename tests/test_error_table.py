@@ -125,6 +125,10 @@ def _cases(tmp):
   yield ("command", "`experiments.sample --config.checkpoint=<tmp>/nothing` (neither a run "
          "nor a repository id)",
          _command("experiments.sample", f"--config.checkpoint={tmp}/nothing"))
+  yield ("command", "`experiments.sample --config.dit_weights=int4`",
+         _command("experiments.sample", "--config.dit_weights=int4"))
+  yield ("command", "`experiments.sample --config.t5_device=gpu0`",
+         _command("experiments.sample", "--config.t5_device=gpu0"))
   yield ("command", "`experiments.serve --port=70000`", _command("experiments.serve",
                                                                   "--port=70000"))
   with socket.socket() as busy:
@@ -147,6 +151,10 @@ def _cases(tmp):
                   "--mesh=fsdp:3"))
   yield ("command", "`magi_jax.aot --job=sample --preset=tiny --topology=v9:1x1`",
          _command("magi_jax.aot", "--job=sample", "--preset=tiny", "--topology=v9:1x1"))
+  yield ("command", "`magi_jax.aot --job=train --preset=tiny --topology=v5e:1x1 "
+         "--dit_weights=int8`",
+         _command("magi_jax.aot", "--job=train", "--preset=tiny", "--topology=v5e:1x1",
+                  "--dit_weights=int8"))
   yield ("command", "`magi_jax.official.parity <tmp>/missing`",
          _command("magi_jax.official.parity", f"{tmp}/missing"))
   yield ("checkpoint", "a run directory whose run.json is cut short",
@@ -170,6 +178,14 @@ def _cases(tmp):
                      ("4 prompt lines for 3 chunks", Form(chunk_prompts="a\nb\nc\nd"))):
     yield ("web page", what, _raises(prepare, form, tiny, tmp, "video.mp4"))
   yield ("config", "an unknown preset", _raises(get_preset, "7B"))
+  from magi_jax.device_plan import choose, runtime_of
+  t4 = runtime_of("gpu", "Tesla T4", 1, int(14.25 * 2 ** 30), 12.0)
+  yield ("memory plan", "24B_distill on a T4 (14.25 GiB)",
+         _raises(choose("24B_distill", t4).require))
+  from conftest import make_model
+  from magi_jax.models.quant import quantize_int8
+  dit = quantize_int8(make_model())
+  yield ("int8 weights", "quantizing an int8 DiT again", _raises(quantize_int8, dit))
   yield ("mesh", "a mesh of 3 devices on 4", _raises(mesh_shape, MeshConfig(fsdp=3), 4))
   yield ("distill", "a step-size cycle with 1/3", _raises(check_cycle, (1 / 3,)))
   yield ("distill", "guidance lists of different lengths",

@@ -40,6 +40,8 @@ def sample_config(preset: str, **overrides) -> ml_collections.ConfigDict:
                                   # a second run loads its programs ("" = JAX's own setting)
   c.compile_ahead = True          # compile the request's sampler steps in the background
                                   # while the text encoder and the VAE load
+  c.dit_weights = "bf16"          # bf16 | int8 (weight-only per-channel int8 layer kernels,
+                                  # magi_jax/models/quant.py: half the memory, approximate)
   c.precision = "bf16"            # bf16 (the official policy) | fp32
   c.backend = "auto"              # attention backend (auto: by platform and mesh)
   # What to generate.

@@ -51,6 +51,8 @@ flags.DEFINE_string("programs", "", "comma-separated subset: sample step,t5,vae;
 flags.DEFINE_boolean("ema", False, "train: keep an EMA of the parameters", flag_values=FLAGS)
 flags.DEFINE_enum("t5_dtype", "float32", ["float32", "bfloat16"], "sample: T5 weights dtype",
                   flag_values=FLAGS)
+flags.DEFINE_enum("dit_weights", "bf16", ["bf16", "int8"], "sample: the DiT's weights (int8: "
+                  "per-channel weight-only, magi_jax/models/quant.py)", flag_values=FLAGS)
 flags.DEFINE_boolean("json", False, "one JSON object per program per line", flag_values=FLAGS)
 
 REQUIRED = ("job", "preset", "topology")
@@ -88,7 +90,8 @@ def main(argv=None) -> int:
   request = dict(job=FLAGS.job, preset=FLAGS.preset, topology=FLAGS.topology,
                  mesh=FLAGS.mesh or None, height=FLAGS.height, width=FLAGS.width,
                  chunks=FLAGS.chunks, tokens=FLAGS.tokens, batch=FLAGS.batch,
-                 programs=FLAGS.programs or None, ema=FLAGS.ema, t5_dtype=FLAGS.t5_dtype)
+                 programs=FLAGS.programs or None, ema=FLAGS.ema, t5_dtype=FLAGS.t5_dtype,
+                 dit_weights=FLAGS.dit_weights)
   echo = lambda s: print(s, file=sys.stderr, flush=True)
   try:
     reports = iter_plan(echo=echo, **request)

@@ -12,17 +12,22 @@ from jax.sharding import NamedSharding
 
 from magi_jax.configs import MagiConfig
 from magi_jax.models import Precision, VideoDiT
+from magi_jax.models.quant import quantize_int8
 from magi_jax.parallel.rules import ShardingRules, fit_spec, tree_shardings
 
 
 def abstract_dit(cfg: MagiConfig, precision: Precision | None = None,
-                 distill: bool | None = None) -> VideoDiT:
+                 distill: bool | None = None, int8: bool = False) -> VideoDiT:
   """The preset's DiT with ShapeDtypeStruct parameters (bf16 weights by default); `distill`
-  overrides the preset's architecture (a distillation job's student)."""
+  overrides the preset's architecture (a distillation job's student); `int8`: the layers'
+  kernels as int8 values and scales (models/quant.py)."""
   precision = precision or Precision.bf16()
   distill = cfg.engine.distill if distill is None else distill
-  return nnx.eval_shape(lambda: VideoDiT(cfg.model, precision=precision, distill=distill,
-                                         rngs=nnx.Rngs(0)))
+
+  def make():
+    m = VideoDiT(cfg.model, precision=precision, distill=distill, rngs=nnx.Rngs(0))
+    return quantize_int8(m) if int8 else m
+  return nnx.eval_shape(make)
 
 
 def with_shardings(tree, shardings):

@@ -28,3 +28,4 @@ class Job:
   programs: tuple[str, ...]    # program families to build ('step', 't5', 'vae')
   ema: bool = False            # train: keep an EMA of the parameters in the state
   t5_dtype: str = "float32"    # sample: T5 parameter / compute dtype
+  dit_weights: str = "bf16"    # sample: the DiT's weights, bf16 | int8 (models/quant.py)

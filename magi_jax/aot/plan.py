@@ -39,7 +39,7 @@ def _train_default_chunks(cfg: MagiConfig) -> int:
 def resolve(*, job: str, preset: str, topology: str, mesh: str | None = None,
             height: int | None = None, width: int | None = None, chunks: int | None = None,
             batch: int = 1, tokens: int | None = None, programs: str | None = None,
-            ema: bool = False, t5_dtype: str = "float32",
+            ema: bool = False, t5_dtype: str = "float32", dit_weights: str = "bf16",
             rules: ShardingRules | None = None) -> Job:
   """Checks every argument and builds the mesh; AOTError naming the flag otherwise."""
   if job not in JOBS:
@@ -59,6 +59,10 @@ def resolve(*, job: str, preset: str, topology: str, mesh: str | None = None,
     if batch != 1:
       raise AOTError(f"--batch={batch}: the sampler generates one video (batch 1)")
     size = video_size(cfg, height, width, chunks, default_chunks(cfg))
+  if dit_weights not in ("bf16", "int8"):
+    raise AOTError(f"--dit_weights={dit_weights!r}: choose bf16 or int8")
+  if dit_weights == "int8" and job != "sample":
+    raise AOTError("--dit_weights=int8 is for --job=sample (int8 weights are for inference)")
   if t5_dtype not in T5_DTYPES:
     raise AOTError(f"--t5_dtype={t5_dtype!r}: choose one of {', '.join(T5_DTYPES)}")
   topo = topology if isinstance(topology, Topology) else get_topology(topology)
@@ -76,7 +80,7 @@ def resolve(*, job: str, preset: str, topology: str, mesh: str | None = None,
     check_context_split(size, context)
   return Job(kind=job, preset=preset, cfg=cfg, topology=topo, mesh=device_mesh, mesh_desc=desc,
              rules=rules or ShardingRules(), size=size, batch=batch, programs=families,
-             ema=ema, t5_dtype=t5_dtype)
+             ema=ema, t5_dtype=t5_dtype, dit_weights=dit_weights)
 
 
 def iter_plan(*, echo=None, **request) -> Iterator[ProgramReport]:

@@ -104,7 +104,7 @@ def vae_program(job) -> Program:
 def sample_programs(job) -> list[Program]:
   out = []
   if "step" in job.programs:
-    model = abstract_dit(job.cfg)
+    model = abstract_dit(job.cfg, int8=job.dit_weights == "int8")
     step = make_step(model)          # backend 'auto'
     state = placed(nnx.split(model)[1], job.mesh, job.rules)
     out += [step_program(job, step, state, c) for c in steady_calls(job.cfg, job.size.chunks)]

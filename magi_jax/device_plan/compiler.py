@@ -25,14 +25,15 @@ def check(plan: MemoryPlan, echo=None) -> MemoryPlan:
   topo = local_topology(plan.runtime.device_gib, plan.runtime.label)
   reports = aot_plan(job="sample", preset=plan.preset, topology=topo, height=plan.height,
                      width=plan.width, programs=",".join(programs), t5_dtype=plan.t5_dtype,
-                     echo=echo)
+                     dit_weights=plan.dit_weights, echo=echo)
   steps = [r for r in reports if r.program.startswith("step")]
   vae = [r for r in reports if r.program == "vae"]
   t5 = [r for r in reports if r.program == "t5"]
   parts = plan.parts
   refused = [r for r in reports if not r.fits]
   sampling = max(r.peak_gib or 0.0 for r in steps) + parts.vae_weights / GIB
-  decode = (max(r.peak_gib or 0.0 for r in vae) + (parts.dit_weights + parts.kv_cache) / GIB)
+  dit = parts.dit_int8 if plan.dit_weights == "int8" else parts.dit_weights
+  decode = max(r.peak_gib or 0.0 for r in vae) + (dit + parts.kv_cache) / GIB
   text = plan.text_gib
   if t5 and plan.text_first:
     text = t5[0].peak_gib or text

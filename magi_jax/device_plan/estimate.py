@@ -44,6 +44,17 @@ def _t5_params(t5cfg) -> int:
 
 
 @functools.cache
+def _int8_dit_bytes(model_cfg, distill: bool) -> int:
+  """Bytes of the DiT with int8 layer kernels (models/quant.py), from its abstract state."""
+  from magi_jax.models import VideoDiT
+  from magi_jax.models.quant import quantize_int8
+  abstract = nnx.eval_shape(lambda: quantize_int8(VideoDiT(
+      model_cfg, precision=Precision.bf16(), distill=distill, rngs=nnx.Rngs(0))))
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(nnx.state(abstract)))
+
+
+@functools.cache
 def _vae_params(vcfg) -> int:
   return _count(lambda: ViTVAE(vcfg, precision=Precision.bf16(), rngs=nnx.Rngs(0)))
 
@@ -51,7 +62,8 @@ def _vae_params(vcfg) -> int:
 @dataclasses.dataclass(frozen=True)
 class PartSizes:
   """Bytes per part of one sampling run at one video size."""
-  dit_weights: int
+  dit_weights: int             # bf16
+  dit_int8: int                # int8 layer kernels + their scales, the rest bf16
   t5_params: int               # parameter count (the dtype is the plan's choice)
   t5_temp: int                 # one prompt's forward, beyond the weights
   vae_weights: int
@@ -92,6 +104,8 @@ def part_sizes(cfg: MagiConfig, height: int, width: int) -> PartSizes:
   vt = int(np.prod(tile))
   vae_temp = math.ceil(vt * (2 * int(vcfg.mlp_ratio * vcfg.embed_dim) + 6 * vcfg.embed_dim) * 2
                        * MARGIN + vcfg.num_heads * vt * vt * 4)
-  return PartSizes(dit_weights=num_parameters(m) * 2, t5_params=t5_params, t5_temp=t5_temp,
+  return PartSizes(dit_weights=num_parameters(m) * 2,
+                   dit_int8=_int8_dit_bytes(m, bool(cfg.engine.distill)), t5_params=t5_params,
+                   t5_temp=t5_temp,
                    vae_weights=vae_params * 2, vae_decode_temp=vae_temp, kv_cache=kv,
                    step_temp=step_temp, step_tokens=tokens)

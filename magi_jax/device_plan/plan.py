@@ -12,9 +12,10 @@
   weights, the steady state's KV cache, the largest step's temporaries and the VAE's weights
   (and, while a chunk decodes, the VAE tile's temporaries instead of the step's), with 5% of
   the device kept free;
-* the DiT in bf16 (the official policy). Where even the smallest size does not fit, the plan
-  says so and what would: int8 weights would halve the DiT, and magi_jax has no int8 path yet,
-  so the answer is a smaller preset or a larger device.
+* the DiT in bf16 (the official policy); where no size fits with bf16 weights, int8 layer
+  weights (models/quant.py: per-channel, weight-only, about half the bytes; an approximation
+  of the model), again at the largest size that fits; where nothing fits, the plan says so
+  and what would (a smaller preset or a larger device).
 
 The VAE always decodes chunk by chunk in temporal and spatial tiles (the pipeline's tiled
 decode); the window and kv ranges stay the preset's (the steady state is already bounded by
@@ -47,6 +48,7 @@ class MemoryPlan:
   width: int
   size_note: str               # why this size
   precision: str               # the DiT's: bf16 | fp32
+  dit_weights: str             # bf16 (as `precision`) | int8
   t5_dtype: str                # float32 | bfloat16
   t5_device: str               # "" (the accelerator) | "cpu"
   text_first: bool             # encode the prompts, free T5, then load the DiT
@@ -67,7 +69,11 @@ class MemoryPlan:
                else "stays loaded next to the DiT")
     lines = [
         f"runtime: {self.runtime.describe()}",
-        f"model: {self.preset}, DiT {self.precision} weights {g(_bytes(self.precision, p))}",
+        f"model: {self.preset}, DiT "
+        f"{self.dit_weights if self.dit_weights == 'int8' else self.precision} weights"
+        f" {g(_bytes(self.precision, p, self.dit_weights))}"
+        + (" (int8 layer weights: bf16 does not fit; an approximation of the model)"
+           if self.dit_weights == "int8" else ""),
         f"video: {self.height}x{self.width} ({self.size_note})",
         f"T5: {self.t5_dtype} on {t5_where} ({g(p.t5_weights(self.t5_dtype))}), {t5_when}",
         f"VAE: decodes chunk by chunk in {self.vae_tile[0]}x{self.vae_tile[1]}x"
@@ -95,6 +101,7 @@ class MemoryPlan:
     """Sets the sampling config's fields (experiments/configs/sample_common.py) to the plan."""
     c.height, c.width = self.height, self.width
     c.t5_dtype, c.t5_device, c.text_first = self.t5_dtype, self.t5_device, self.text_first
+    c.dit_weights = self.dit_weights
 
 
 def _gib(b: float) -> str:
@@ -102,12 +109,14 @@ def _gib(b: float) -> str:
   return f"{b / GIB:.2f} GiB" if b >= 0.1 * GIB else f"{b / 2 ** 20:.2f} MiB"
 
 
-def _bytes(cfg_precision: str, parts: PartSizes) -> int:
+def _bytes(cfg_precision: str, parts: PartSizes, weights: str = "bf16") -> int:
+  if weights == "int8":
+    return parts.dit_int8
   return parts.dit_weights * (2 if cfg_precision == "fp32" else 1)
 
 
-def _peaks(parts: PartSizes, precision: str) -> tuple[float, float]:
-  dit = _bytes(precision, parts)
+def _peaks(parts: PartSizes, precision: str, weights: str = "bf16") -> tuple[float, float]:
+  dit = _bytes(precision, parts, weights)
   sampling = dit + parts.kv_cache + parts.step_temp + parts.vae_weights
   decode = dit + parts.kv_cache + parts.vae_weights + parts.vae_decode_temp
   return sampling / GIB, decode / GIB
@@ -149,26 +158,31 @@ def choose(preset: str, runtime: Runtime, *, height: int = 0, width: int = 0,
   cfg = get_preset(preset)
   budget = runtime.device_gib * (1 - HEADROOM)
   tried, options = [], []
-  for h, w, note in _sizes(cfg, height, width):
-    parts = part_sizes(cfg, h, w)
-    sampling, decode = _peaks(parts, precision)
-    tried.append(f"{h}x{w} needs {max(sampling, decode):.2f} GiB")
-    options.append((h, w, note, parts, sampling, decode))
-    if max(sampling, decode) <= budget:
+  fits = False
+  for weights in ("bf16", "int8"):
+    for h, w, note in _sizes(cfg, height, width):
+      parts = part_sizes(cfg, h, w)
+      sampling, decode = _peaks(parts, precision, weights)
+      tried.append(f"{h}x{w} needs {max(sampling, decode):.2f} GiB with {weights} weights")
+      options.append((h, w, note, parts, sampling, decode, weights))
+      if max(sampling, decode) <= budget:
+        fits = True
+        break
+    if fits:
       break
-  fits = max(sampling, decode) <= budget
-  if not fits:                 # report the size asked for (or the preset's)
-    h, w, note, parts, sampling, decode = options[0]
+  h, w, note, parts, sampling, decode, weights = options[-1 if fits else 0]
   vcfg = components.vae_config(cfg)
   tile = components.decode_tile(vcfg, cfg.runtime.chunk_width, h // 8, w // 8)
   problem = ""
   text = _text(parts, runtime, budget, sampling)
   if not fits:
-    dit = _bytes(precision, parts) / GIB
-    problem = (f"{'; '.join(tried)} of the {budget:.2f} GiB this device can give (the DiT's "
-               f"{precision} weights alone are {dit:.2f} GiB). int8 weights would halve the "
-               "DiT, but magi_jax has no int8 path yet: use a smaller preset (4.5B_distill) "
-               "or a device with more memory")
+    smallest = [t for i, t in enumerate(tried) if i + 1 == len(tried) or
+                tried[i + 1].split(" with ")[1] != t.split(" with ")[1]]
+    problem = (f"{'; '.join(tried[:1] + smallest)}, of the {budget:.2f} GiB this device can "
+               f"give (the DiT's "
+               f"weights alone are {parts.dit_weights / GIB:.2f} GiB in bf16, "
+               f"{parts.dit_int8 / GIB:.2f} in int8): use a smaller preset (4.5B_distill) or "
+               "a device with more memory")
   elif text is None:
     fits = False
     problem = (f"T5 ({parts.t5_weights('bfloat16') / GIB:.2f} GiB in bfloat16) fits neither "
@@ -176,7 +190,8 @@ def choose(preset: str, runtime: Runtime, *, height: int = 0, width: int = 0,
                "available): precompute the prompt rows on another machine (text cache)")
   t5_dtype, t5_device, text_first, text_gib = text or ("bfloat16", "", True, 0.0)
   return MemoryPlan(runtime=runtime, preset=preset, height=h, width=w, size_note=note,
-                    precision=precision, t5_dtype=t5_dtype, t5_device=t5_device,
+                    precision=precision, dit_weights=weights, t5_dtype=t5_dtype,
+                    t5_device=t5_device,
                     text_first=text_first, parts=parts, vae_tile=tile, sampling_gib=sampling,
                     decode_gib=decode, text_gib=text_gib, budget_gib=budget, fits=fits,
                     problem=problem)

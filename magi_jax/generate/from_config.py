@@ -43,6 +43,11 @@ def build_from_config(c) -> tuple[Components, Request, TextFlags, SamplerOptions
   _t5_placement(c)                        # bad t5_device / t5_dtype: before anything loads
   if getattr(c, "t5_dtype", "float32") not in ("float32", "bfloat16"):
     raise ConfigError(f"--config.t5_dtype={c.t5_dtype!r}: use float32 or bfloat16")
+  int8 = getattr(c, "dit_weights", "bf16")
+  if int8 not in ("bf16", "int8"):
+    raise ConfigError(f"--config.dit_weights={int8!r}: use bf16 (the precision's weights) or "
+                      "int8")
+  int8 = int8 == "int8"
   hub = getattr(c, "checkpoint", "")
   random_ok = c.preset == "tiny" and not c.magi_config and not hub
   paths = _weight_paths(c, cfg)
@@ -50,11 +55,17 @@ def build_from_config(c) -> tuple[Components, Request, TextFlags, SamplerOptions
   text = None
   if getattr(c, "text_first", False):     # encode the prompts, free T5, then load the DiT
     text = _encode_first(c, paths, cfg, req, random_ok)
-  dit, cfg = load_dit(paths["dit_checkpoint"], cfg, c.precision, random_ok=random_ok,
-                      seed=c.seed)
-  if getattr(c, "lora", ""):
-    from magi_jax.generate.trained import apply_lora
-    dit = apply_lora(dit, c.lora, c.lora_scale)
+  with _host_if(int8):          # int8: quantized on the host, then placed (never bf16 there)
+    dit, cfg = load_dit(paths["dit_checkpoint"], cfg, c.precision, random_ok=random_ok,
+                        seed=c.seed)
+    if getattr(c, "lora", ""):
+      from magi_jax.generate.trained import apply_lora
+      dit = apply_lora(dit, c.lora, c.lora_scale)
+    if int8:
+      from magi_jax.models.quant import quantize_int8
+      dit = quantize_int8(dit)
+  if int8:
+    _to_default_device(dit)
   opts = SamplerOptions(nearly_clean_weight=c.nearly_clean_weight, backend=c.backend)
   sampler = Sampler(dit, cfg, options=opts)
   ahead = _compile_ahead(sampler, req, cfg) if getattr(c, "compile_ahead", True) else None
@@ -72,6 +83,21 @@ def _load_text(c, paths, cfg: MagiConfig, random_ok: bool):
   return load_text_encoder(paths["t5_checkpoint"], cfg, random_ok=random_ok,
                            cache_dir=c.text_cache_dir or None,
                            dtype=getattr(c, "t5_dtype", "float32"))
+
+
+def _host_if(on: bool):
+  import contextlib
+
+  import jax
+  return jax.default_device(jax.devices("cpu")[0]) if on else contextlib.nullcontext()
+
+
+def _to_default_device(model) -> None:
+  import jax
+  from flax import nnx
+  device = jax.devices()[0]
+  if device.platform != "cpu":
+    nnx.update(model, jax.device_put(nnx.state(model), device))
 
 
 def _t5_placement(c):

@@ -24,9 +24,14 @@ class Linear(nnx.Module):
   def __init__(self, d_in: int, d_out: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
     self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), d_in ** -0.5, dtype))
     self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if use_bias else None
+    self.qscale = None         # int8 weights (models/quant.py): the per-channel scale
 
   def __call__(self, x, *, out_dtype, precision=None):
     kernel = self.kernel[...]
+    qscale = getattr(self, "qscale", None)    # (LoRALinear keeps its base's attributes)
+    if qscale is not None:       # int8 values times their scale: the weight dtype again
+      scale = qscale[...]
+      kernel = kernel.astype(scale.dtype) * scale
     dtype = jnp.promote_types(x.dtype, kernel.dtype)
     y = jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=precision,
                 preferred_element_type=F32)

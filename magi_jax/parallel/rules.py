@@ -71,6 +71,10 @@ PARAM_RULES = (
     (r"layers/fc1/lora_b$", (None, None, "mlp")),
     (r"layers/(proj|fc2|ada_modulate)/lora_b$", (None, None, "embed")),
     (r"layers/ada_modulate/lora_a$", (None, None, None)),
+    # int8 weights' per-channel scales (L, 1, out): split like their kernel's out axis.
+    (r"layers/(q|k|v|qx|kx|vx)/qscale$", (None, None, "heads")),
+    (r"layers/fc1/qscale$", (None, None, "mlp")),
+    (r"layers/(proj|fc2|ada_modulate)/qscale$", (None, None, "embed")),
     (r"layers/ada_modulate/kernel$", (None, None, "embed")),
     (r"x_embedder/kernel$", (None, "embed")),
     (r"y_embedder/y_proj_xattn/kernel$", (None, "embed")),
