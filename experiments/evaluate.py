@@ -7,7 +7,11 @@ sampler's cost (network evaluations and wall time per chunk). A distilled run sa
 guidance pass (cfg_number 1); `--num_steps=8,16` evaluates it at each step count in turn. Prints
 the reports, writes `<workdir>/eval.json` (one report per step count, keyed "<n>_steps";
 `eval_seed<N>.json` for `--eval_seed=N`, another block of held-out episodes) and a
-frame strip `<workdir>/eval_strip.png` (the first step count).
+frame strip `<workdir>/eval_strip.png` (the first step count). `--rollout_chunks=8` also
+continues `--num_rollouts` single-object episodes to 8 chunks (twice the demo's training
+length) with the first step count and prints the drift table per generated chunk (centre
+error vs the baselines, share of episodes still showing one object of the right colour),
+stored under "rollout" in the JSON.
 Expected result for the demo: see experiments/configs/bouncing_tiny.py and
 bouncing_distill.py, and the README.
 """
@@ -30,6 +34,11 @@ _EVAL_SEED = flags.DEFINE_integer("eval_seed", 0, "block of held-out episodes to
                                    "0 is the one the demo was tuned on)", lower_bound=0)
 _NUM_STEPS = flags.DEFINE_list("num_steps", [], "sampler step counts to evaluate, e.g. 8,16 "
                                "(default: the config's sample.num_steps)")
+_ROLLOUT_CHUNKS = flags.DEFINE_integer("rollout_chunks", 0, "continue held-out episodes to this "
+                                       "many chunks and report the drift per chunk (0: off)",
+                                       lower_bound=0)
+_NUM_ROLLOUTS = flags.DEFINE_integer("num_rollouts", 32, "single-object episodes of the long "
+                                     "rollout", lower_bound=1)
 
 
 def main(argv):
@@ -39,8 +48,8 @@ def main(argv):
   from PIL import Image
 
   from magi_jax.train.checkpoint import CheckpointError
-  from magi_jax.proj.bouncing.evaluation import (evaluate, format_report, sample_set,
-                                                 step_counts)
+  from magi_jax.proj.bouncing.evaluation import (evaluate, format_report, format_rollout,
+                                                 rollout, sample_set, step_counts)
   from magi_jax.train.samples import frame_strip
   from magi_jax.train.trainer import load_trained
   try:
@@ -57,6 +66,9 @@ def main(argv):
     counts = step_counts(_NUM_STEPS.value, c.sample.num_steps)
   except ValueError as e:
     raise app.UsageError(f"--num_steps: {e}") from None
+  if 0 < _ROLLOUT_CHUNKS.value <= c.sample.prefix_chunks:
+    raise app.UsageError(f"--rollout_chunks={_ROLLOUT_CHUNKS.value} generates nothing after the "
+                         f"run's {c.sample.prefix_chunks} clean prefix chunk(s)")
   print(f"evaluating {_WORKDIR.value} at step {step}")
   reports = {}
   for n in counts:
@@ -66,6 +78,12 @@ def main(argv):
     print(f"--- {n} sampler steps ---")
     print(format_report(r))
     reports[f"{n}_steps"] = r
+  if _ROLLOUT_CHUNKS.value:
+    c.sample.num_steps = counts[0]
+    reports["rollout"] = rollout(c, model, tok, num_episodes=_NUM_ROLLOUTS.value,
+                                 chunks=_ROLLOUT_CHUNKS.value, block=_EVAL_SEED.value)
+    print(f"--- long rollout, {counts[0]} sampler steps ---")
+    print(format_rollout(reports["rollout"]))
   name = "eval.json" if _EVAL_SEED.value == 0 else f"eval_seed{_EVAL_SEED.value}.json"
   with open(os.path.join(_WORKDIR.value, name), "w") as f:
     json.dump({"step": step, **reports}, f, indent=2)

@@ -6,6 +6,9 @@
   copy-last) and the bright-pixel count ratio (shape check: blur and speckle both change it).
 * Text control (T2V): from the captions alone; the dominant object colour of the generated
   video must be the colour the caption names.
+* Long rollouts (`rollout`): continuations past the training length (8 chunks for a world of
+  4); per generated chunk the centre error (model vs the two baselines) and whether the
+  object is still one object of its colour (`metrics.chunk_drift`): the drift curve.
 
 Held-out means the test split of `bouncing_shapes` (seeds disjoint from training); episodes
 are re-simulated from their seeds, which is what the TFDS test split stores.
@@ -13,6 +16,7 @@ are re-simulated from their seeds, which is what the TFDS test split stores.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -24,7 +28,8 @@ from magi_jax.proj.bouncing.training import world_config
 from magi_jax.train import build
 from magi_jax.train.samples import VideoSampler
 
-TARGETS = {"text_control_accuracy": 0.9, "bright_ratio_band": 0.5}
+TARGETS = {"text_control_accuracy": 0.9, "bright_ratio_band": 0.5,
+           "rollout_one_object": 0.9}
 
 
 # `--eval_seed=N` evaluates on block N of the held-out episodes: test-split indices
@@ -33,13 +38,22 @@ TARGETS = {"text_control_accuracy": 0.9, "bright_ratio_band": 0.5}
 BLOCK = 10_000
 
 
-def held_out(c, i: int, block: int = 0):
-  """Held-out episode `i` of evaluation block `block`."""
+def held_out(c, i: int, block: int = 0, num_chunks: int | None = None):
+  """Held-out episode `i` of evaluation block `block`, simulated for `num_chunks` chunks
+  (default: the config's). A longer episode is the same world run on: its seed draws the same
+  initial state and the physics is step by step, so its first frames are the normal episode's
+  (only the caption of the normal episode's last chunk can differ, by an event in the half
+  frame after its last frame, which the longer run assigns to that frame)."""
   if not 0 <= i < BLOCK:
     raise ValueError(f"held-out episode {i} is outside a block of {BLOCK}")
   if block < 0:
     raise ValueError(f"evaluation block {block} must be >= 0")
-  return simulate(world_config(c), split_seed("test", block * BLOCK + i))
+  world = world_config(c)
+  if num_chunks is not None:
+    if num_chunks < 1:
+      raise ValueError(f"num_chunks {num_chunks} must be >= 1")
+    world = dataclasses.replace(world, num_frames=num_chunks * world.frames_per_chunk)
+  return simulate(world, split_seed("test", block * BLOCK + i))
 
 
 def make_sampler(c, model, tokenizer) -> VideoSampler:
@@ -172,4 +186,101 @@ def format_report(r: dict) -> str:
       f"{r['seconds_per_chunk'] * 1e3:.0f} ms per generated chunk",
       "targets: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in r["targets"].items()),
   ]
+  return "\n".join(lines)
+
+
+def rollout(c, model, tokenizer, *, num_episodes: int, chunks: int = 8, block: int = 0) -> dict:
+  """Long-rollout drift on the first `num_episodes` single-object held-out episodes of block
+  `block` (multi-object ones are skipped, as for text control: "one object of the right
+  colour" is only defined with one object). Each episode is simulated for `chunks` chunks
+  (`held_out(..., num_chunks=chunks)`: the same world as the training-length episode, run on);
+  the sampler gets its first `sample.prefix_chunks` chunks clean and the chunk captions, and
+  continues to `chunks` chunks with `sample.v2v_text_scale` (seed = the episode index, as in
+  `evaluate`'s continuations). Chunks are numbered from 0 in the whole video; the generated
+  ones are prefix_chunks .. chunks-1, and those >= the world's num_chunks are beyond the
+  training length.
+
+  Returns (JSON-ready):
+    per_chunk: one row per generated chunk, means over the episodes: centre_error_model /
+      _copy_last / _const_velocity (px per frame, `metrics.chunk_drift` and
+      `metrics.baseline_centre_errors`), one_object_fraction (episodes whose chunk shows one
+      object of the episode's colour in every frame), beyond_training;
+    one_object_all_chunks: fraction of episodes where every generated chunk does (the
+      target: >= TARGETS["rollout_one_object"]);
+    episodes: per episode its index, colour and per-chunk centre_error / one_object;
+    chunks, train_chunks, prefix_chunks, num_episodes, eval_seed, num_steps, targets.
+  """
+  world = world_config(c)
+  F, K = world.frames_per_chunk, world.num_chunks
+  prefix_chunks = int(c.sample.prefix_chunks)
+  if num_episodes < 1:
+    raise ValueError(f"num_episodes {num_episodes} must be >= 1")
+  if chunks <= prefix_chunks:
+    raise ValueError(f"a rollout of {chunks} chunks generates nothing after the "
+                     f"{prefix_chunks} clean prefix chunk(s)")
+  if world.min_objects > 1:
+    raise ValueError(f"the rollout scores single-object episodes; this world has "
+                     f"min_objects={world.min_objects}")
+  palette = dict(world.colours)
+  sampler = make_sampler(c, model, tokenizer)
+  P = prefix_chunks * F
+  episodes, model_err, copy_err, cv_err, ok = [], [], [], [], []
+  i = 0
+  while len(episodes) < num_episodes:
+    ep = held_out(c, i, block, num_chunks=chunks)
+    i += 1
+    if len(ep.objects) != 1:
+      continue
+    colour = ep.objects[0][0]
+    v = sampler.generate(ep.chunk_captions, num_chunks=chunks, height=world.height,
+                         width=world.width, seed=i - 1, prefix_frames=ep.frames[:P],
+                         text_scale=c.sample.v2v_text_scale)
+    true, prefix = ep.frames[P:], ep.frames[:P]
+    drift = bm.chunk_drift(v[P:], true, F, palette=palette, colour_name=colour)
+    base = bm.baseline_centre_errors(true, prefix)
+    model_err.append(drift["centre_error"])
+    copy_err.append(bm.chunk_means(base["copy_last"], F))
+    cv_err.append(bm.chunk_means(base["const_velocity"], F))
+    ok.append(drift["one_object"])
+    episodes.append({"index": i - 1, "colour": colour,
+                     "centre_error": [float(e) for e in drift["centre_error"]],
+                     "one_object": [bool(b) for b in drift["one_object"]]})
+  model_err, copy_err, cv_err, ok = map(np.asarray, (model_err, copy_err, cv_err, ok))
+  rows = [{"chunk": prefix_chunks + j, "beyond_training": prefix_chunks + j >= K,
+           "centre_error_model": float(model_err[:, j].mean()),
+           "centre_error_copy_last": float(copy_err[:, j].mean()),
+           "centre_error_const_velocity": float(cv_err[:, j].mean()),
+           "one_object_fraction": float(ok[:, j].mean())}
+          for j in range(chunks - prefix_chunks)]
+  all_ok = float(ok.all(axis=1).mean())
+  return {"chunks": chunks, "train_chunks": K, "prefix_chunks": prefix_chunks,
+          "num_episodes": num_episodes, "eval_seed": block,
+          "num_steps": int(sampler.cfg.runtime.num_steps), "per_chunk": rows,
+          "one_object_all_chunks": all_ok, "episodes": episodes,
+          "targets": {"rollout_one_object>=0.9": all_ok >= TARGETS["rollout_one_object"]}}
+
+
+def format_rollout(r: dict) -> str:
+  """The drift curve of a `rollout` report: a Markdown table, one row per generated chunk
+  (chunks numbered from 0 in the video; * = beyond the training length), then the target."""
+  lines = [
+      f"long rollout: {r['num_episodes']} held-out single-object episodes of block "
+      f"{r.get('eval_seed', 0)}, {r['prefix_chunks']} clean chunk(s) continued to "
+      f"{r['chunks']} chunks (trained on {r['train_chunks']}; * = beyond), "
+      f"{r['num_steps']} sampler steps",
+      "",
+      "| chunk | centre error model (px) | copy-last (px) | constant-velocity (px) "
+      "| one object, right colour |",
+      "|---:|---:|---:|---:|---:|",
+  ]
+  for row in r["per_chunk"]:
+    mark = "*" if row["beyond_training"] else ""
+    lines.append(f"| {row['chunk']}{mark} | {row['centre_error_model']:.2f} | "
+                 f"{row['centre_error_copy_last']:.2f} | "
+                 f"{row['centre_error_const_velocity']:.2f} | "
+                 f"{row['one_object_fraction']:.0%} |")
+  ok = r["targets"]["rollout_one_object>=0.9"]
+  lines += ["", f"every generated chunk one object of the right colour: "
+                f"{r['one_object_all_chunks']:.0%} of episodes (target >= "
+                f"{TARGETS['rollout_one_object']:.0%}: {'PASS' if ok else 'FAIL'})"]
   return "\n".join(lines)

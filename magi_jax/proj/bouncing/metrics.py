@@ -18,7 +18,14 @@ Conventions (pure numpy, no dependency on the world's code):
     summary point of the whole scene (exact per-object tracking is not attempted);
   * a frame with no object pixel has a NaN centre; in `centre_error` a blank predicted frame
     (or an object predicted where the truth has none) costs the frame diagonal, the largest
-    possible distance, so predicting nothing can never score well.
+    possible distance, so predicting nothing can never score well;
+  * an *object* of a frame is a connected component (8-connected by default) of its object
+    pixels with at least `min_pixels` (default 3) pixels: smaller components are speckle, the
+    isolated bright pixels a decoder scatters on the background. Every object the world draws
+    is larger: a ball or square of extent >= 1.5 px in the darkest default colour (green, max
+    channel 200) covers at least 6 pixels above the default threshold wherever its sub-pixel
+    centre lies, and the demo's objects (extent 2.5-3.5) cover about 20 or more;
+  * long rollouts are scored per chunk of `frames_per_chunk` frames (`chunk_drift`).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 DEFAULT_THRESHOLD = 80.0
+DEFAULT_MIN_PIXELS = 3
 
 
 def _frames(frames) -> np.ndarray:
@@ -178,6 +186,25 @@ def constant_velocity_frames(prefix, n: int,
   return np.stack([_shift_zero_fill(prefix_arr[-1], int(dy), int(dx)) for dy, dx in shifts])
 
 
+def baseline_centre_errors(true, prefix,
+                           threshold: float = DEFAULT_THRESHOLD) -> dict[str, np.ndarray]:
+  """Per-frame centre errors (n,) of the two prefix baselines against the true future `true`
+  (n, H, W, C): "copy_last" (`copy_last_frame` scored by `centre_error`) and "const_velocity"
+  (the unrounded `constant_velocity_centres` with `centre_error`'s NaN rules: a NaN
+  extrapolation, from a blank last prefix frame, costs the diagonal where the truth has an
+  object)."""
+  true_a, prefix_a = np.asarray(true), np.asarray(prefix)
+  if prefix_a.ndim != 4 or true_a.ndim != 4 or prefix_a.shape[1:] != true_a.shape[1:]:
+    raise ValueError(f"prefix {prefix_a.shape} does not match the frames {true_a.shape}")
+  n = true_a.shape[0]
+  diagonal = float(np.hypot(true_a.shape[1], true_a.shape[2]))
+  return {
+      "copy_last": centre_error(copy_last_frame(prefix_a, n), true_a, threshold),
+      "const_velocity": _point_error(constant_velocity_centres(prefix_a, n, threshold),
+                                     centres(true_a, threshold), diagonal),
+  }
+
+
 def continuation_report(pred, true, prefix,
                         threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
   """Scores a generated continuation `pred` of `prefix` against the true future `true`
@@ -197,13 +224,11 @@ def continuation_report(pred, true, prefix,
     raise ValueError("nothing to score: the true future has no frame")
   copy = copy_last_frame(prefix_a, n)
   cv_frames = constant_velocity_frames(prefix_a, n, threshold)
-  diagonal = float(np.hypot(true_a.shape[1], true_a.shape[2]))
-  cv_err = _point_error(constant_velocity_centres(prefix_a, n, threshold),
-                        centres(true_a, threshold), diagonal)
+  base = baseline_centre_errors(true_a, prefix_a, threshold)
   return {
       "centre_error_model": float(centre_error(pred_a, true_a, threshold).mean()),
-      "centre_error_copy_last": float(centre_error(copy, true_a, threshold).mean()),
-      "centre_error_const_velocity": float(cv_err.mean()),
+      "centre_error_copy_last": float(base["copy_last"].mean()),
+      "centre_error_const_velocity": float(base["const_velocity"].mean()),
       "mse_model": mse(pred_a, true_a),
       "mse_blank": mse(blank_frames(true_a), true_a),
       "mse_copy_last": mse(copy, true_a),
@@ -230,7 +255,12 @@ def dominant_colour(frames, palette: Mapping[str, Sequence[float]],
   x = _frames(frames)
   if x.shape[-1] != 3:
     raise ValueError(f"frames must be RGB (last axis 3), got shape {x.shape}")
-  pixels = x[bright_mask(x, threshold)]  # (N, 3)
+  return _vote(x[bright_mask(x, threshold)], palette)
+
+
+def _vote(pixels: np.ndarray, palette: Mapping[str, Sequence[float]]) -> str | None:
+  """`dominant_colour`'s rule on given (N, 3) pixels: nearest palette entry per pixel, the
+  most votes wins, ties to the earlier entry; None for N = 0."""
   if pixels.shape[0] == 0:
     return None
   names = list(palette)
@@ -250,3 +280,138 @@ def text_control_accuracy(videos: Sequence, colour_names: Sequence[str],
     raise ValueError("no video to score")
   hits = [dominant_colour(v, palette, threshold) == name for v, name in zip(videos, colour_names)]
   return float(np.mean(hits))
+
+
+# ---------------------------------------------------------------------------------------------
+# Objects and long-rollout drift (is the object still one object of its colour, chunk by chunk?).
+
+_NEIGHBOURS = {
+    4: ((-1, 0), (1, 0), (0, -1), (0, 1)),
+    8: ((-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)),
+}
+
+
+def component_labels(mask, connectivity: int = 8) -> np.ndarray:
+  """(T, H, W) int64 connected-component labels of a (T, H, W) bool mask, per frame: every
+  True pixel gets the flat index (into the whole (T, H, W) array) of its component's first
+  pixel in row-major order, so labels are unique across frames; False pixels get -1.
+
+  `connectivity` 4 joins edge neighbours, 8 also diagonal ones. Min-label propagation: each
+  pass replaces a pixel's label by the smallest among itself and its neighbours, until
+  nothing changes (at most as many passes as the longest path inside a component; the frames
+  here are tiny).
+  """
+  if connectivity not in _NEIGHBOURS:
+    raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
+  m = np.asarray(mask, bool)
+  if m.ndim != 3:
+    raise ValueError(f"mask must be (T, H, W), got shape {m.shape}")
+  T, H, W = m.shape
+  none = T * H * W                    # larger than every flat index
+  lab = np.where(m, np.arange(none, dtype=np.int64).reshape(T, H, W), none)
+  while True:
+    pad = np.pad(lab, ((0, 0), (1, 1), (1, 1)), constant_values=none)
+    best = lab
+    for dy, dx in _NEIGHBOURS[connectivity]:
+      best = np.minimum(best, pad[:, 1 + dy:1 + dy + H, 1 + dx:1 + dx + W])
+    best = np.where(m, best, none)
+    if np.array_equal(best, lab):
+      break
+    lab = best
+  return np.where(m, lab, -1)
+
+
+def _objects(frames, threshold: float, min_pixels: int, connectivity: int):
+  """(labels (T, H, W), per frame the list of labels of its objects: components with at least
+  `min_pixels` pixels)."""
+  if (isinstance(min_pixels, bool) or not isinstance(min_pixels, (int, np.integer))
+      or min_pixels < 1):
+    raise ValueError(f"min_pixels must be a positive integer, got {min_pixels!r}")
+  mask = bright_mask(frames, threshold)
+  T, H, W = mask.shape
+  lab = component_labels(mask, connectivity)
+  ids, sizes = np.unique(lab[mask], return_counts=True)
+  per_frame = [[] for _ in range(T)]
+  for i, n in zip(ids.tolist(), sizes.tolist()):
+    if n >= min_pixels:
+      per_frame[i // (H * W)].append(i)
+  return lab, per_frame
+
+
+def object_components(frames, threshold: float = DEFAULT_THRESHOLD, *,
+                      min_pixels: int = DEFAULT_MIN_PIXELS, connectivity: int = 8) -> np.ndarray:
+  """(T,) int64 number of objects per frame: connected components (`connectivity` 4 or 8) of
+  the object pixels with at least `min_pixels` pixels (smaller ones are speckle; module
+  docstring). min_pixels=1 counts every component."""
+  _, per_frame = _objects(frames, threshold, min_pixels, connectivity)
+  return np.asarray([len(ids) for ids in per_frame], np.int64)
+
+
+def one_object_of_colour(frames, colour_name: str, palette: Mapping[str, Sequence[float]],
+                         threshold: float = DEFAULT_THRESHOLD, *,
+                         min_pixels: int = DEFAULT_MIN_PIXELS,
+                         connectivity: int = 8) -> np.ndarray:
+  """(T,) bool: the frame shows exactly one object (`object_components` == 1) and the
+  `dominant_colour` vote over that object's pixels (speckle left out) is `colour_name`.
+
+  Only count and colour are checked: a smeared or grown object still passes (the centre error
+  and `bright_ratio` measure those). ValueError when `colour_name` is not in the palette.
+  """
+  if colour_name not in palette:
+    raise ValueError(f"colour {colour_name!r} is not in the palette {list(palette)}")
+  x = _frames(frames)
+  if x.shape[-1] != 3:
+    raise ValueError(f"frames must be RGB (last axis 3), got shape {x.shape}")
+  lab, per_frame = _objects(x, threshold, min_pixels, connectivity)
+  out = np.zeros(x.shape[0], bool)
+  for t, ids in enumerate(per_frame):
+    if len(ids) == 1:
+      out[t] = _vote(x[t][lab[t] == ids[0]], palette) == colour_name
+  return out
+
+
+def chunk_means(per_frame, frames_per_chunk: int) -> np.ndarray:
+  """(T / frames_per_chunk,) float64 mean of a (T,) per-frame series over each chunk of
+  `frames_per_chunk` consecutive frames; ValueError unless T is a positive multiple."""
+  v = np.asarray(per_frame, np.float64)
+  F = frames_per_chunk
+  if isinstance(F, bool) or not isinstance(F, (int, np.integer)) or F < 1:
+    raise ValueError(f"frames_per_chunk must be a positive integer, got {F!r}")
+  if v.ndim != 1 or v.shape[0] == 0 or v.shape[0] % F:
+    raise ValueError(f"{v.shape} frames are not a positive whole number of chunks of {F}")
+  return v.reshape(-1, F).mean(axis=1)
+
+
+def chunk_drift(pred, true, frames_per_chunk: int, *, palette: Mapping[str, Sequence[float]],
+                colour_name: str | None = None, threshold: float = DEFAULT_THRESHOLD,
+                min_pixels: int = DEFAULT_MIN_PIXELS,
+                connectivity: int = 8) -> dict[str, np.ndarray]:
+  """Per-chunk drift of a generated video `pred` against the true one `true` (both (T, H, W, 3),
+  T a multiple of `frames_per_chunk`; chunk k is frames [kF, (k+1)F)). Returns arrays of one
+  entry per chunk:
+
+    centre_error       float64 mean px per frame of `centre_error` (a blank predicted frame,
+                       or an object where the truth has none, costs the frame diagonal)
+    one_object         bool: `one_object_of_colour` holds in *every* frame of the chunk (the
+                       truth of a single-object world does in every frame, so one split,
+                       vanished or recoloured frame is a real failure; a majority rule would
+                       hide an object that flickers apart)
+    one_object_frames  float64 fraction of the chunk's frames where it holds
+
+  `colour_name`: the colour the object must keep; None takes the truth's `dominant_colour`
+  (ValueError when the truth shows no object).
+  """
+  pred_a, true_a = _frames(pred), _frames(true)
+  _same_shape(pred_a, true_a)
+  if colour_name is None:
+    colour_name = dominant_colour(true_a, palette, threshold)
+    if colour_name is None:
+      raise ValueError("the true video shows no object: pass colour_name")
+  ok = one_object_of_colour(pred_a, colour_name, palette, threshold, min_pixels=min_pixels,
+                            connectivity=connectivity)
+  frac = chunk_means(ok, frames_per_chunk)
+  return {
+      "centre_error": chunk_means(centre_error(pred_a, true_a, threshold), frames_per_chunk),
+      "one_object": frac == 1.0,
+      "one_object_frames": frac,
+  }
