@@ -47,7 +47,7 @@ def test_linear_forms_the_dequantized_kernel():
   np.testing.assert_allclose(np.asarray(lin(x, out_dtype=F32)), want, rtol=1e-5, atol=1e-5)
 
 
-def _video(model, cfg, n=2):
+def _video(model, cfg, n=1):
   L, C = 64, 32
   r = np.random.default_rng(0)
   text = ChunkTextRows(r.standard_normal((1, L, C)).astype(F32),
@@ -74,7 +74,8 @@ def test_int8_halves_the_layer_weights_and_stays_close_to_bf16():
   assert quant_bytes < 0.55 * kernel_bytes        # int8 + one bf16 scale per output channel
   ref, got = _video(base, cfg), _video(q, cfg)
   rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
-  # bf16 against fp32 weights of the same model differ by about 0.7% here; int8 by under 3%.
+  # One chunk (6 steps, three-pass guidance). bf16 against fp32 weights of the same model
+  # differ by under 1% on such videos; int8 against bf16 must stay under 3%.
   assert rel < 0.03, rel
 
 
