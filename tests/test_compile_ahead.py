@@ -1,11 +1,11 @@
 """The sampler's steps compiled ahead in the background (magi_jax/diffusion/ahead.py).
 
 For a video's plan, `compile_ahead` must produce exactly the signatures the sampler then calls
-(every call runs an executable compiled ahead, none falls back to the jit), and the chunks must
-be bitwise those of a sampler that jits each step on first use: base (three-pass guidance,
-refresh calls, cached chunks, an I2V prefix) and distilled (one pass, nearly-clean copy, step
-size, bf16 KV cache). `build_from_config` starts the request's compiles before the VAE and the
-text encoder load.
+(every call runs an executable compiled ahead, none falls back to the jit): base (three-pass
+guidance, refresh calls, cached chunks, an I2V prefix) and distilled (one pass, nearly-clean
+copy, step size, bf16 KV cache); for the base video the chunks must be bitwise those of a
+sampler that jits each step on first use. `build_from_config` starts the request's compiles
+before the VAE and the text encoder load.
 """
 
 import os
@@ -41,11 +41,12 @@ def _chunks(sampler, n, prefix):
 
 CASES = {
     # 3 chunks, window 2: refresh calls, cached chunks, cfg 3, the I2V frame in chunk 0.
-    "base_i2v": dict(cfg=tiny_config(), distill=False, precision=Precision.fp32(), prefix=1),
+    "base_i2v": dict(cfg=tiny_config(), distill=False, precision=Precision.fp32(), prefix=1,
+                     compare=True),
     # cfg 1 with the nearly-clean copy and the step size, bf16 activations and KV cache.
     "distill_bf16": dict(cfg=tiny_config().replace(runtime={"cfg_number": 1},
                                                    engine={"distill": True}),
-                         distill=True, precision=Precision.bf16(), prefix=0),
+                         distill=True, precision=Precision.bf16(), prefix=0, compare=False),
 }
 
 
@@ -68,8 +69,10 @@ def test_every_call_runs_a_step_compiled_ahead_and_the_chunks_match_the_jit(case
   assert stats == {"ahead": calls, "jit": 0, "compiled_ahead": len(ahead.futures)}, stats
   assert ahead_sampler.compilations() == len(ahead.futures)   # no signature left out
 
+  assert len(got) == n
+  if not c["compare"]:     # the executables are the jitted step's own: compared once (base)
+    return
   want = _chunks(Sampler(model, c["cfg"], options=opts), n, prefix)
-  assert len(got) == len(want) == n
   for g, w in zip(got, want):
     np.testing.assert_array_equal(g, w)
 
