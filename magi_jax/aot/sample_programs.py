@@ -30,9 +30,8 @@ from magi_jax.aot.abstract import abstract_dit, array, placed
 from magi_jax.aot.programs import Program, describe_inputs
 from magi_jax.aot.steady import CallShape, steady_calls
 from magi_jax.models import Precision
-from magi_jax.models.kv_cache import KVCache
 from magi_jax.models.vae import ViTVAE
-from magi_jax.diffusion.step import StepInputs, StepOptions, make_step
+from magi_jax.diffusion.step import StepOptions, abstract_inputs, make_step
 from magi_jax.text import T5Encoder
 
 F32, I32 = jnp.float32, jnp.int32
@@ -40,30 +39,18 @@ CACHE_AXES = (None, "batch", "length", "act_heads", "head_dim")
 
 
 def step_program(job, step, state, call: CallShape) -> Program:
-  cfg, mesh, rules = job.cfg, job.mesh, job.rules
-  rt, m = cfg.runtime, cfg.model
-  chunk_width, (h, w) = rt.chunk_width, (job.size.latent_h, job.size.latent_w)
-  n, d = call.call_chunks, call.plan.num_denoised
-  L, Cc = m.caption_max_length, m.caption_channels
-  a = functools.partial(array, mesh=mesh, rules=rules)
-  x = a((1, m.latent_channels, n * chunk_width, h, w), F32)
-  y_cond = a((n, L, Cc), F32)
-  cache = None
-  if call.cache_chunks:
-    shape = (m.num_layers, 1, call.cache_chunks * job.size.tokens_per_chunk,
-             m.num_query_groups, m.head_dim)
-    dtype = Precision.bf16().compute_dtype
-    cache = KVCache(a(shape, dtype, names=CACHE_AXES), a(shape, dtype, names=CACHE_AXES))
+  cfg, rt = job.cfg, job.cfg.runtime
   # The ranges stay traced (options.ranges None): one program serves every window position,
   # and splash's static mask tables, quadratic in blocks, are not built for the plan.
-  inputs = StepInputs(
-      x=x, t=a((n,), F32), dt=a((d,), F32), y_cond=y_cond, m_cond=a((n, L), F32),
-      y_null=a((1, L, Cc), F32), m_null=a((1, L), F32), ranges=a((n, 2), I32),
-      first_chunk=a((), I32), cache=cache, scale_prev=a((d,), F32), scale_text=a((d,), F32),
-      blend=a((), F32), step_size=a((), F32) if cfg.engine.distill else None)
-  notes = call.describe() + "; " + describe_inputs(x=x, y_cond=y_cond)
-  if cache is not None:
-    notes += ", " + describe_inputs(cache_k=cache.k) + " (and v)"
+  inputs = abstract_inputs(
+      cfg.model, chunk_width=rt.chunk_width, call_chunks=call.call_chunks,
+      denoised=call.plan.num_denoised, latent_hw=(job.size.latent_h, job.size.latent_w),
+      cached_chunks=call.cache_chunks, cache_dtype=Precision.bf16().compute_dtype,
+      distill=bool(cfg.engine.distill),
+      array=functools.partial(array, mesh=job.mesh, rules=job.rules), cache_names=CACHE_AXES)
+  notes = call.describe() + "; " + describe_inputs(x=inputs.x, y_cond=inputs.y_cond)
+  if inputs.cache is not None:
+    notes += ", " + describe_inputs(cache_k=inputs.cache.k) + " (and v)"
   options = StepOptions(cfg_number=rt.cfg_number, refresh=call.plan.refresh,
                         nearly_clean=call.nearly_clean)
   return Program(call.name, step.compiled, (state, inputs), static=dict(options=options),

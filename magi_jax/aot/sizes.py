@@ -24,6 +24,7 @@ import dataclasses
 
 from magi_jax.aot.errors import AOTError
 from magi_jax.configs import MagiConfig
+from magi_jax.diffusion import step
 
 VAE_SPATIAL = 8
 # (height, width), by pixel count: 720p landscape (the 24B presets), the 4.5B presets' square
@@ -50,8 +51,7 @@ class VideoSize:
 
 
 def tokens_per_chunk(cfg: MagiConfig, latent_h: int, latent_w: int) -> int:
-  m, chunk_width = cfg.model, cfg.runtime.chunk_width
-  return (chunk_width // m.t_patch_size) * (latent_h // m.patch_size) * (latent_w // m.patch_size)
+  return step.tokens_per_chunk(cfg.model, cfg.runtime.chunk_width, (latent_h, latent_w))
 
 
 def latent_hw(cfg: MagiConfig, height: int, width: int) -> tuple[int, int]:

@@ -31,7 +31,8 @@ from magi_jax.media.frames import emitted_latent_range
 from magi_jax.models.embedders import distill_step_size
 from magi_jax.models.kv_cache import KVCacheStore
 from magi_jax.diffusion import schedule
-from magi_jax.diffusion.step import StepInputs, StepOptions, make_prefill, make_step
+from magi_jax.diffusion.step import (StepInputs, StepOptions, make_prefill, make_step,
+                                     tokens_per_chunk)
 from magi_jax.diffusion.window import (StepPlan, cache_chunks_needed, call_ranges, call_widths,
                                        plan_steps)
 
@@ -159,7 +160,7 @@ class Sampler:
     C = m.latent_channels
     if h % m.patch_size or w % m.patch_size:
       raise SamplerError(f"latent size {h}x{w} must be divisible by patch_size {m.patch_size}")
-    tokens_per_chunk = chunk_width // m.t_patch_size * (h // m.patch_size) * (w // m.patch_size)
+    tpc = tokens_per_chunk(m, chunk_width, latent_hw)
     P = 0 if prefix is None else int(prefix.shape[2])
     if prefix is not None and tuple(prefix.shape) != (1, C, P, h, w):
       raise SamplerError(f"prefix latents must be (1, {C}, P, {h}, {w}), got {tuple(prefix.shape)}")
@@ -182,7 +183,7 @@ class Sampler:
     plans = plan_steps(num_chunks, n_clean, rt.window_size, steps)
     clean_w = rt.clean_chunk_kvrange
     store = KVCacheStore(max(1, cache_chunks_needed(plans, steps, rt.noise2clean_kvrange, clean_w)),
-                         tokens_per_chunk)
+                         tpc)
     null_y, null_m = (jnp.asarray(a)[None] for a in text.null())   # on the device once
     rows: dict[int, tuple] = {}      # device text rows of the chunks in the call, built once each
 
@@ -197,10 +198,10 @@ class Sampler:
       return jax.random.normal(jax.random.fold_in(key, c), (1, C, chunk_width, h, w), F32)
 
     if n_clean:
-      self._prefill(prefix, n_clean, store, tokens_per_chunk, null_y, null_m)
+      self._prefill(prefix, n_clean, store, tpc, null_y, null_m)
 
     latents: dict[int, jax.Array] = {}
-    for call in self.calls(num_chunks, P, tokens_per_chunk):
+    for call in self.calls(num_chunks, P, tpc):
       plan, slice_point, chunks = call.plan, call.plan.slice_point, list(call.plan.chunks)
       for c in range(plan.c0, plan.c1):
         if c not in latents:

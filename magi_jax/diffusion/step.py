@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import threading
 
 import jax
@@ -170,6 +171,46 @@ def guided_step(model, inp: StepInputs, opts: StepOptions, backend: str = "auto"
   return euler_update(x_noisy, v, inp.dt), v, kv
 
 
+def tokens_per_chunk(model_cfg, chunk_width: int, latent_hw: tuple[int, int]) -> int:
+  """Tokens of one chunk of `chunk_width` latent frames at latent size `latent_hw`."""
+  p, pt = model_cfg.patch_size, model_cfg.t_patch_size
+  return (chunk_width // pt) * (latent_hw[0] // p) * (latent_hw[1] // p)
+
+
+def _shape_only(shape, dtype, names=()):
+  del names
+  return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
+
+
+def abstract_inputs(model_cfg, *, chunk_width: int, call_chunks: int, denoised: int,
+                    latent_hw: tuple[int, int], cached_chunks: int, cache_dtype, distill: bool,
+                    array=_shape_only, cache_names=()) -> StepInputs:
+  """The inputs of one step as the sampler builds them, as abstract arrays: latents, levels,
+  steps and scales float32; caption rows and masks float32 of the DiT's caption length and
+  width; key ranges and the first chunk int32; the cache of `cached_chunks` chunks in
+  `cache_dtype`; the step size for a distilled model. `array(shape, dtype, names=())` makes
+  each one (ShapeDtypeStructs; the planner's places them on its mesh, the cache's axes named
+  `cache_names`)."""
+  m = model_cfg
+  n, d = call_chunks, denoised
+  h, w = latent_hw
+  L, Cc = m.caption_max_length, m.caption_channels
+  f32, i32 = np.float32, np.int32
+  cache = None
+  if cached_chunks:
+    shape = (m.num_layers, 1, cached_chunks * tokens_per_chunk(m, chunk_width, latent_hw),
+             m.num_query_groups, m.head_dim)
+    cache = KVCache(array(shape, cache_dtype, names=cache_names),
+                    array(shape, cache_dtype, names=cache_names))
+  return StepInputs(
+      x=array((1, m.latent_channels, n * chunk_width, h, w), f32), t=array((n,), f32),
+      dt=array((d,), f32), y_cond=array((n, L, Cc), f32), m_cond=array((n, L), f32),
+      y_null=array((1, L, Cc), f32), m_null=array((1, L), f32), ranges=array((n, 2), i32),
+      first_chunk=array((), i32), cache=cache, scale_prev=array((d,), f32),
+      scale_text=array((d,), f32), blend=array((), f32),
+      step_size=array((), f32) if distill else None)
+
+
 def signature(inputs: StepInputs, options: StepOptions):
   """What a compiled step is keyed by: options, the inputs' tree, shapes and dtypes."""
   leaves, tree = jax.tree.flatten(inputs)
@@ -192,7 +233,7 @@ def make_step(model, *, backend: str = "auto"):
   def compiled(state, inputs: StepInputs, options: StepOptions):
     return guided_step(nnx.merge(graphdef, state), inputs, options, backend)
 
-  variants, ahead = set(), {}
+  variants, ahead, passed_over = set(), {}, set()
   counts = {"ahead": 0, "jit": 0}
   lock = threading.Lock()
 
@@ -204,8 +245,11 @@ def make_step(model, *, backend: str = "auto"):
       executable = future.result()           # waits for a compile still running
       try:
         out = executable(state, inputs)
-      except ValueError:                      # placed unlike the compiled program
-        pass
+      except ValueError as e:                 # placed unlike the compiled program
+        if key not in passed_over:
+          passed_over.add(key)
+          logging.warning("a step compiled ahead does not take these inputs (%s); it runs "
+                          "through the jit instead", str(e).splitlines()[0])
       else:
         counts["ahead"] += 1
         return out

@@ -43,11 +43,11 @@ def build_from_config(c) -> tuple[Components, Request, TextFlags, SamplerOptions
   _t5_placement(c)                        # bad t5_device / t5_dtype: before anything loads
   if getattr(c, "t5_dtype", "float32") not in ("float32", "bfloat16"):
     raise ConfigError(f"--config.t5_dtype={c.t5_dtype!r}: use float32 or bfloat16")
-  int8 = getattr(c, "dit_weights", "bf16")
-  if int8 not in ("bf16", "int8"):
-    raise ConfigError(f"--config.dit_weights={int8!r}: use bf16 (the precision's weights) or "
-                      "int8")
-  int8 = int8 == "int8"
+  weights = getattr(c, "dit_weights", "bf16")
+  if weights not in ("bf16", "int8"):
+    raise ConfigError(f"--config.dit_weights={weights!r}: use bf16 (the precision's weights) "
+                      "or int8")
+  int8 = weights == "int8"
   hub = getattr(c, "checkpoint", "")
   random_ok = c.preset == "tiny" and not c.magi_config and not hub
   paths = _weight_paths(c, cfg)
@@ -86,6 +86,7 @@ def _load_text(c, paths, cfg: MagiConfig, random_ok: bool):
 
 
 def _host_if(on: bool):
+  """New arrays on the host CPU inside the block when `on`, else where JAX puts them."""
   import contextlib
 
   import jax
@@ -103,15 +104,10 @@ def _to_default_device(model) -> None:
 def _t5_placement(c):
   """Where T5's weights live: the default device, or the host CPU (`--config.t5_device=cpu`,
   the official runtime_config.t5_device)."""
-  import contextlib
-
-  import jax
   device = getattr(c, "t5_device", "")
-  if device == "":
-    return contextlib.nullcontext()
-  if device != "cpu":
+  if device not in ("", "cpu"):
     raise ConfigError(f"--config.t5_device={device!r}: use '' (the accelerator) or 'cpu'")
-  return jax.default_device(jax.devices("cpu")[0])
+  return _host_if(device == "cpu")
 
 
 def _encode_first(c, paths, cfg: MagiConfig, req: Request, random_ok: bool):
