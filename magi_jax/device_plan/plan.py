@@ -157,29 +157,29 @@ def choose(preset: str, runtime: Runtime, *, height: int = 0, width: int = 0,
            precision: str = "bf16") -> MemoryPlan:
   cfg = get_preset(preset)
   budget = runtime.device_gib * (1 - HEADROOM)
-  tried, options = [], []
-  fits = False
+  sizes = [(h, w, note, part_sizes(cfg, h, w)) for h, w, note in _sizes(cfg, height, width)]
+  tried, chosen = [], None      # (h, w, note, parts, sampling, decode, weights), in order
   for weights in ("bf16", "int8"):
-    for h, w, note in _sizes(cfg, height, width):
-      parts = part_sizes(cfg, h, w)
+    for h, w, note, parts in sizes:
       sampling, decode = _peaks(parts, precision, weights)
-      tried.append(f"{h}x{w} needs {max(sampling, decode):.2f} GiB with {weights} weights")
-      options.append((h, w, note, parts, sampling, decode, weights))
+      tried.append((h, w, note, parts, sampling, decode, weights))
       if max(sampling, decode) <= budget:
-        fits = True
+        chosen = tried[-1]
         break
-    if fits:
+    if chosen:
       break
-  h, w, note, parts, sampling, decode, weights = options[-1 if fits else 0]
+  fits = chosen is not None
+  h, w, note, parts, sampling, decode, weights = chosen or tried[0]   # else: the size asked for
   vcfg = components.vae_config(cfg)
   tile = components.decode_tile(vcfg, cfg.runtime.chunk_width, h // 8, w // 8)
   problem = ""
   text = _text(parts, runtime, budget, sampling)
   if not fits:
-    smallest = [t for i, t in enumerate(tried) if i + 1 == len(tried) or
-                tried[i + 1].split(" with ")[1] != t.split(" with ")[1]]
-    problem = (f"{'; '.join(tried[:1] + smallest)}, of the {budget:.2f} GiB this device can "
-               f"give (the DiT's "
+    # The size asked for, and the smallest size with each kind of weights.
+    shown = dict.fromkeys((0, len(sizes) - 1, len(tried) - 1))
+    needs = "; ".join(f"{t[0]}x{t[1]} needs {max(t[4], t[5]):.2f} GiB with {t[6]} weights"
+                      for t in (tried[i] for i in shown))
+    problem = (f"{needs}, of the {budget:.2f} GiB this device can give (the DiT's "
                f"weights alone are {parts.dit_weights / GIB:.2f} GiB in bf16, "
                f"{parts.dit_int8 / GIB:.2f} in int8): use a smaller preset (4.5B_distill) or "
                "a device with more memory")
