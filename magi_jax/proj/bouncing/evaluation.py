@@ -56,6 +56,17 @@ def held_out(c, i: int, block: int = 0, num_chunks: int | None = None):
   return simulate(world, split_seed("test", block * BLOCK + i))
 
 
+def single_object_episodes(c, block: int = 0, first: int = 0, num_chunks: int | None = None):
+  """(k, episode) for the held-out episodes first + k, k = 0, 1, ..., of block `block` that
+  hold one object (the others are skipped; k still counts them)."""
+  k = 0
+  while True:
+    ep = held_out(c, first + k, block, num_chunks)
+    if len(ep.objects) == 1:
+      yield k, ep
+    k += 1
+
+
 def make_sampler(c, model, tokenizer) -> VideoSampler:
   """T2V samples use `sample.text_scale`; continuations pass `sample.v2v_text_scale` per call
   (the prefix already fixes the object, and strong text guidance on a tiny model adds
@@ -135,14 +146,11 @@ def evaluate(c, model, tokenizer, *, num_continuations: int, num_text: int, bloc
                if timed else float("nan"))
 
   hits, colours = [], []
-  i = 0
+  episodes = single_object_episodes(c, block, first=num_continuations)
   while len(hits) < num_text:
-    ep = held_out(c, num_continuations + i, block)
-    i += 1
-    if len(ep.objects) != 1:
-      continue
+    k, ep = next(episodes)
     v = sampler.generate(ep.chunk_captions, num_chunks=K, height=world.height, width=world.width,
-                         seed=10_000 + i)
+                         seed=10_000 + k + 1)
     want = ep.objects[0][0]
     got = bm.dominant_colour(v, palette)
     hits.append(got == want)
@@ -225,15 +233,12 @@ def rollout(c, model, tokenizer, *, num_episodes: int, chunks: int = 8, block: i
   sampler = make_sampler(c, model, tokenizer)
   P = prefix_chunks * F
   episodes, model_err, copy_err, cv_err, ok = [], [], [], [], []
-  i = 0
+  candidates = single_object_episodes(c, block, num_chunks=chunks)
   while len(episodes) < num_episodes:
-    ep = held_out(c, i, block, num_chunks=chunks)
-    i += 1
-    if len(ep.objects) != 1:
-      continue
+    i, ep = next(candidates)
     colour = ep.objects[0][0]
     v = sampler.generate(ep.chunk_captions, num_chunks=chunks, height=world.height,
-                         width=world.width, seed=i - 1, prefix_frames=ep.frames[:P],
+                         width=world.width, seed=i, prefix_frames=ep.frames[:P],
                          text_scale=c.sample.v2v_text_scale)
     true, prefix = ep.frames[P:], ep.frames[:P]
     drift = bm.chunk_drift(v[P:], true, F, palette=palette, colour_name=colour)
@@ -242,7 +247,7 @@ def rollout(c, model, tokenizer, *, num_episodes: int, chunks: int = 8, block: i
     copy_err.append(bm.chunk_means(base["copy_last"], F))
     cv_err.append(bm.chunk_means(base["const_velocity"], F))
     ok.append(drift["one_object"])
-    episodes.append({"index": i - 1, "colour": colour,
+    episodes.append({"index": i, "colour": colour,
                      "centre_error": [float(e) for e in drift["centre_error"]],
                      "one_object": [bool(b) for b in drift["one_object"]]})
   model_err, copy_err, cv_err, ok = map(np.asarray, (model_err, copy_err, cv_err, ok))
