@@ -59,6 +59,9 @@ def main(argv):
                          f"{_PORT.value} ({cli.one_line(e)}); pick another with --port=N") from None
   print(f"serving {c.preset} at {page.local_url} (requests write under {server.root}; "
         "Ctrl-C stops)", flush=True)
+  if not server.streaming:        # say which player the page has, not only in the page
+    print("no ffmpeg / ffprobe on PATH: the page shows the video so far after each chunk "
+          "instead of streaming it (install ffmpeg for the streaming player)", flush=True)
   if page.share_url:
     print(f"public link: {page.share_url}", flush=True)
   page.block_thread()
