@@ -139,6 +139,15 @@ def _cases(tmp):
            _command("experiments.serve", f"--port={port}").replace(str(port), "<port>"))
   yield ("command", "`experiments.serve --config.checkpoint=<tmp>/run` (a training run)",
          _command("experiments.serve", f"--config.checkpoint={os.path.dirname(run)}"))
+  yield ("command", "`experiments.prepare` without --out or data.prepared_dir",
+         _command("experiments.prepare"))
+  yield ("command", "`experiments.prepare --out=<tmp>/p --config.data.video_dir=<tmp>/none`",
+         _command("experiments.prepare", f"--out={tmp}/p", f"--config.data.video_dir={tmp}/none",
+                  "--config.text.t5_path=t5"))
+  yield ("command", "`experiments.train --config.data.kind=prepared` on a directory that "
+         "`experiments.prepare` did not make",
+         _command(train, "--config.data.kind=prepared", f"--config.data.prepared_dir={tmp}",
+                  f"--workdir={tmp}/w"))
   yield ("command", "`experiments.evaluate --workdir=<tmp>` (not a run)",
          _command("experiments.evaluate", f"--workdir={tmp}"))
   yield ("command", "`magi_jax.convert --src=<tmp>/junk --config=tiny` (random bytes as "

@@ -76,12 +76,15 @@ def train_config():
   c.evals = ("samples",)           # evaluators of the project, run at sample_every and at the end
 
   c.data = ml_collections.ConfigDict()
-  c.data.kind = "bouncing"         # video_folder | a data source of config.project (bouncing)
+  c.data.kind = "bouncing"         # video_folder | prepared | a data source of config.project
+                                   # (bouncing)
   c.data.data_dir = ""             # TFDS data_dir ("" = <workdir>/tfds)
   c.data.world = ml_collections.ConfigDict()  # magi_jax.proj.bouncing.world.WorldConfig fields
   c.data.train_episodes = 256
   c.data.test_episodes = 64
   c.data.video_dir = ""            # video_folder: folder of mp4 files + captions.json
+  c.data.prepared_dir = ""         # prepared: latents + T5 rows of video_dir, written by
+                                   # python -m experiments.prepare (docs/finetune.md)
   c.data.clip_frames = 96
   c.data.stride = 96
   c.data.height = 256

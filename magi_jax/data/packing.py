@@ -19,6 +19,22 @@ import numpy as np
 from magi_jax.data.errors import DataError
 
 TEXT_KINDS = ("text_tokens", "text_emb")
+VIDEO_KINDS = ("frames", "latents")
+
+
+def video_of(example: dict, where: str = "example") -> tuple[str, np.ndarray]:
+  """("frames", uint8 (T, H, W, 3)) pixels, or ("latents", float (T, h, w, C)) prepared VAE
+  latents (`magi_jax.data.prepared`): the example's video, time first, checked."""
+  kinds = [k for k in VIDEO_KINDS if k in example]
+  if len(kinds) != 1:
+    raise DataError(f"{where}: needs exactly one of {list(VIDEO_KINDS)}, has {kinds}")
+  kind = kinds[0]
+  v = np.asarray(example[kind])
+  if kind == "frames" and (v.dtype != np.uint8 or v.ndim != 4 or v.shape[-1] != 3):
+    raise DataError(f"{where}: frames must be uint8 (T, H, W, 3), got {v.dtype} {v.shape}")
+  if kind == "latents" and (v.ndim != 4 or v.dtype.kind != "f"):
+    raise DataError(f"{where}: latents must be floating (T, h, w, C), got {v.dtype} {v.shape}")
+  return kind, v
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -72,14 +88,16 @@ def pack(examples: Sequence[dict], bin_chunks: int, frames_per_chunk: int) -> di
   """Concatenates whole-chunk examples along time into one zero-padded bin.
 
   Args:
-    examples: dicts with "frames" uint8 (c_i * F, H, W, 3) and optionally per-chunk text:
+    examples: dicts with "frames" uint8 (c_i * F, H, W, 3) (or "latents" (c_i * F, h, w, C),
+      F then being latent frames per chunk, packed the same way) and optionally per-chunk text:
       "text_tokens" (c_i, L) + "text_mask" (c_i, L), or "text_emb" (c_i, L, D) + "text_mask".
       All examples share H, W, the text kind and its trailing shape.
     bin_chunks: chunks per bin; sum(c_i) must not exceed it.
     frames_per_chunk: F.
 
   Returns:
-    "frames": uint8 (bin_chunks * F, H, W, 3), zero after the last example;
+    "frames": uint8 (bin_chunks * F, H, W, 3), zero after the last example (or "latents" of
+      the examples' dtype);
     "segment_ids": int32 (bin_chunks,), example k (1-based) on its chunks, 0 on padding;
     "chunk_positions": int32 (bin_chunks,), chunk index within its example, 0 on padding;
     with tokens: "text_tokens" int32 (bin_chunks, L), "text_mask" int32 (bin_chunks, L);
@@ -90,14 +108,14 @@ def pack(examples: Sequence[dict], bin_chunks: int, frames_per_chunk: int) -> di
   if not examples:
     raise DataError("pack needs at least one example")
   kind = text_kind(examples[0])
-  first = np.asarray(examples[0]["frames"])
-  hw = first.shape[1:]
+  vkind, first = video_of(examples[0], "example 0")
+  trail_v = first.shape[1:]
   chunks = []
   for k, ex in enumerate(examples):
-    fr = np.asarray(ex["frames"])
-    if fr.dtype != np.uint8 or fr.ndim != 4 or fr.shape[1:] != hw or fr.shape[-1] != 3:
-      raise DataError(f"example {k}: frames {fr.dtype} {fr.shape} do not match uint8 "
-                      f"(T, {hw[0]}, {hw[1]}, 3)")
+    vk, fr = video_of(ex, f"example {k}")
+    if vk != vkind or fr.dtype != first.dtype or fr.shape[1:] != trail_v:
+      raise DataError(f"example {k}: {vk} {fr.dtype} {fr.shape} do not match example 0's "
+                      f"{vkind} {first.dtype} (T, {', '.join(map(str, trail_v))})")
     if fr.shape[0] == 0 or fr.shape[0] % F:
       raise DataError(f"example {k}: {fr.shape[0]} frames are not a positive whole number of "
                       f"{F}-frame chunks")
@@ -107,7 +125,7 @@ def pack(examples: Sequence[dict], bin_chunks: int, frames_per_chunk: int) -> di
   if sum(chunks) > bin_chunks:
     raise DataError(f"examples of {chunks} chunks ({sum(chunks)}) do not fit a bin of "
                     f"{bin_chunks} chunks")
-  out = {"frames": np.zeros((bin_chunks * F,) + hw, np.uint8),
+  out = {vkind: np.zeros((bin_chunks * F,) + trail_v, first.dtype),
          "segment_ids": np.zeros((bin_chunks,), np.int32),
          "chunk_positions": np.zeros((bin_chunks,), np.int32)}
   if kind is not None:
@@ -117,7 +135,7 @@ def pack(examples: Sequence[dict], bin_chunks: int, frames_per_chunk: int) -> di
     out["text_mask"] = np.zeros((bin_chunks,) + trail[:1], np.int32)
   c0 = 0
   for k, (ex, c) in enumerate(zip(examples, chunks)):
-    out["frames"][c0 * F:(c0 + c) * F] = ex["frames"]
+    out[vkind][c0 * F:(c0 + c) * F] = ex[vkind]
     out["segment_ids"][c0:c0 + c] = k + 1
     out["chunk_positions"][c0:c0 + c] = np.arange(c)
     if kind is not None:

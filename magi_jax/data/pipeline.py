@@ -21,12 +21,15 @@ checkpoints as one integer (`it.get_state()` / `it.set_state(state)`):
 
 Epochs repeat forever, each reshuffled; a batch may hold bins of two consecutive epochs.
 
-Source examples are dicts with "frames" uint8 (c * F, H, W, 3) and optionally "chunk_captions"
+Source examples are dicts with "frames" uint8 (c * F, H, W, 3) (or the prepared VAE latents
+"latents" (c * F, h, w, C) of `magi_jax.data.prepared`, F then counting latent frames; no crop
+or resize) and optionally "chunk_captions"
 (c strings or utf-8 bytes), "caption" (used for every chunk when there are no chunk captions),
 "text_emb" (c, L, D) + "text_mask" (c, L) (used when no `tokenize` is given).
 
 Batch dict (B = batch_size, K = bin_chunks, F = frames_per_chunk; H, W after crop / resize):
-  frames uint8 (B, K * F, H, W, 3); segment_ids int32 (B, K) (1, 2, ... per example, 0 padding);
+  frames uint8 (B, K * F, H, W, 3) (or latents (B, K * F, h, w, C));
+  segment_ids int32 (B, K) (1, 2, ... per example, 0 padding);
   chunk_positions int32 (B, K) (chunk index within its example); source_index int32 (B, K)
   (the source index of each chunk's example, -1 padding);
   with `tokenize`: text_tokens int32 (B, K, L), text_mask int32 (B, K, L);
@@ -121,10 +124,10 @@ def prepare_example(example: dict, *, frames_per_chunk: int, chunks: int,
   y, x (only with `crop`).
   """
   F = frames_per_chunk
-  frames = np.asarray(example["frames"])
-  if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-    raise DataError(f"{where}: frames must be uint8 (T, H, W, 3), got {frames.dtype} "
-                    f"{frames.shape}")
+  vkind, frames = packing.video_of(example, where)
+  if vkind == "latents" and (crop is not None or resize is not None):
+    raise DataError(f"{where}: crop / resize apply to pixel frames; prepared latents are "
+                    "stored at the size they were encoded at")
   if frames.shape[0] == 0 or frames.shape[0] % F:
     raise DataError(f"{where}: {frames.shape[0]} frames are not a whole number of {F}-frame "
                     "chunks")
@@ -154,7 +157,7 @@ def prepare_example(example: dict, *, frames_per_chunk: int, chunks: int,
     frames = frames[:, oy:oy + ch, ox:ox + cw]
   if resize is not None:
     frames = resize_frames(frames, *resize)
-  out = {"frames": np.ascontiguousarray(frames)}
+  out = {vkind: np.ascontiguousarray(frames)}
   if texts is not None:
     toks = [tokenize(t) for t in texts]
     out["text_tokens"] = np.stack([np.asarray(i, np.int32) for i, _ in toks])
@@ -256,7 +259,7 @@ class _LoadBin:
       src = self.shard_index + p * self.shard_count
       ex = self.examples[p]
       where = f"source example {src}"
-      n = np.asarray(ex["frames"]).shape[0]
+      n = packing.video_of(ex, where)[1].shape[0]
       if n != self.counts[p] * F:
         raise DataError(f"{where}: has {n} frames but num_chunks says {self.counts[p]} chunks "
                         f"of {F}")
@@ -341,7 +344,8 @@ def make_dataset(source, *, batch_size: int | None, bin_chunks: int, frames_per_
   if num_chunks is None:
     counts = []
     for p in range(n):
-      t = np.asarray(examples[p]["frames"]).shape[0]
+      where = f"source example {shard_index + p * shard_count}"
+      t = packing.video_of(examples[p], where)[1].shape[0]
       if t == 0 or t % frames_per_chunk:
         raise DataError(f"source example {shard_index + p * shard_count}: {t} frames are not "
                         f"a whole number of {frames_per_chunk}-frame chunks")

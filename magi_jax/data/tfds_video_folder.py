@@ -73,7 +73,7 @@ def _positive_int(field, v):
     raise DataError(f"video_folder: {field} must be a positive integer, got {v!r}")
 
 
-def _video_files(folder: str) -> list[str]:
+def video_files(folder: str) -> list[str]:
   return sorted(f for f in os.listdir(folder)
                 if f.lower().endswith(".mp4") and os.path.isfile(os.path.join(folder, f)))
 
@@ -81,7 +81,7 @@ def _video_files(folder: str) -> list[str]:
 def folder_fingerprint(folder: str) -> str:
   """Hash of the video file names, sizes and mtimes and of captions.json's bytes."""
   h = hashlib.sha256()
-  for f in _video_files(folder):
+  for f in video_files(folder):
     st = os.stat(os.path.join(folder, f))
     h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
   cap = os.path.join(folder, CAPTIONS_FILE)
@@ -140,8 +140,13 @@ def video_folder_config(folder, *, height: int, width: int, clip_frames: int,
                            encoder_name=encoder_name)
 
 
-def load_captions(folder: str) -> dict:
-  """{file: (caption, chunk_captions or None)} for every mp4 of the folder, checked."""
+def load_captions(folder: str, problems: list | None = None) -> dict:
+  """{file: (caption, chunk_captions or None)} for every mp4 of the folder, checked.
+
+  A missing or unreadable captions file always raises. A problem of one video (no caption, a
+  caption that is not a string, bad chunk_captions, a caption for a file that is not there)
+  raises too, unless `problems` is a list: then (file, reason) is appended to it and that
+  video is left out (what `experiments.prepare` lists as skipped)."""
   path = os.path.join(folder, CAPTIONS_FILE)
   if not os.path.isfile(path):
     raise DataError(f"{path}: captions file not found (expected {{\"file.mp4\": \"caption\"}})")
@@ -152,27 +157,36 @@ def load_captions(folder: str) -> dict:
     raise DataError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(raw, dict):
     raise DataError(f"{path}: must be a JSON object mapping file names to captions")
-  videos = _video_files(folder)
+
+  def problem(name, message):
+    if problems is None:
+      raise DataError(message)
+    problems.append((name, message))
+
+  videos = video_files(folder)
   for name in raw:
     if name not in videos:
-      raise DataError(f"{os.path.join(folder, name)}: has a caption in {CAPTIONS_FILE} but "
-                      "is not an mp4 file of the folder")
+      problem(name, f"{os.path.join(folder, name)}: has a caption in {CAPTIONS_FILE} but "
+              "is not an mp4 file of the folder")
   out = {}
   for name in videos:
     vpath = os.path.join(folder, name)
     if name not in raw:
-      raise DataError(f"{vpath}: no caption in {path}")
+      problem(name, f"{vpath}: no caption in {path}")
+      continue
     entry = raw[name]
     chunks = None
     if isinstance(entry, dict):
       caption, chunks = entry.get("caption"), entry.get("chunk_captions")
       if chunks is not None and (not isinstance(chunks, list) or
                                  not all(isinstance(c, str) for c in chunks)):
-        raise DataError(f"{vpath}: chunk_captions must be a list of strings")
+        problem(name, f"{vpath}: chunk_captions must be a list of strings")
+        continue
     else:
       caption = entry
     if not isinstance(caption, str):
-      raise DataError(f"{vpath}: caption must be a string, got {caption!r}")
+      problem(name, f"{vpath}: caption must be a string, got {caption!r}")
+      continue
     out[name] = (caption, chunks)
   return out
 

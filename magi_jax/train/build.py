@@ -183,7 +183,10 @@ def frozen_vae(c, path: str = ""):
 
 
 def frame_encoder(c):
-  """The frozen VAE's per-chunk encoder for latent-space training, or None (pixel space)."""
+  """The frozen VAE's per-chunk encoder for latent-space training, or None (pixel space, or
+  data prepared offline: its batches carry the latents)."""
+  if c.data.kind == "prepared":
+    return None
   vae = frozen_vae(c)
   if vae is None:
     return None

@@ -2,6 +2,8 @@
 
 * video_folder: the user's mp4 files + captions.json cut into clips (magi_jax.data.
   tfds_video_folder); text comes as T5 rows precomputed into the dataset;
+* prepared: the same clips already encoded by `experiments.prepare` (VAE latents per chunk and
+  T5 rows, magi_jax.data.prepared): no VAE or T5 runs while training;
 * any other kind: the data source of that name in `config.project` (magi_jax/train/project.py),
   e.g. 'bouncing' of magi_jax.proj.bouncing.training.
 
@@ -46,6 +48,21 @@ class _Batches:
       self.it.start_prefetch()
 
 
+def check_prepared_data(c):
+  """For data.kind='prepared': the directory's manifest, checked against the config (before
+  the trainer builds anything); None for other kinds."""
+  if c.data.kind != "prepared":
+    return None
+  from magi_jax.data.prepared.layout import load_manifest
+  from magi_jax.train.prepare import check_prepared
+  if not c.data.prepared_dir:
+    raise ConfigError("data.kind='prepared' needs data.prepared_dir (written by "
+                      "python -m experiments.prepare)")
+  manifest = load_manifest(c.data.prepared_dir)
+  check_prepared(c, manifest, c.data.prepared_dir)
+  return manifest
+
+
 def data_dir(c, workdir: str) -> str:
   return c.data.data_dir or os.path.join(workdir, "tfds")
 
@@ -57,7 +74,13 @@ def train_iterator(c, tokenizer, workdir: str, *, num_threads: int = 2):
                 seed=d.shuffle_seed, pack_window=d.pack_window, min_chunks=d.min_chunks,
                 shard_index=jax.process_index(), shard_count=jax.process_count(),
                 num_threads=num_threads)
-  if d.kind != "video_folder":
+  if d.kind == "prepared":
+    from magi_jax.data.prepared.records import PreparedSource
+    check_prepared_data(c)
+    source = PreparedSource(d.prepared_dir)
+    it = make_pipeline(source, frames_per_chunk=c.objective.chunk_width,
+                       num_chunks=source.chunk_counts, **common)
+  elif d.kind != "video_folder":
     it = data_source(c)(c, workdir, tokenizer, common)
   else:
     from magi_jax.data.tfds_video_folder import make_builder

@@ -1,11 +1,11 @@
 """What a project adds to the trainer, named in the config rather than imported by it.
 
-The trainer knows one data source (`video_folder`) and one text path (`precomputed` T5 rows).
-A project (e.g. `magi_jax.proj.bouncing.training`, the README's demo) is a module with a
-`PROJECT = Project(...)`: its data sources by `config.data.kind`, its trainable text encoders
-by `config.text.kind`, and its evaluators by the names listed in `config.evals` (run at
-`sample_every` steps and at the end). `config.project` names the module; the trainer imports
-it by name, so nothing in the library imports a project.
+The trainer knows two data sources (`video_folder`, `prepared`) and one text path
+(`precomputed` T5 rows). A project (e.g. `magi_jax.proj.bouncing.training`, the README's
+demo) is a module with a `PROJECT = Project(...)`: its data sources by `config.data.kind`, its
+trainable text encoders by `config.text.kind`, and its evaluators by the names listed in
+`config.evals` (run at `sample_every` steps and at the end). `config.project` names the
+module; the trainer imports it by name, so nothing in the library imports a project.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _pick(table: Mapping[str, Any], key: str, field: str, project: Project, buil
 
 def data_source(c) -> Callable:
   p = load_project(c)
-  return _pick(p.data, c.data.kind, "data.kind", p, ("video_folder",))
+  return _pick(p.data, c.data.kind, "data.kind", p, ("video_folder", "prepared"))
 
 
 def text_kind(c) -> TextKind:
@@ -86,12 +86,13 @@ def text_kind(c) -> TextKind:
 
 
 def video_shape(c) -> VideoShape:
-  """The videos `config.data` yields (video_folder: data.height x data.width, clip_frames)."""
+  """The videos `config.data` yields (video_folder / prepared: data.height x data.width,
+  clip_frames)."""
   d = c.data
-  if d.kind == "video_folder":
+  if d.kind in ("video_folder", "prepared"):
     return VideoShape(d.height, d.width, d.frames_per_chunk, d.clip_frames // d.frames_per_chunk)
   p = load_project(c)
-  return _pick(p.shapes, d.kind, "data.kind", p, ("video_folder",))(c)
+  return _pick(p.shapes, d.kind, "data.kind", p, ("video_folder", "prepared"))(c)
 
 
 def evaluators(c) -> list[Callable]:

@@ -25,6 +25,8 @@ from einops import rearrange
 from flax import nnx
 
 from magi_jax.media.read import pixels_to_model
+from magi_jax.models.vae import SCALE_FACTOR
+from magi_jax.models.vae_chunks import chunk_encoder, scaled
 from magi_jax.train.distill import DistillObjective
 from magi_jax.train.objective import Objective
 
@@ -61,31 +63,30 @@ def init_state(params, tx, *, seed: int, ema: bool) -> TrainState:
 def vae_chunk_encoder(vae, *, scale_factor: float, frames_per_chunk: int):
   """frames uint8 (B, K·F, H, W, 3) -> scaled latents (B, C, K·F/4, h, w), inside the step.
 
-  Each chunk of F frames (24 for MAGI-1) is encoded on its own, like one temporal tile of the
-  official tiled encoder, so a chunk's latents do not depend on which video it was packed
-  next to. The VAE is frozen (no gradient).
+  Each chunk of F frames is encoded on its own by `magi_jax.models.vae_chunks.chunk_encoder`
+  (the function the offline `experiments.prepare` job uses), so a chunk's latents depend on
+  neither its row, its position nor the batch size. The VAE is frozen (no gradient).
   """
-  graphdef, state = nnx.split(vae)
+  encode_chunks = chunk_encoder(vae)
   F = frames_per_chunk
 
   def encode(frames):
     B, T = frames.shape[:2]
     if T % F:
       raise ValueError(f"{T} frames are not whole chunks of {F}")
-    x = pixels_to_model(rearrange(frames, "b (k f) h w c -> (b k) f h w c", f=F))
-    m = nnx.merge(graphdef, state)
-    z = m.encode(x.astype(m.precision.compute_dtype)).astype(F32) * scale_factor
-    return jax.lax.stop_gradient(rearrange(z, "(b k) c t h w -> b c (k t) h w", b=B))
+    z = encode_chunks(rearrange(frames, "b (k f) h w c -> (b k) f h w c", f=F))
+    return rearrange(scaled(z, scale_factor), "(b k) c t h w -> b c (k t) h w", b=B)
 
   return encode
 
 
-def model_batch(batch, encode_frames=None):
+def model_batch(batch, encode_frames=None, scale_factor: float = SCALE_FACTOR):
   """The loss's inputs from a data batch: frames (pixels, or VAE latents with
-  `encode_frames`) or precomputed latents become x1."""
+  `encode_frames`) or the prepared posterior means "latents" (B, T, h, w, C) of
+  `experiments.prepare` (scaled here exactly as `encode_frames` scales) become x1."""
   out = {k: v for k, v in batch.items() if k not in ("frames", "latents")}
   if "latents" in batch:
-    out["x1"] = batch["latents"].astype(F32)
+    out["x1"] = rearrange(scaled(batch["latents"], scale_factor), "b t h w c -> b c t h w")
   elif encode_frames is not None:
     out["x1"] = encode_frames(batch["frames"])
   else:
@@ -124,12 +125,14 @@ def mesh_shardings(state: TrainState, frozen, mesh, rules) -> StepShardings:
 
 def make_train_step(graphdef, obj: Objective | DistillObjective, tx, schedule, *,
                     compute_dtypes=None, ema_decay: float = 0.0, encode_frames=None,
-                    shardings=None):
+                    latent_scale: float = SCALE_FACTOR, shardings=None):
   """Returns `step(state, frozen, batch) -> (state, metrics)`, jitted, state donated.
 
   compute_dtypes: a pytree like `params` giving the dtype each master weight is cast to in
   the forward pass (bf16 weights with fp32 masters); None computes with the masters.
-  encode_frames: frames -> latents (`vae_chunk_encoder`); None trains in pixel space.
+  encode_frames: frames -> latents (`vae_chunk_encoder`); None trains in pixel space (or on
+    the batches' prepared "latents").
+  latent_scale: the VAE scale factor applied to prepared "latents" (`config.vae.scale_factor`).
   shardings: `StepShardings` for `jax.jit` (default `single_device_shardings()`); with a mesh,
   call the step inside `magi_jax.parallel.rules.use_mesh` so activations and the
   context-parallel attention backends see it.
@@ -146,7 +149,7 @@ def make_train_step(graphdef, obj: Objective | DistillObjective, tx, schedule, *
                      out_shardings=(sh.state, sh.replicated))
   def step(state: TrainState, frozen, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    batch = model_batch(batch, encode_frames)
+    batch = model_batch(batch, encode_frames, latent_scale)
     (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params, frozen, batch,
                                                                    key, state.step)
     gnorm = optax.tree.norm(grads)

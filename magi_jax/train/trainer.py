@@ -125,6 +125,8 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
   devices: the devices the mesh (`config.mesh`) is laid over (default: all of them).
   """
   check_resume(c, workdir, echo)      # a workdir of another run: refused before any work
+  from magi_jax.train.data import check_prepared_data
+  check_prepared_data(c)              # prepared data that does not fit: refused as early
   os.makedirs(workdir, exist_ok=True)
   evals = evaluators(c)               # resolved now: a misspelt name fails before step 0
   tokenizer = build.tokenizer_for(c)
@@ -161,6 +163,7 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
   step_fn = make_train_step(graphdef, obj, tx, schedule,
                             compute_dtypes=dtypes if use_bf16 else None,
                             ema_decay=float(c.ema_decay), encode_frames=build.frame_encoder(c),
+                            latent_scale=float(c.vae.scale_factor),
                             shardings=sh)
   if mesh.size > 1:
     echo(f"mesh {describe(mesh)} over {jax.process_count()} process(es)")
