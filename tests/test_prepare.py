@@ -155,6 +155,11 @@ def test_config_and_directory_mismatches_are_refused(prepared, folder, tmp_path)
                                         r"objective\.chunk_width is 8"):
     train_iterator(c, None, str(tmp_path), num_threads=0)
   c = prep_config(folder, out)
+  c.data.kind = "prepared"
+  c.data.image_ratio = 4.0
+  with pytest.raises(ConfigError, match=r"data\.image_ratio is 4\.0 but .* holds no train images"):
+    train_iterator(c, None, str(tmp_path), num_threads=0)
+  c = prep_config(folder, out)
   c.data.height = c.data.width = 64
   with pytest.raises(PrepareError, match=r"prepared with other settings \(.*height"):
     prepare_from_config(c, videos_per_shard=2, echo=lambda s: None, progress=False)

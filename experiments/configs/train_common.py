@@ -85,6 +85,11 @@ def train_config():
   c.data.video_dir = ""            # video_folder: folder of mp4 files + captions.json
   c.data.prepared_dir = ""         # prepared: latents + T5 rows of video_dir, written by
                                    # python -m experiments.prepare (docs/finetune.md)
+  c.data.buckets = ()              # prepare: aspect-ratio buckets ((h, w), ...); each video is
+                                   # stretched to the one nearest its aspect ratio
+                                   # (() = data.height x data.width only)
+  c.data.image_ratio = 0.0         # image steps per video step (the report's mix: 4.0)
+  c.data.val_fraction = 0.0        # prepare: share of videos held out (by name hash) for validation
   c.data.clip_frames = 96
   c.data.stride = 96
   c.data.height = 256
@@ -137,6 +142,10 @@ def train_config():
   c.distill.v2v_text_scales = ()
   c.distill.export_official = False   # also write the student (LoRA merged) in the official
                                       # layout, <workdir>/distilled_dit/, at the end of the run
+
+  # Validation loss per noise-level bucket on the held-out split (data.val_fraction), every N
+  # steps (0: never), over `batches` batches drawn the same way every time.
+  c.validation = ml_collections.ConfigDict(dict(every=0, batches=4))
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num_videos = 4

@@ -73,15 +73,21 @@ def _positive_int(field, v):
     raise DataError(f"video_folder: {field} must be a positive integer, got {v!r}")
 
 
-def video_files(folder: str) -> list[str]:
+VIDEO_EXTENSIONS = (".mp4",)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def video_files(folder: str, extensions=VIDEO_EXTENSIONS) -> list[str]:
+  """The folder's files whose names end in one of `extensions` (any case), sorted."""
+  ends = tuple(extensions)
   return sorted(f for f in os.listdir(folder)
-                if f.lower().endswith(".mp4") and os.path.isfile(os.path.join(folder, f)))
+                if f.lower().endswith(ends) and os.path.isfile(os.path.join(folder, f)))
 
 
-def folder_fingerprint(folder: str) -> str:
-  """Hash of the video file names, sizes and mtimes and of captions.json's bytes."""
+def folder_fingerprint(folder: str, extensions=VIDEO_EXTENSIONS) -> str:
+  """Hash of the media file names, sizes and mtimes and of captions.json's bytes."""
   h = hashlib.sha256()
-  for f in video_files(folder):
+  for f in video_files(folder, extensions):
     st = os.stat(os.path.join(folder, f))
     h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
   cap = os.path.join(folder, CAPTIONS_FILE)
@@ -140,8 +146,10 @@ def video_folder_config(folder, *, height: int, width: int, clip_frames: int,
                            encoder_name=encoder_name)
 
 
-def load_captions(folder: str, problems: list | None = None) -> dict:
-  """{file: (caption, chunk_captions or None)} for every mp4 of the folder, checked.
+def load_captions(folder: str, problems: list | None = None,
+                  extensions=VIDEO_EXTENSIONS) -> dict:
+  """{file: (caption, chunk_captions or None)} for every mp4 (or file of `extensions`) of the
+  folder, checked.
 
   A missing or unreadable captions file always raises. A problem of one video (no caption, a
   caption that is not a string, bad chunk_captions, a caption for a file that is not there)
@@ -163,11 +171,12 @@ def load_captions(folder: str, problems: list | None = None) -> dict:
       raise DataError(message)
     problems.append((name, message))
 
-  videos = video_files(folder)
+  videos = video_files(folder, extensions)
+  what = "an mp4 file" if tuple(extensions) == VIDEO_EXTENSIONS else "a video or image file"
   for name in raw:
     if name not in videos:
       problem(name, f"{os.path.join(folder, name)}: has a caption in {CAPTIONS_FILE} but "
-              "is not an mp4 file of the folder")
+              f"is not {what} of the folder")
   out = {}
   for name in videos:
     vpath = os.path.join(folder, name)

@@ -142,6 +142,17 @@ def read_image(path, height: int, width: int, policy: str = "fit", *,
   return np.frombuffer(out, np.uint8).reshape(1, height, width, 3)
 
 
+def frame_size(path) -> tuple[int, int]:
+  """(height, width) of a video's first frame or of an image, as ffmpeg shows it (rotation
+  applied): the frame is decoded to PNG and its header read."""
+  _check_file(path)
+  out = _run(["-nostdin", "-i", "file:" + os.fspath(path), "-frames:v", "1", "-f", "image2pipe",
+              "-vcodec", "png", "-"], path, "video")
+  if len(out) < 24 or out[:8] != b"\x89PNG\r\n\x1a\n":
+    raise media_error(path, "ffmpeg returned no frame to measure")
+  return int.from_bytes(out[20:24], "big"), int.from_bytes(out[16:20], "big")
+
+
 def read_video(path, height: int, width: int, fps: int = 24,
                max_frames: int | None = 32, *, multiple: int = SIZE_MULTIPLE) -> np.ndarray:
   """The first `max_frames` frames (None: all) of a video as uint8 [N, height, width, 3].

@@ -16,12 +16,14 @@ import json
 import os
 
 import jax
+import numpy as np
 
 from magi_jax.configs import ConfigError
 from magi_jax.data.pipeline import make_pipeline
 from magi_jax.train.project import data_source
 
-KEEP = ("frames", "latents", "segment_ids", "text_tokens", "text_mask", "text_emb")
+KEEP = ("frames", "latents", "segment_ids", "text_tokens", "text_mask", "text_emb",
+        "image_rows")
 
 
 class _Batches:
@@ -67,7 +69,46 @@ def data_dir(c, workdir: str) -> str:
   return c.data.data_dir or os.path.join(workdir, "tfds")
 
 
-def train_iterator(c, tokenizer, workdir: str, *, num_threads: int = 2):
+def prepared_streams(c, source, common: dict, *, split: str = "train", echo=print):
+  """One grain pipeline per group of `split` in a prepared directory, mixed by weight.
+
+  Video groups (aspect-ratio buckets) share a weight of 1 in proportion to their chunks; image
+  groups share `data.image_ratio` the same way (images per step: data.bin_chunks x
+  objective.chunk_width one-frame chunks per row, the token count of a video row). Image
+  batches carry "image_rows" (the objective trains them as T2V of one-frame chunks)."""
+  from magi_jax.data.mix import MixedIterator
+  d = c.data
+  groups = {g: source.subset(g) for g in source.groups() if g.startswith(split + "/")}
+  if not groups:
+    raise ConfigError(f"{d.prepared_dir}: no {split!r} records (its groups: "
+                      f"{sorted(source.groups())})")
+  images = {g for g in groups if g.split("/")[1] == "image"}
+  ratio = float(d.get("image_ratio", 0.0))
+  if images and ratio <= 0 and len(images) < len(groups):
+    echo(f"data: {sum(len(groups[g]) for g in images)} prepared images are not used "
+         "(data.image_ratio is 0)")
+    groups = {g: s for g, s in groups.items() if g not in images}
+    images = set()
+  if ratio > 0 and not images:
+    raise ConfigError(f"data.image_ratio is {ratio} but {d.prepared_dir} holds no {split} "
+                      "images (prepare a folder that has captioned png / jpg files)")
+  cw = c.objective.chunk_width
+  streams, weights, marks = {}, {}, {}
+  for kind, total in (("video", 1.0), ("image", ratio if len(images) < len(groups) else 1.0)):
+    names = sorted(g for g in groups if (g in images) == (kind == "image"))
+    chunks = {g: sum(groups[g].chunk_counts) for g in names}
+    for g in names:
+      kw = dict(common)
+      if kind == "image":
+        kw["bin_chunks"] = d.bin_chunks * cw
+        marks[g] = {"image_rows": np.ones((kw["batch_size"],), np.int32)}
+      streams[g] = make_pipeline(groups[g], frames_per_chunk=1 if kind == "image" else cw,
+                                 num_chunks=groups[g].chunk_counts, **kw)
+      weights[g] = total * chunks[g] / sum(chunks.values())
+  return MixedIterator(streams, weights, seed=d.shuffle_seed, marks=marks)
+
+
+def train_iterator(c, tokenizer, workdir: str, *, num_threads: int = 2, echo=print):
   d = c.data
   # data.batch_size is the global batch; each process loads its share (trainer.check_batch).
   common = dict(batch_size=d.batch_size // jax.process_count(), bin_chunks=d.bin_chunks,
@@ -77,9 +118,7 @@ def train_iterator(c, tokenizer, workdir: str, *, num_threads: int = 2):
   if d.kind == "prepared":
     from magi_jax.data.prepared.records import PreparedSource
     check_prepared_data(c)
-    source = PreparedSource(d.prepared_dir)
-    it = make_pipeline(source, frames_per_chunk=c.objective.chunk_width,
-                       num_chunks=source.chunk_counts, **common)
+    it = prepared_streams(c, PreparedSource(d.prepared_dir), common, echo=echo)
   elif d.kind != "video_folder":
     it = data_source(c)(c, workdir, tokenizer, common)
   else:

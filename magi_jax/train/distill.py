@@ -111,7 +111,14 @@ class DistillObjective:
   def chunk_width(self) -> int:
     return self.base.chunk_width
 
+  def for_batch(self, batch) -> DistillObjective:
+    if "image_rows" in batch:
+      raise DistillConfigError("distillation trains on videos: set data.image_ratio=0 (the "
+                               "prepared images have no teacher passes)")
+    return self
+
   def loss(self, model, batch, key, step):
+    self.for_batch(batch)
     return distill_loss(model, batch, key, step, self)
 
 

@@ -5,6 +5,9 @@ Inputs (a batch dict, as the trainer feeds it):
   segment_ids  (N, K) int32                         videos of each packed row, 0 = padding
   text: either text_tokens (N, K, L) int32 + text_mask (N, K, L), encoded by the model's
         `text_encoder`, or text_emb (N, K, L, C) float + text_mask (precomputed T5 rows).
+  image_rows   (N,) int32, only in a batch of images (`Objective.for_batch`): each chunk is
+               one image, one latent frame wide, trained as T2V (MAGI-1: an image is a
+               one-frame video).
 
 The whole row goes through the DiT in one call with block-causal attention per video, so
 clean chunks get gradients through the keys and values that later noisy chunks read.
@@ -49,10 +52,19 @@ class Objective:
   def __post_init__(self):
     flow.check_prediction(self.prediction)
 
+  def for_batch(self, batch) -> Objective:
+    """The objective of this batch: for a batch of images ("image_rows", packed one-frame
+    chunks) chunks one frame wide and no clean prefix (no V2V or I2V: one frame has nothing
+    to continue from); else itself. Decided by the batch's keys, so it is static under jit."""
+    if "image_rows" not in batch:
+      return self
+    cond = dataclasses.replace(self.conditioning, p_v2v=0.0, p_i2v=0.0)
+    return dataclasses.replace(self, chunk_width=1, conditioning=cond)
+
   def loss(self, model, batch, key, step):
     """(loss, aux) of one training step (`step` is unused: every step draws the same way)."""
     del step
-    return training_loss(model, batch, key, self)
+    return training_loss(model, batch, key, self.for_batch(batch))
 
 
 def caption_rows(model: TrainModel, batch, cond):

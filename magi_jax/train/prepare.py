@@ -55,7 +55,9 @@ def spec_from_config(c, out: str, *, videos_per_shard: int, identity: dict) -> P
   return PrepareSpec(folder=_need(c, "data.video_dir", d.video_dir), out=out, height=d.height,
                      width=d.width, clip_frames=d.clip_frames, frames_per_chunk=d.frames_per_chunk,
                      stride=d.stride, videos_per_shard=videos_per_shard,
-                     max_length=c.text.max_length, identity=identity)
+                     max_length=c.text.max_length,
+                     buckets=tuple(tuple(int(v) for v in b) for b in d.get("buckets", ())),
+                     val_fraction=float(d.get("val_fraction", 0.0)), identity=identity)
 
 
 def prepare_from_config(c, out: str = "", *, videos_per_shard: int = 8,
@@ -92,11 +94,9 @@ def prepare_from_config(c, out: str = "", *, videos_per_shard: int = 8,
 
 def finish(spec: PrepareSpec, echo: Callable[[str], None] = print) -> dict:
   """Process 0: every shard's marker checked, the manifest written."""
-  from magi_jax.data.prepared.job import folder_videos
-  from magi_jax.data.tfds_video_folder import folder_fingerprint
-  folder = os.path.abspath(spec.folder)
-  settings = spec.settings(folder_fingerprint(folder))
-  captions, bad, stray = folder_videos(folder)
+  from magi_jax.data.prepared.job import folder_videos, settings_of
+  settings = settings_of(spec)
+  captions, bad, stray = folder_videos(os.path.abspath(spec.folder))
   plan = layout.shard_plan(list(captions) + list(bad), spec.videos_per_shard)
   sid = layout.settings_hash(settings)
   markers, missing = [], []
@@ -111,6 +111,8 @@ def finish(spec: PrepareSpec, echo: Callable[[str], None] = print) -> dict:
   echo(f"prepared {spec.out}: {t['clips']} clips ({t['chunks']} chunks) from {t['videos']} "
        f"videos in {t['shards']} shard(s), {t['bytes'] / 2**20:.1f} MiB; skipped "
        f"{t['skipped']} video(s)" + (f"; {len(stray)} caption(s) name no file" if stray else ""))
+  for name, g in sorted(manifest["groups"].items()):
+    echo(f"  {name}: {g['clips']} clips, {g['chunks']} chunks")
   for v in manifest["skipped"]:
     echo(f"  skipped {v['video']}: {v['reason']}")
   return manifest

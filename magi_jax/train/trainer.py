@@ -147,7 +147,7 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
   frozen = jax.device_put(frozen, sh.frozen)
   if data is None:
     from magi_jax.train.data import train_iterator
-    data = train_iterator(c, tokenizer, workdir)
+    data = train_iterator(c, tokenizer, workdir, echo=echo)
   ckpt_data = data if hasattr(data, "get_state") else None    # saved with the state
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints,

@@ -1,13 +1,21 @@
-"""One process's share of `experiments.prepare`: its shards' videos -> clips -> VAE latents per
-chunk on this process's devices + T5 rows per distinct caption -> array_record shards.
+"""One process's share of `experiments.prepare`: its shards' videos and images -> clips -> VAE
+latents per chunk on this process's devices + T5 rows per distinct caption -> array_record
+shards.
 
 Each video is decoded and cut as the `video_folder` training data cuts it
-(`tfds_video_folder.video_clips`: resample to fps, stretch to height x width, clips of
-clip_frames every stride frames), while the next video decodes in a background thread. The
+(`tfds_video_folder.video_clips`: resample to fps, stretch to the frame size, clips of
+clip_frames every stride frames), while the next item decodes in a background thread. An image
+(png / jpg / jpeg / webp / bmp with a caption) is a one-frame video: one chunk of one frame,
+encoded as the VAE encodes a single frame (one latent frame). The frame size is
+height x width, or with `buckets` the bucket whose aspect ratio (log w/h) is nearest the
+item's own (the first of equals), so one run holds several shapes without padding. With
+`val_fraction` a share of the items, chosen by a hash of the file name (stable when the folder
+grows), goes to the validation split. Each record belongs to one group,
+"<split>/<video|image>/<h>x<w>", which the trainer turns into one stream per group. The
 chunks of a video run through `chunk_encoder` under `shard_map` over the local devices,
 `chunks_per_device` each per call (the last call padded with black chunks that are dropped),
-so the latents are the train step's bit for bit. A video that cannot be read, is shorter than
-one clip, or has bad captions is skipped and recorded with the reason in its shard's marker;
+so the latents are the train step's bit for bit. An item that cannot be read, a video shorter
+than one clip, or bad captions is skipped and recorded with the reason in its shard's marker;
 the job goes on.
 """
 
@@ -15,6 +23,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
+import math
 import os
 import time
 from collections.abc import Callable
@@ -25,7 +35,8 @@ import numpy as np
 from magi_jax.data.errors import DataError
 from magi_jax.data.prepared import layout, records
 from magi_jax.data.prepared.layout import PrepareError
-from magi_jax.data.tfds_video_folder import load_captions, video_clips, video_folder_config
+from magi_jax.data.tfds_video_folder import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, load_captions,
+                                             video_clips, video_files, video_folder_config)
 from magi_jax.media.errors import MediaError
 from magi_jax.models.vae_chunks import chunk_encoder
 
@@ -44,16 +55,63 @@ class PrepareSpec:
   fps: int = 24
   videos_per_shard: int = 8
   max_length: int = 800
+  buckets: tuple = ()              # ((h, w), ...); () = ((height, width),)
+  val_fraction: float = 0.0
   identity: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    for h, w in self.sizes:
+      if h % 16 or w % 16 or h < 16 or w < 16:
+        raise PrepareError(f"bucket {h}x{w}: height and width must be positive multiples of 16")
+    if not 0.0 <= self.val_fraction < 1.0:
+      raise PrepareError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+  @property
+  def sizes(self) -> tuple[tuple[int, int], ...]:
+    if not self.buckets:
+      return ((int(self.height), int(self.width)),)
+    return tuple((int(h), int(w)) for h, w in self.buckets)
 
   def settings(self, folder_fingerprint: str) -> dict:
     return {"format": layout.FORMAT_VERSION, "folder_fingerprint": folder_fingerprint,
             "video": {"height": self.height, "width": self.width, "fps": self.fps,
                       "clip_frames": self.clip_frames, "stride": self.stride,
                       "frames_per_chunk": self.frames_per_chunk},
+            "buckets": [list(b) for b in self.sizes], "val_fraction": self.val_fraction,
             "videos_per_shard": self.videos_per_shard,
             "text": {"max_length": self.max_length},
             **self.identity}
+
+
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
+
+
+def settings_of(spec: PrepareSpec) -> dict:
+  """The spec's settings with the fingerprint of its folder's media files and captions."""
+  from magi_jax.data.tfds_video_folder import folder_fingerprint
+  return spec.settings(folder_fingerprint(os.path.abspath(spec.folder), MEDIA_EXTENSIONS))
+
+
+def item_kind(name: str) -> str:
+  return "image" if name.lower().endswith(IMAGE_EXTENSIONS) else "video"
+
+
+def nearest_bucket(height: int, width: int, sizes) -> tuple[int, int]:
+  """The size whose aspect ratio is nearest height x width's, in log(w / h) (first of equals)."""
+  r = math.log(width / height)
+  return min(sizes, key=lambda b: abs(math.log(b[1] / b[0]) - r))
+
+
+def split_of(name: str, val_fraction: float) -> str:
+  """'val' for a stable `val_fraction` share of the file names (by sha256), else 'train'."""
+  if val_fraction <= 0:
+    return "train"
+  u = int(hashlib.sha256(name.encode()).hexdigest()[:12], 16) / 16 ** 12
+  return "val" if u < val_fraction else "train"
+
+
+def group_name(split: str, kind: str, size) -> str:
+  return f"{split}/{kind}/{size[0]}x{size[1]}"
 
 
 class DeviceChunkEncoder:
@@ -87,21 +145,37 @@ class ShardResult:
 
 
 def folder_videos(folder: str) -> tuple[dict, dict, list[str]]:
-  """(captions of the usable videos, {video: reason} for the mp4 files whose captions are
-  bad, reasons for captions of files that are not there)."""
-  from magi_jax.data.tfds_video_folder import video_files
+  """(captions of the usable videos and images, {file: reason} for the media files whose
+  captions are bad, reasons for captions of files that are not there)."""
   problems: list = []
-  captions = load_captions(folder, problems)
-  videos = set(video_files(folder))
+  captions = load_captions(folder, problems, MEDIA_EXTENSIONS)
+  videos = set(video_files(folder, MEDIA_EXTENSIONS))
   bad = {name: reason for name, reason in problems if name in videos}
   stray = [reason for name, reason in problems if name not in videos]
   return captions, bad, stray
 
 
-def _decode(cfg, name, caption, chunks):
-  """(clips, None) or (None, reason): every clip of one video, decoded."""
+def _decode(spec: PrepareSpec, folder: str, name: str, caption: str, chunks):
+  """((group, frames per chunk, clips), None) or (None, reason): one item, decoded."""
+  from magi_jax.media.read import frame_size, read_image
+  path = os.path.join(folder, name)
+  kind = item_kind(name)
   try:
-    return list(video_clips(cfg, name, caption, chunks)), None
+    size = spec.sizes[0]
+    if len(spec.sizes) > 1:
+      size = nearest_bucket(*frame_size(path), spec.sizes)
+    group = group_name(split_of(name, spec.val_fraction), kind, size)
+    if kind == "image":
+      try:
+        frames = read_image(path, *size)
+      except MediaError as e:
+        raise DataError(f"cannot read image: {e}") from e
+      return (group, 1, [(0, {"frames": frames, "chunk_captions": [caption]})]), None
+    cfg = video_folder_config(folder, height=size[0], width=size[1],
+                              clip_frames=spec.clip_frames,
+                              frames_per_chunk=spec.frames_per_chunk, stride=spec.stride,
+                              fps=spec.fps)
+    return (group, spec.frames_per_chunk, list(video_clips(cfg, name, caption, chunks))), None
   except (DataError, MediaError) as e:
     return None, str(e)
 
@@ -115,12 +189,8 @@ def prepare_shards(spec: PrepareSpec, vae, text_encoder, *, process_index: int =
   mask (n, L)) with L = spec.max_length (`text.TextEncoder`); devices: the local devices to
   encode on (default: all of this process's).
   """
-  from magi_jax.data.tfds_video_folder import folder_fingerprint
   folder = os.path.abspath(spec.folder)
-  cfg = video_folder_config(folder, height=spec.height, width=spec.width,
-                            clip_frames=spec.clip_frames, frames_per_chunk=spec.frames_per_chunk,
-                            stride=spec.stride, fps=spec.fps)
-  settings = spec.settings(folder_fingerprint(folder))
+  settings = settings_of(spec)
   sid = layout.settings_hash(settings)
   layout.claim_directory(spec.out, settings)
   captions, bad, stray = folder_videos(folder)
@@ -144,7 +214,7 @@ def prepare_shards(spec: PrepareSpec, vae, text_encoder, *, process_index: int =
   bar = None
   if progress:
     from tqdm import tqdm
-    bar = tqdm(total=len(videos), unit="video", desc=f"prepare p{process_index}",
+    bar = tqdm(total=len(videos), unit="file", desc=f"prepare p{process_index}",
                dynamic_ncols=True, mininterval=2.0)
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
@@ -152,7 +222,7 @@ def prepare_shards(spec: PrepareSpec, vae, text_encoder, *, process_index: int =
     if i >= len(videos) or videos[i][1] not in captions:
       return None
     name = videos[i][1]
-    return pool.submit(_decode, cfg, name, *captions[name])
+    return pool.submit(_decode, spec, folder, name, *captions[name])
 
   try:
     pending = submit(0)
@@ -164,19 +234,21 @@ def prepare_shards(spec: PrepareSpec, vae, text_encoder, *, process_index: int =
       from array_record.python.array_record_module import ArrayRecordWriter
       writer = ArrayRecordWriter(tmp, "group_size:1")
       marker = {"shard": s, "settings": sid, "videos": list(plan[s]), "skipped": [],
-                "records": 0, "chunk_counts": [], "process": process_index}
+                "records": 0, "chunk_counts": [], "groups": [], "process": process_index}
       try:
         for name in plan[s]:
           future, pending = pending, submit(i + 1)
           i += 1
-          clips, reason = (None, bad.get(name)) if future is None else future.result()
-          if clips is None:
+          item, reason = (None, bad.get(name)) if future is None else future.result()
+          if item is None:
             marker["skipped"].append({"video": name, "reason": reason})
           else:
-            for rec in _encode_video(name, clips, encoder, text_encoder, spec):
+            group, F, clips = item
+            for rec in _encode_item(name, clips, F, encoder, text_encoder, spec):
               writer.write(records.encode_record(rec))
               marker["records"] += 1
               marker["chunk_counts"].append(len(rec["chunk_captions"]))
+              marker["groups"].append(group)
           if bar is not None:
             bar.update(1)
       finally:
@@ -198,9 +270,8 @@ def prepare_shards(spec: PrepareSpec, vae, text_encoder, *, process_index: int =
   return sorted(results, key=lambda r: r.marker["shard"])
 
 
-def _encode_video(name, clips, encoder, text_encoder, spec: PrepareSpec):
-  """Yields the records of one video's clips (latents and text rows)."""
-  F = spec.frames_per_chunk
+def _encode_item(name, clips, F, encoder, text_encoder, spec: PrepareSpec):
+  """Yields the records of one item's clips (latents and text rows); F frames per chunk."""
   frames = np.stack([rec["frames"] for _, rec in clips])            # (n, clip_frames, H, W, 3)
   n, T = frames.shape[:2]
   z = encoder(frames.reshape((n * (T // F), F) + frames.shape[2:]))  # (n C, z, cw, h, w)

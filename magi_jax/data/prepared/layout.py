@@ -139,6 +139,12 @@ def write_manifest(out: str, settings: dict, markers: Sequence[dict],
   """The manifest of a finished directory: settings, every shard's marker, totals, skipped
   videos with their reasons, captions.json entries that name no file."""
   skipped = [dict(v, shard=m["shard"]) for m in markers for v in m["skipped"]]
+  groups: dict = {}
+  for m in markers:
+    for g, n in zip(m["groups"], m["chunk_counts"]):
+      entry = groups.setdefault(g, {"clips": 0, "chunks": 0})
+      entry["clips"] += 1
+      entry["chunks"] += n
   manifest = {
       "format": FORMAT_VERSION,
       "settings": settings,
@@ -150,6 +156,7 @@ def write_manifest(out: str, settings: dict, markers: Sequence[dict],
                  "chunks": sum(sum(m["chunk_counts"]) for m in markers),
                  "skipped": len(skipped),
                  "bytes": sum(m["bytes"] for m in markers)},
+      "groups": dict(sorted(groups.items())),
       "skipped": skipped,
       "unmatched_captions": list(unmatched_captions),
   }

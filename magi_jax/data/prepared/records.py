@@ -95,6 +95,7 @@ class PreparedSource:
                          f"{layout.MANIFEST_FILE})")
     self.max_length = int(self.manifest["settings"]["text"]["max_length"])
     self.chunk_counts = [c for m in shards for c in m["chunk_counts"]]
+    self.record_groups = [g for m in shards for g in m["groups"]]
     self._paths = [layout.shard_path(self.directory, m["shard"]) for m in shards]
     self._source = grain.sources.ArrayRecordDataSource(self._paths)
     if len(self._source) != len(self.chunk_counts):
@@ -113,5 +114,36 @@ class PreparedSource:
     return {"latents": rec["latents"], "chunk_captions": rec["chunk_captions"],
             "text_emb": emb, "text_mask": mask}
 
+  def groups(self) -> dict[str, list[int]]:
+    """Group name ("<split>/<video|image>/<h>x<w>") -> the indices of its records."""
+    out: dict[str, list[int]] = {}
+    for i, g in enumerate(self.record_groups):
+      out.setdefault(g, []).append(i)
+    return dict(sorted(out.items()))
+
+  def subset(self, group: str) -> Subset:
+    idx = self.groups().get(group)
+    if not idx:
+      raise PrepareError(f"{self.directory}: no records in group {group!r}; it has "
+                         f"{sorted(self.groups())}")
+    return Subset(self, idx, group)
+
   def __repr__(self):
     return f"PreparedSource({self.directory!r}, {len(self)} clips)"
+
+
+class Subset:
+  """The records of one group of a PreparedSource (random access, like the source)."""
+
+  def __init__(self, source: PreparedSource, indices: list[int], name: str):
+    self.source, self.indices, self.name = source, list(indices), name
+    self.chunk_counts = [source.chunk_counts[i] for i in self.indices]
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> dict:
+    return self.source[self.indices[i]]
+
+  def __repr__(self):
+    return f"Subset({self.source.directory!r}, {self.name!r}, {len(self)} clips)"
