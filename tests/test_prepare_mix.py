@@ -143,12 +143,37 @@ def test_training_streams_mix_images_and_buckets_and_resume(prepared, folder, tm
     chex.assert_trees_all_equal(a, b)
 
 
-def test_trains_on_the_mix(prepared, folder, tmp_path):
+def test_trains_on_the_mix_with_a_validation_loss_per_level(prepared, folder, tmp_path):
+  """validation.every=2 over 4 steps: two points in validation.jsonl, per-level buckets, the
+  same held-out batches and noise each time (a second evaluation of the same weights agrees)."""
   from magi_jax.train.trainer import train
   out, _, _ = prepared
   c = mix_config(folder, out)
   c.data.kind = "prepared"
   c.data.image_ratio = 4.0
   c.total_steps = 4
-  result = train(c, str(tmp_path / "work"), echo=lambda s: None)
+  c.validation.every, c.validation.batches = 2, 3
+  lines = []
+  work = tmp_path / "work"
+  result = train(c, str(work), echo=lines.append)
   assert result.step == 4 and np.isfinite(float(result.last_metrics["loss"]))
+  rows = [json.loads(r) for r in (work / "validation.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [2, 4]
+  for r in rows:
+    assert np.isfinite(r["val/loss"]) and r["val/loss"] > 0
+    assert any(k.startswith("val/loss_t/") for k in r), r
+  assert rows[0]["val/loss"] != rows[1]["val/loss"]          # the weights moved
+  assert sum("validation at step" in line for line in lines) == 2, lines
+
+  from magi_jax.train.validation import held_out_batches
+  a, b = held_out_batches(c, str(work)), held_out_batches(c, str(work))
+  chex.assert_trees_all_equal(a, b)
+
+
+def test_validation_needs_a_held_out_split(folder, tmp_path):
+  from magi_jax.configs import ConfigError
+  from magi_jax.train.validation import held_out_batches
+  c = mix_config(folder, "")
+  c.validation.every = 10
+  with pytest.raises(ConfigError, match="needs a held-out split: train on prepared data"):
+    held_out_batches(c, str(tmp_path))

@@ -69,6 +69,16 @@ def data_dir(c, workdir: str) -> str:
   return c.data.data_dir or os.path.join(workdir, "tfds")
 
 
+def common_kwargs(c, *, num_threads: int = 2) -> dict:
+  """The pipeline arguments every source shares. data.batch_size is the global batch; each
+  process loads its share (trainer.check_batch)."""
+  d = c.data
+  return dict(batch_size=d.batch_size // jax.process_count(), bin_chunks=d.bin_chunks,
+              seed=d.shuffle_seed, pack_window=d.pack_window, min_chunks=d.min_chunks,
+              shard_index=jax.process_index(), shard_count=jax.process_count(),
+              num_threads=num_threads)
+
+
 def prepared_streams(c, source, common: dict, *, split: str = "train", echo=print):
   """One grain pipeline per group of `split` in a prepared directory, mixed by weight.
 
@@ -110,11 +120,7 @@ def prepared_streams(c, source, common: dict, *, split: str = "train", echo=prin
 
 def train_iterator(c, tokenizer, workdir: str, *, num_threads: int = 2, echo=print):
   d = c.data
-  # data.batch_size is the global batch; each process loads its share (trainer.check_batch).
-  common = dict(batch_size=d.batch_size // jax.process_count(), bin_chunks=d.bin_chunks,
-                seed=d.shuffle_seed, pack_window=d.pack_window, min_chunks=d.min_chunks,
-                shard_index=jax.process_index(), shard_count=jax.process_count(),
-                num_threads=num_threads)
+  common = common_kwargs(c, num_threads=num_threads)
   if d.kind == "prepared":
     from magi_jax.data.prepared.records import PreparedSource
     check_prepared_data(c)

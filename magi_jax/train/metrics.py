@@ -34,6 +34,7 @@ class MetricsLog:
     self.primary = jax.process_index() == 0
     self.enabled = enabled
     self.history_path = os.path.join(workdir, "metrics.jsonl")
+    self.resume_step, self._extra_files = resume_step, set()
     if self.primary:
       drop_history_after(self.history_path, resume_step)
     self.writer = None
@@ -108,6 +109,22 @@ class MetricsLog:
             f"ETA {eta / 60:.1f} min"
             + (f"  skipped {out['skipped_steps']}" if out["skipped_steps"] else "")
             + (f"  saved {committed}" if committed is not None else ""))
+
+  def scalars(self, step: int, values: dict, filename: str) -> None:
+    """Writes `values` as TensorBoard scalars at `step` and as one row of <workdir>/filename
+    (rows past the resume step of an earlier attempt are dropped first, as for metrics.jsonl)."""
+    if not self.primary:
+      return
+    path = os.path.join(self.workdir, filename)
+    if path not in self._extra_files:
+      drop_history_after(path, self.resume_step)
+      self._extra_files.add(path)
+    if self.writer is not None:
+      for k, v in values.items():
+        self.writer.add_scalar(k, v, step)
+      self.writer.flush()
+    with open(path, "a") as f:
+      f.write(json.dumps({"step": step, **values}) + "\n")
 
   def add_image(self, tag: str, image_hwc: np.ndarray, step: int) -> None:
     if self.writer is not None:

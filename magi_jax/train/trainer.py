@@ -173,6 +173,12 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
   if not single_host and (c.sample_every or c.sample_at_end or c.lora.rank):
     echo("multi-host run: sample videos and the LoRA export are skipped; make them from the "
          "checkpoint on one host")
+  validate = None
+  if c.get("validation") and c.validation.every:
+    from magi_jax.train.validation import Validator
+    validate = Validator(c, graphdef, obj, compute_dtypes=dtypes if use_bf16 else None,
+                         shardings=sh, place=lambda b: global_batch(b, sh.batch),
+                         workdir=workdir, echo=echo)
   step = int(state.step)
   log = MetricsLog(workdir, total_steps=c.total_steps, enabled=c.tensorboard, resume_step=step)
   first_step = step
@@ -219,6 +225,8 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
       if log_now:
         last = log.flush(step)
         echo(log.line(step, last, step - first_step, committed=ckpt.committed_step()))
+      if validate is not None and (step % c.validation.every == 0 or step == c.total_steps):
+        validate(state, frozen, step, log)
       if single_host and c.sample_every and step % c.sample_every == 0 and step < c.total_steps:
         run_evals(evals, c, nnx.merge(graphdef, final_params(state), frozen), tokenizer, workdir,
                   step, log, echo)
