@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Run experiments.train on every worker of a Cloud TPU VM pod slice (see launch/README.md).
+# Run experiments.train (or experiments.prepare) on every worker of a Cloud TPU VM pod slice
+# (see launch/README.md).
 set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: launch/tpu_pod.sh [options] [-- extra absl flags for experiments.train]
+Usage: launch/tpu_pod.sh [options] [-- extra absl flags for the module]
 
 Runs the same command on all workers of a TPU VM pod slice through
   gcloud compute tpus tpu-vm ssh $TPU_NAME --zone $ZONE --worker=all --command "..."
@@ -41,6 +42,7 @@ ZONE="${ZONE:-}"
 WORKDIR="${WORKDIR:-}"
 PROJECT="${PROJECT:-}"
 CONFIG="${CONFIG:-experiments/configs/bouncing_tiny.py}"
+MODULE="${MODULE:-experiments.train}"
 REPO_DIR="${REPO_DIR:-magi_jax}"
 PYTHON="${PYTHON:-python3}"
 SETUP="${SETUP:-0}"
@@ -49,7 +51,7 @@ REF="${REF:-main}"
 DETACH="${DETACH:-0}"
 DRY_RUN="${DRY_RUN:-0}"
 
-while getopts ":t:z:w:p:c:d:u:r:sbnh" opt; do
+while getopts ":t:z:w:p:c:d:u:r:m:sbnh" opt; do
   case "$opt" in
     t) TPU_NAME="$OPTARG" ;;
     z) ZONE="$OPTARG" ;;
@@ -59,6 +61,7 @@ while getopts ":t:z:w:p:c:d:u:r:sbnh" opt; do
     d) REPO_DIR="$OPTARG" ;;
     u) REPO_URL="$OPTARG" ;;
     r) REF="$OPTARG" ;;
+    m) MODULE="$OPTARG" ;;
     s) SETUP=1 ;;
     b) DETACH=1 ;;
     n) DRY_RUN=1 ;;
@@ -74,14 +77,21 @@ EXTRA_FLAGS=("$@")
 missing=()
 [[ -n "$TPU_NAME" ]] || missing+=("TPU_NAME (-t): the TPU VM pod slice name")
 [[ -n "$ZONE" ]] || missing+=("ZONE (-z): the TPU's zone, e.g. us-central2-b")
-[[ -n "$WORKDIR" ]] || missing+=("WORKDIR (-w): a run directory all workers share, e.g. gs://bucket/runs/name")
+case "$MODULE" in
+  experiments.train|experiments.prepare) ;;
+  *) echo "error: MODULE (-m) must be experiments.train or experiments.prepare, got $MODULE" >&2
+     exit 2 ;;
+esac
+if [[ "$MODULE" == experiments.train ]]; then
+  [[ -n "$WORKDIR" ]] || missing+=("WORKDIR (-w): a run directory all workers share, e.g. gs://bucket/runs/name")
+fi
 if ((${#missing[@]})); then
   echo "error: missing required settings:" >&2
   printf '  %s\n' "${missing[@]}" >&2
   echo "(see launch/tpu_pod.sh -h)" >&2
   exit 2
 fi
-if [[ "$WORKDIR" != gs://* ]]; then
+if [[ "$MODULE" == experiments.train && "$WORKDIR" != gs://* ]]; then
   echo "warning: WORKDIR=$WORKDIR is not a gs:// path; every worker must see the same" \
        "directory (checkpoints are written collectively)" >&2
 fi
@@ -104,8 +114,9 @@ $(q "$PYTHON") -m pip install -e $(q "$REPO_DIR")
 "
 fi
 
-train=$(q "$PYTHON" -m experiments.train "--config=$CONFIG" "--workdir=$WORKDIR" \
-          --distributed=on ${EXTRA_FLAGS[@]+"${EXTRA_FLAGS[@]}"})
+run_args=(-m "$MODULE" "--config=$CONFIG")
+if [[ "$MODULE" == experiments.train ]]; then run_args+=("--workdir=$WORKDIR"); fi
+train=$(q "$PYTHON" "${run_args[@]}" --distributed=on ${EXTRA_FLAGS[@]+"${EXTRA_FLAGS[@]}"})
 if [[ "$DETACH" == 1 ]]; then
   train="nohup $train > tpu_pod_train.log 2>&1 < /dev/null &
 echo \"\$(hostname): started, log: \$PWD/tpu_pod_train.log\""

@@ -99,6 +99,18 @@ def test_manifest_lists_clips_checksums_and_skipped_videos(prepared):
   assert sorted(clips) == sorted((v, k * FPC) for v, n in GOOD.items() for k in range(n))
 
 
+def test_streamed_frames_are_read_videos(folder):
+  from magi_jax.media.read import read_video, stream_video
+  path = os.path.join(folder, "green.mp4")
+  blocks = list(stream_video(path, SIZE, SIZE, block=5))
+  assert [len(b) for b in blocks] == [5, 5, 5, 5, 4]
+  np.testing.assert_array_equal(np.concatenate(blocks),
+                                read_video(path, SIZE, SIZE, max_frames=None))
+  from magi_jax.media.errors import MediaError
+  with pytest.raises(MediaError, match="broken.mp4: cannot be decoded as a video"):
+    list(stream_video(os.path.join(folder, "broken.mp4"), SIZE, SIZE))
+
+
 def test_latents_and_text_rows_are_the_train_steps(prepared, folder):
   """A packed batch of 2 rows x 2 chunks: x1 from the prepared latents equals the in-step
   encoding of the same clips' frames, bit for bit; text rows are T5's rounded to bf16."""
@@ -140,6 +152,11 @@ def test_trains_on_prepared_shards_without_the_vae(prepared, folder, tmp_path, m
   batch = next(train_iterator(c, None, str(tmp_path), num_threads=0))
   chex.assert_shape(batch["latents"], (2, 2 * FPC // 4, SIZE // 8, SIZE // 8, 16))
   assert "frames" not in batch
+  # with the official special tokens before every chunk's rows (random ones of T5's width)
+  rng = np.random.default_rng(0)
+  c.text.special_tokens = str(tmp_path / "special_tokens.npz")
+  np.savez(c.text.special_tokens, caption_token=rng.normal(size=(1, 64)),
+           logo_token=rng.normal(size=(1, 64)), other_tokens=rng.normal(size=(100, 64)))
   result = train(c, str(tmp_path / "work"), echo=lambda s: None)
   assert result.step == 2 and np.isfinite(float(result.last_metrics["loss"]))
 

@@ -235,3 +235,16 @@ def test_repeated_nans_stop_with_the_last_good_checkpoint(tmp_path, monkeypatch)
   for a, b in zip(jax.tree.leaves(s2["params"]), jax.tree.leaves(s4["params"])):
     assert np.all(np.isfinite(a))
     np.testing.assert_array_equal(a, b)                        # NaN steps changed nothing
+
+
+def test_a_run_saved_before_a_field_existed_resumes_at_that_fields_former_value():
+  from magi_jax.train.resume import ADDED_FIELDS, differences
+  old = {"data": {"kind": "bouncing"}, "init": {"kind": "random"}}
+  now = {"data": {"kind": "bouncing", "prepared_dir": "", "buckets": (), "image_ratio": 0.0,
+                  "val_fraction": 0.0},
+         "init": {"kind": "random", "use_ema": True},
+         "validation": {"every": 0, "batches": 4}}
+  assert differences(old, now) == []
+  now["data"]["image_ratio"] = 4.0                 # a new field set to something else: differs
+  assert differences(old, now) == [("data.image_ratio", "<absent>", 4.0)]
+  assert set(ADDED_FIELDS) >= {"data.prepared_dir", "init.use_ema", "validation.every"}

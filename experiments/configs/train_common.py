@@ -4,6 +4,8 @@ Every field is documented here once. Override any of them on the command line, e
 `--config.total_steps=100 --config.optim.lr=3e-4`.
 """
 
+import os
+
 import ml_collections
 
 
@@ -52,8 +54,15 @@ def train_config():
   c.sharding = ml_collections.ConfigDict(dict(logical=(), params=(), strict=False))
 
   c.init = ml_collections.ConfigDict()
-  c.init.kind = "random"           # random | official (official DiT dir) | converted (orbax)
+  c.init.kind = "random"           # random | official (official DiT dir) | converted (orbax) |
+                                   # run: a previous training run's workdir (the next stage)
   c.init.path = ""
+  # init.kind=run (magi_jax/train/stages.py): the DiT (and a trained text encoder both runs
+  # have) of init.path's latest checkpoint start this run; optimizer, step and schedule start
+  # afresh. Its architecture must be this config's. A workdir with checkpoints resumes them
+  # instead. A previous LoRA run is merged; a LoRA run over a run re-reads that run as its
+  # base at every start; LoRA on both sides is refused.
+  c.init.use_ema = True            # run: the run's EMA weights when it kept an EMA, else raw
 
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 0                  # > 0: train only LoRA adapters on the DiT
@@ -69,6 +78,12 @@ def train_config():
   c.text.heads = 2
   c.text.max_length = 16
   c.text.t5_path = ""              # precomputed: the T5 checkpoint that encodes the captions
+  # precomputed: the official special_tokens.npz; its tokens go before every noisy chunk's T5
+  # rows as sampling puts them ([DURATION_k, HQ, t5 ...] for "hq,duration", k = chunks left in
+  # the video, at most 8), so a fine-tuned official model sees the captions it will be sampled
+  # with. "" adds none (the rows as T5 made them).
+  c.text.special_tokens = ""
+  c.text.special_token_flags = "hq,duration"   # the official run.sh's PAD_HQ=1 PAD_DURATION=1
 
   # The project that adds data sources, trained text encoders and evaluators by name
   # (magi_jax/train/project.py); the default is the bouncing-shapes demo.
@@ -170,6 +185,7 @@ def official_video_finetune():
   c.model.remat = True
   c.init.kind = "official"
   c.text.kind = "precomputed"
+  c.text.max_length = 800          # the 4.5B / 24B DiT's caption rows (caption_max_length)
   c.data.kind = "video_folder"
   c.project, c.evals = "", ()      # no demo project: real video, no bouncing samples
   c.data.height, c.data.width = 480, 832
@@ -179,4 +195,73 @@ def official_video_finetune():
   c.vae.precision = "bf16"
   c.optim.warmup_steps = 100
   c.sample_at_end = False
+  return c
+
+
+def magi_4p5b_training():
+  """`train_config()` for training the 4.5B base architecture in full, the report's recipe
+  (TRAINING.md), shared by the stage configs magi_4p5b_stage{1,2,3}.py, which set resolution,
+  clip length, buckets, prepared directory and init: bf16 with float32 masters, remat, AdamW
+  (0.9, 0.95), weight decay 0.1, peak lr 1e-4 after a 1,000-step warm-up, constant; 1-s chunks
+  (24 frames = 6 latent frames); images : videos 4 : 1; trained on latents and T5 rows
+  prepared offline (`python -m experiments.prepare` with the same config), so the step never
+  runs the VAE or T5. Open in the report, chosen here: batch, steps, EMA (below)."""
+  from magi_jax.configs import get_preset
+  c = official_video_finetune()
+  c.init.kind = "random"
+  c.data.kind = "prepared"
+  c.data.frames_per_chunk = 24     # 1 s at 24 fps
+  c.objective.chunk_width = 6      # latent frames per chunk (the VAE compresses time 4x)
+  # T5 rows as wide as the DiT's caption rows (the official 800 tokens).
+  c.text.max_length = get_preset("4.5B_base").model.caption_max_length
+  c.data.min_chunks = 1            # random sub-clips of 1..max chunks: lengths up to the stage's
+  c.data.image_ratio = 4.0         # the report's image : video mix, in every stage
+  c.data.val_fraction = 0.01       # 1% of the videos held out for the validation loss
+  c.validation.every = 1000
+  c.checkpoint_every = 1000
+  c.optim.lr = 1e-4
+  c.optim.b1, c.optim.b2 = 0.9, 0.95
+  c.optim.weight_decay = 0.1
+  # Every stage warms up again: its optimizer moments start from zero (a new run).
+  c.optim.warmup_steps = 1000
+  c.optim.schedule = "constant"
+  # Open: an EMA of the weights, which the next stage starts from (init.use_ema).
+  c.ema_decay = 0.9999
+  return c
+
+
+# The tiny T5 of the test fixtures (width 64), which the stage configs' :smoke variants use.
+TINY_T5 = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                                        os.pardir, "tests", "fixtures", "text", "t5_tiny"))
+
+
+def stage_smoke(c, *, total_steps: int):
+  """A stage config on tiny shapes that trains in seconds on a CPU (CI, tests/test_stages.py):
+  the same data path (prepared latents + T5 rows of a random tiny VAE and the tiny T5 fixture),
+  init and schedule kinds, on a 1-layer tiny DiT, 32x32 frames, chunks of 8 frames (2 latent
+  frames), clips of 2 chunks, rows of 2 chunks, a checkpoint at the end. One prepared directory
+  serves all three stages (the same shapes); no images, buckets or held-out split. Pass
+  --config.data.video_dir (prepare) and --config.data.prepared_dir (both)."""
+  c.total_steps = total_steps
+  c.checkpoint_every = total_steps
+  c.log_every = 1
+  c.tensorboard = False
+  c.model.preset = "tiny"
+  c.model.precision = "fp32"
+  c.model.remat = False
+  c.model.overrides = dict(num_layers=1, hidden_size=64, ffn_hidden_size=128,
+                           num_attention_heads=2, num_query_groups=1, kv_channels=32,
+                           caption_channels=64, caption_max_length=16)
+  c.vae.kind, c.vae.path, c.vae.precision = "random_tiny", "", "fp32"   # 16 ch, 8x, 4x time
+  c.text.t5_path, c.text.max_length = TINY_T5, 16
+  d = c.data
+  d.video_dir, d.prepared_dir = "", ""
+  d.height = d.width = 32
+  d.frames_per_chunk, d.clip_frames, d.stride = 8, 16, 16
+  d.batch_size, d.bin_chunks, d.pack_window, d.min_chunks = 2, 2, 4, 1
+  d.buckets, d.image_ratio, d.val_fraction = (), 0.0, 0.0
+  c.validation.every = 0
+  c.objective.chunk_width = 2
+  c.optim.warmup_steps = 1
+  c.ema_decay = 0.5                # an EMA unlike the raw weights: the next stage starts from it
   return c

@@ -22,7 +22,6 @@ from magi_jax.generate.request import Request
 from magi_jax.media import plan_frames
 from magi_jax.text import TextFlags
 from magi_jax.text.prompts import load_prompt_file, prompts_per_chunk
-from magi_jax.text.special_tokens import POSITIVE_FLAGS
 
 _CHECKPOINTS = ("dit_checkpoint", "vae_checkpoint", "t5_checkpoint")
 
@@ -166,12 +165,10 @@ def _check_prompts(req: Request, cfg: MagiConfig) -> None:
 
 def _text_flags(c) -> TextFlags:
   """`special_token_flags` ("hq,duration") and `neg_prompt` as TextFlags."""
-  known = {flag for flag, _ in POSITIVE_FLAGS}
-  names = [n.strip() for n in c.special_token_flags.split(",") if n.strip()]
-  bad = [n for n in names if n not in known]
-  if bad:
-    raise ConfigError(f"--config.special_token_flags: unknown {bad}; known: {sorted(known)}")
-  return TextFlags(**{k: k in names for k in known}, neg_prompt=bool(c.neg_prompt))
+  try:
+    return TextFlags.parse(c.special_token_flags, c.neg_prompt)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _weight_paths(c, cfg: MagiConfig) -> dict[str, str]:

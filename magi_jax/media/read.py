@@ -142,6 +142,53 @@ def read_image(path, height: int, width: int, policy: str = "fit", *,
   return np.frombuffer(out, np.uint8).reshape(1, height, width, 3)
 
 
+def stream_video(path, height: int, width: int, fps: int = 24, *, block: int = 24,
+                 multiple: int = SIZE_MULTIPLE):
+  """`read_video`'s frames (the same filter graph) as uint8 blocks [<= block, H, W, 3], read
+  from ffmpeg as it decodes: memory stays a few blocks whatever the video's length. Raises
+  MediaError as read_video does (an undecodable file after the frames it did decode)."""
+  _check_file(path)
+  _check_kind(path, "video")
+  validate_size(height, width, multiple)
+  cmd = [_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-ss", "0", "-i",
+         "file:" + os.fspath(path), "-vf", f"fps={fps},scale={width}:{height}", "-f",
+         "rawvideo", "-pix_fmt", "rgb24", "-"]
+  frame_bytes = height * width * 3
+  try:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+  except OSError as e:
+    raise media_error(path, f"cannot run ffmpeg ({e})") from e
+  import tempfile
+  import threading
+  err = tempfile.TemporaryFile()        # drained on a thread: a full stderr pipe would stall
+  drain = threading.Thread(target=lambda: err.write(proc.stderr.read()), daemon=True)
+  drain.start()
+  total = 0
+  try:
+    while True:
+      data = proc.stdout.read(frame_bytes * block)
+      n = len(data) // frame_bytes
+      if n:
+        total += n
+        yield np.frombuffer(data, np.uint8, count=n * frame_bytes).reshape(n, height, width, 3)
+      if len(data) < frame_bytes * block:
+        break
+  finally:
+    proc.stdout.close()
+    code = proc.wait()
+    drain.join()
+    err.seek(0)
+    stderr = err.read()
+    err.close()
+  if code != 0:
+    if b"does not contain any stream" in stderr and b"no decoder" not in stderr:
+      raise media_error(path, "video has 0 frames (no video stream)")
+    raise ffmpeg_error(path, "cannot be decoded as a video", stderr)
+  if total == 0:
+    raise media_error(path, "video has 0 frames")
+
+
 def frame_size(path) -> tuple[int, int]:
   """(height, width) of a video's first frame or of an image, as ffmpeg shows it (rotation
   applied): the frame is decoded to PNG and its header read."""

@@ -18,6 +18,7 @@ its caption length; here it is the length of the given rows (800 for the officia
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,6 +37,27 @@ def prepend_tokens(emb: np.ndarray, mask: np.ndarray, tokens: Sequence[np.ndarra
   emb = np.concatenate([head, emb])[:length]
   mask = np.concatenate([np.ones(len(tokens), mask.dtype), mask])[:length]
   return emb, mask
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TokenHead:
+  """The special-token rows sampling puts in front of a noisy chunk's caption, for training
+  to put there too (`train.objective.caption_rows`): `rows` (P, D) in their final order, with
+  zeros at `duration_at` (-1: no DURATION), where DURATION_k of `durations` (8, D) goes, k =
+  min(chunks left in the video including this one, 8) (for the i-th of n noisy chunks n - i,
+  as `ChunkTextRows.cond`)."""
+  rows: np.ndarray
+  durations: np.ndarray
+  duration_at: int
+
+  @classmethod
+  def build(cls, special: SpecialTokens, flags: TextFlags) -> TokenHead:
+    keys = flags.positive_keys()[::-1]      # prepend_tokens: the key applied last ends first
+    rows = np.stack([np.zeros(special.dim, np.float32) if k == "DURATION" else
+                     np.asarray(special.token(k), np.float32) for k in keys]) if keys else \
+        np.zeros((0, special.dim), np.float32)
+    durations = np.stack([special.duration(k) for k in range(1, 9)]).astype(np.float32)
+    return cls(rows, durations, keys.index("DURATION") if "DURATION" in keys else -1)
 
 
 class ChunkTextRows:

@@ -61,6 +61,17 @@ class TextFlags:
     return cls(**{f.name: on("NEG_PROMPT" if f.name == "neg_prompt" else f"PAD_{f.name.upper()}")
                   for f in dataclasses.fields(cls)})
 
+  @classmethod
+  def parse(cls, names: str, neg_prompt: bool = False,
+            field: str = "--config.special_token_flags") -> TextFlags:
+    """"hq,duration" (names of POSITIVE_FLAGS, comma separated) as TextFlags."""
+    known = {flag for flag, _ in POSITIVE_FLAGS}
+    given = [n.strip() for n in names.split(",") if n.strip()]
+    bad = [n for n in given if n not in known]
+    if bad:
+      raise SpecialTokenError(f"{field}: unknown {bad}; known: {sorted(known)}")
+    return cls(**{k: k in given for k in known}, neg_prompt=bool(neg_prompt))
+
   def positive_keys(self) -> tuple[str, ...]:
     return tuple(token for flag, token in POSITIVE_FLAGS if getattr(self, flag))
 

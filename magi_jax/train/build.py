@@ -38,7 +38,12 @@ def model_config(c) -> ModelConfig:
   if c.text.kind != "precomputed":     # a text encoder trained with the DiT sets the rows
     over.setdefault("caption_channels", c.text.width)
     over.setdefault("caption_max_length", c.text.max_length)
-  return dataclasses.replace(base, **over)
+  mcfg = dataclasses.replace(base, **over)
+  if c.text.kind == "precomputed" and mcfg.caption_max_length != c.text.max_length:
+    raise ConfigError(f"text.max_length is {c.text.max_length} but the DiT takes caption rows of "
+                      f"{mcfg.caption_max_length} tokens (model.preset {c.model.preset!r}); T5 "
+                      "rows are made text.max_length long, so set the two equal")
+  return mcfg
 
 
 def tokenizer_for(c):
@@ -54,13 +59,37 @@ def distilling(c) -> bool:
   return bool(c.get("distill", {}).get("teacher", ""))
 
 
+def token_head(c):
+  """The special tokens sampling puts before a caption (`text.special_tokens`, the official
+  special_tokens.npz, with `text.special_token_flags`), for precomputed T5 rows; None without."""
+  path = c.text.get("special_tokens", "")
+  if not path:
+    return None
+  from magi_jax.text.rows import TokenHead
+  from magi_jax.text.special_tokens import SpecialTokens, TextFlags
+  if c.text.kind != "precomputed":
+    raise ConfigError(f"text.special_tokens is set but text.kind is {c.text.kind!r}: special "
+                      "tokens go before precomputed T5 rows (text.kind='precomputed')")
+  try:
+    flags = TextFlags.parse(c.text.get("special_token_flags", "hq,duration"),
+                            field="config.text.special_token_flags")
+    special = SpecialTokens.load(path)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  width = model_config(c).caption_channels
+  if special.dim != width:
+    raise ConfigError(f"text.special_tokens {path}: tokens of width {special.dim}, the DiT's "
+                      f"caption rows are {width} wide")
+  return TokenHead.build(special, flags)
+
+
 def objective(c) -> Objective | DistillObjective:
   o = c.objective
   cond = ConditioningConfig(p_v2v=o.p_v2v, p_i2v=o.p_i2v, clean_t_min=o.clean_t_min,
                             text_dropout=o.text_dropout, t_mean=o.t_mean, t_std=o.t_std,
                             t_shift=o.t_shift)
   base = Objective(chunk_width=o.chunk_width, conditioning=cond, prediction=c.model.prediction,
-                   backend=c.model.backend)
+                   backend=c.model.backend, special=token_head(c))
   if not distilling(c):
     return base
   d = c.distill
@@ -100,12 +129,16 @@ def sample_settings(c) -> SampleSettings:
                         text_scale=s.text_scale, prev_scale=s.prev_scale)
 
 
-def build_model(c, tokenizer, *, with_teacher: bool = True) -> TrainModel:
-  """A TrainModel with fresh random weights (the trainer loads checkpoints over it).
+def build_model(c, tokenizer, *, with_teacher: bool = True, echo=None) -> TrainModel:
+  """A TrainModel with the config's init weights (the trainer loads checkpoints over it).
 
   A distillation run (`distilling(c)`) gets a distilled student DiT and, with `with_teacher`,
   a `teacher` TrainModel of the same architecture (base DiT and text encoder) whose weights
-  the trainer loads (`trainer.load_teacher`); evaluation builds the student alone."""
+  the trainer loads (`trainer.load_teacher`); evaluation builds the student alone.
+  init.kind='run' (magi_jax/train/stages.py): random weights, which a new run's trainer
+  replaces by the previous run's (a resume or evaluation restores its own over them); a LoRA
+  run's frozen base is the previous run's at every build (its checkpoints hold the adapters
+  only). echo: where that load reports (None: silent)."""
   mcfg = model_config(c)
   precision = Precision.named(c.model.precision)
   policy_name = c.model.get("remat_policy", DEFAULT_REMAT_POLICY)   # older run configs lack it
@@ -114,11 +147,15 @@ def build_model(c, tokenizer, *, with_teacher: bool = True) -> TrainModel:
   except RematPolicyError as e:
     raise ConfigError(f"config.model.remat_policy: {e}") from None
   distill = distilling(c)
+  from_run = c.init.kind == "run"
+  if from_run:
+    from magi_jax.train.stages import check_not_distilling
+    check_not_distilling(c)             # refused: a run is distilled through distill.teacher
   if distill and c.init.kind != "random" and c.distill.teacher != "init":
     raise ConfigError(f"config.init.kind={c.init.kind!r} with config.distill.teacher="
                       f"{c.distill.teacher!r}: a student starts from its teacher; set "
                       "distill.teacher='init' to distil the init weights")
-  if c.init.kind == "random":
+  if c.init.kind in ("random", "run"):
     dit = random_module(lambda: VideoDiT(mcfg, precision=precision, rngs=nnx.Rngs(c.seed)),
                         c.seed)
   elif c.init.kind == "official":
@@ -128,8 +165,13 @@ def build_model(c, tokenizer, *, with_teacher: bool = True) -> TrainModel:
     from magi_jax.convert.orbax_io import load_converted
     dit, _ = load_converted(c.init.path, precision=c.model.precision)
   else:
-    raise ConfigError(f"config.init.kind must be random | official | converted, got "
+    raise ConfigError(f"config.init.kind must be random | official | converted | run, got "
                       f"{c.init.kind!r}")
+  base = None
+  if from_run and c.lora.rank:          # the frozen base: not in this run's checkpoints
+    from magi_jax.train import stages
+    base = stages.previous_weights(c, echo or (lambda s: None))
+    stages.assign(dit, base[0], cast=True)
   teacher = None
   if distill:
     # The init weights (random when the teacher is a run: the trainer loads it over both) are
@@ -149,6 +191,8 @@ def build_model(c, tokenizer, *, with_teacher: bool = True) -> TrainModel:
   text = None
   if tokenizer is not None:
     text = text_kind(c).encoder(c, tokenizer, mcfg.caption_channels, nnx.Rngs(c.seed + 2))
+    if base is not None and base[1] is not None:     # frozen too in a LoRA run
+      stages.assign(text, base[1], cast=True)
   if teacher is not None:
     teacher.scan_layers = dit.scan_layers
     teacher = TrainModel(teacher, None if text is None else _copy(text))

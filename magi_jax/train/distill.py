@@ -207,7 +207,7 @@ def rows_for(model, batch, cond, x_t, obj: DistillObjective) -> _Rows:
   seg = batch["segment_ids"]
   F = obj.chunk_width
   tokens_per_chunk, token_frames = row_geometry(dit, x_t, seg, F)
-  y, m = caption_rows(model, batch, cond)
+  y, m = caption_rows(model, batch, cond, obj.base.special)
   null = dit.y_embedder.null_caption_embedding[...].astype(F32)
   null_m = (jnp.arange(y.shape[1]) < NULL_CAPTION_VALID).astype(F32)
   frame_index, frame_total = packed_frame_positions(seg, token_frames)

@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from magi_jax.text.rows import NULL_CAPTION_VALID
+from magi_jax.text.rows import NULL_CAPTION_VALID, TokenHead
 from magi_jax.diffusion import flow
 from magi_jax.diffusion.conditioning import ConditioningConfig, sample_conditioning
 from magi_jax.attention import ChunkMask
-from magi_jax.diffusion.segments import packed_frame_positions, packed_kv_ranges
+from magi_jax.diffusion.segments import packed_frame_positions, packed_kv_ranges, segment_layout
 
 F32 = jnp.float32
 T_BUCKETS = (0.0, 0.1, 0.3, 0.6, 1.0)     # per-level loss in TensorBoard: [0, .1), [.1, .3), ...
@@ -48,6 +48,7 @@ class Objective:
   conditioning: ConditioningConfig = ConditioningConfig()
   prediction: str = "velocity"
   backend: str = "auto"
+  special: TokenHead | None = None     # special tokens before precomputed caption rows
 
   def __post_init__(self):
     flow.check_prediction(self.prediction)
@@ -67,8 +68,26 @@ class Objective:
     return training_loss(model, batch, key, self.for_batch(batch))
 
 
-def caption_rows(model: TrainModel, batch, cond):
-  """(N·K, L, C) rows and (N·K, L) masks: captions, or the null caption where text is off."""
+def with_token_head(emb, mask, segment_ids, head: TokenHead):
+  """Precomputed rows (N·K, L, C) / masks with `head` in front of every chunk's caption, the
+  length kept (as sampling builds a noisy chunk's row: `text.rows.ChunkTextRows.cond`)."""
+  NK, L, C = emb.shape
+  P = head.rows.shape[0]
+  if P == 0:
+    return emb, mask
+  rows = jnp.broadcast_to(jnp.asarray(head.rows, F32)[None], (NK, P, C))
+  if head.duration_at >= 0:
+    index, _, length = segment_layout(segment_ids)
+    k = jnp.clip(length - index, 1, 8).reshape(-1) - 1
+    rows = rows.at[:, head.duration_at].set(jnp.asarray(head.durations, F32)[k])
+  emb = jnp.concatenate([rows, emb], axis=1)[:, :L]
+  mask = jnp.concatenate([jnp.ones((NK, P), mask.dtype), mask], axis=1)[:, :L]
+  return emb, mask
+
+
+def caption_rows(model: TrainModel, batch, cond, head: TokenHead | None = None):
+  """(N·K, L, C) rows and (N·K, L) masks: captions (precomputed T5 rows with `head`'s special
+  tokens in front), or the null caption where text is off."""
   if "text_tokens" in batch:
     if model.text_encoder is None:
       raise ValueError("the batch has text_tokens but the model has no text_encoder")
@@ -79,6 +98,8 @@ def caption_rows(model: TrainModel, batch, cond):
     N, K, L, C = batch["text_emb"].shape
     emb = batch["text_emb"].reshape(N * K, L, C).astype(F32)
     mask = batch["text_mask"].reshape(N * K, L).astype(F32)
+    if head is not None:
+      emb, mask = with_token_head(emb, mask, batch["segment_ids"], head)
   null = model.dit.y_embedder.null_caption_embedding[...].astype(F32)
   if null.shape != emb.shape[1:]:
     raise ValueError(f"caption rows {emb.shape[1:]} do not match the DiT's null caption "
@@ -137,7 +158,7 @@ def velocity_of_row(model: TrainModel, batch, cond, x0, obj: Objective):
   dit = model.dit
   tokens_per_chunk, token_frames = row_geometry(dit, x1, seg, obj.chunk_width)
   x_t = flow.interpolate(x0, x1, cond.frame_t)
-  y, m = caption_rows(model, batch, cond)
+  y, m = caption_rows(model, batch, cond, obj.special)
   frame_index, frame_total = packed_frame_positions(seg, token_frames)
   out = dit(x_t, cond.t, y, m, packed_mask(seg, tokens_per_chunk), caption_dropped=cond.text_drop,
             backend=obj.backend, frame_index=frame_index, frame_total=frame_total).velocity

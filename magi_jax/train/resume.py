@@ -20,6 +20,13 @@ RUN_CONTROL = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints
                "async_checkpoints", "max_consecutive_nans", "tensorboard", "sample_every",
                "sample_at_end", "sample", "evals", "resume", "compile_cache_dir")
 RESUME_MODES = ("same", "changed")
+# Fields added to the training config after runs were already being made, with the value that
+# does what the trainer did before the field existed: a run saved without the field resumes
+# with it at that value as the same run.
+ADDED_FIELDS = {"data.prepared_dir": "", "data.buckets": [], "data.image_ratio": 0.0,
+                "data.val_fraction": 0.0, "validation.every": 0, "validation.batches": 4,
+                "init.use_ema": True, "text.special_tokens": "",
+                "text.special_token_flags": "hq,duration"}
 SHOWN = 5                  # differing fields named in the message
 
 
@@ -37,13 +44,16 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
   """(field, saved value, current value) of every field outside RUN_CONTROL that differs; a
-  field only one side has shows as '<absent>' on the other."""
+  field only one side has shows as '<absent>' on the other (unless the run lacks a field of
+  ADDED_FIELDS that is at its former behaviour's value now)."""
   a, b = flatten(saved), flatten(json.loads(json.dumps(current)))    # tuples -> lists as saved
   out = []
   for key in sorted(set(a) | set(b)):
     if key.split(".")[0] in RUN_CONTROL:
       continue
     va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+    if va == "<absent>" and key in ADDED_FIELDS and vb == ADDED_FIELDS[key]:
+      continue
     if va != vb:
       out.append((key, va, vb))
   return out

@@ -27,7 +27,7 @@ from magi_jax.errors import MagiError
 from magi_jax.configs import ConfigError
 from magi_jax.parallel.mesh import describe
 from magi_jax.parallel.rules import axis_size, use_mesh
-from magi_jax.train import build
+from magi_jax.train import build, stages
 from magi_jax.train.checkpoint import Checkpointer
 from magi_jax.train.metrics import MetricsLog, plot_loss_curve
 from magi_jax.train.project import evaluators
@@ -127,15 +127,19 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
   check_resume(c, workdir, echo)      # a workdir of another run: refused before any work
   from magi_jax.train.data import check_prepared_data
   check_prepared_data(c)              # prepared data that does not fit: refused as early
+  from_run = stages.check_start(c, workdir, echo)    # init.kind='run': a previous run's weights
   os.makedirs(workdir, exist_ok=True)
   evals = evaluators(c)               # resolved now: a misspelt name fails before step 0
   tokenizer = build.tokenizer_for(c)
-  model = build.build_model(c, tokenizer)
+  model = build.build_model(c, tokenizer, echo=echo)
   if build.distilling(c):
     load_teacher(c, model, echo)
   obj = build.objective(c)
   graphdef, params, frozen = split_model(c, model)
-  dtypes = compute_dtypes(params)
+  dtypes = compute_dtypes(params)     # the config's, before a previous run's float32 masters
+  if from_run and not c.lora.rank:    # (a LoRA run's base came with build_model)
+    stages.start_from_run(c, model, echo)
+    graphdef, params, frozen = split_model(c, model)
   schedule, tx = build.optimizer(c)
   mesh, rules = build.mesh(c, devices), build.sharding_rules(c)
   check_batch(c, mesh, rules)

@@ -2,9 +2,10 @@
 latents per chunk on this process's devices + T5 rows per distinct caption -> array_record
 shards.
 
-Each video is decoded and cut as the `video_folder` training data cuts it
-(`tfds_video_folder.video_clips`: resample to fps, stretch to the frame size, clips of
-clip_frames every stride frames), while the next item decodes in a background thread. An image
+Each video is cut as the `video_folder` training data cuts it (`tfds_video_folder.video_clips`:
+resample to fps, stretch to the frame size, clips of clip_frames every stride frames), but read
+as ffmpeg decodes it (`media.read.stream_video`) on a background thread that stays a few clips
+ahead of the encoder: memory does not grow with a video's length. An image
 (png / jpg / jpeg / webp / bmp with a caption) is a one-frame video: one chunk of one frame,
 encoded as the VAE encodes a single frame (one latent frame). The frame size is
 height x width, or with `buckets` the bucket whose aspect ratio (log w/h) is nearest the
@@ -21,7 +22,6 @@ the job goes on.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import math
@@ -36,7 +36,7 @@ from magi_jax.data.errors import DataError
 from magi_jax.data.prepared import layout, records
 from magi_jax.data.prepared.layout import PrepareError
 from magi_jax.data.tfds_video_folder import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, load_captions,
-                                             video_clips, video_files, video_folder_config)
+                                             video_files)
 from magi_jax.media.errors import MediaError
 from magi_jax.models.vae_chunks import chunk_encoder
 
@@ -155,29 +155,113 @@ def folder_videos(folder: str) -> tuple[dict, dict, list[str]]:
   return captions, bad, stray
 
 
-def _decode(spec: PrepareSpec, folder: str, name: str, caption: str, chunks):
-  """((group, frames per chunk, clips), None) or (None, reason): one item, decoded."""
+def _video_clips(path: str, size, spec: PrepareSpec, caption: str, chunks):
+  """Yields (start_frame, {"frames", "chunk_captions"}) for the clips of one video as ffmpeg
+  decodes it (`media.read.stream_video`: a clip and a block of frames in memory, whatever the
+  video's length); the cuts of `tfds_video_folder.video_clips`."""
+  from magi_jax.media.read import stream_video
+  F, L, S = spec.frames_per_chunk, spec.clip_frames, spec.stride
+  C = L // F
+  buf, offset, start = None, 0, 0             # buf[0] is frame `offset` of the video
+  try:
+    for block in stream_video(path, size[0], size[1], fps=spec.fps):
+      buf = block if buf is None else np.concatenate([buf, block])
+      while start + L <= offset + len(buf):
+        k = start // F
+        texts = chunks[k:k + C] if chunks is not None else [caption] * C
+        if len(texts) < C:
+          raise DataError(f"{path}: has {len(chunks)} chunk_captions but its clips cover at "
+                          f"least {k + C} chunks of {F} frames")
+        yield start, {"frames": buf[start - offset:start - offset + L].copy(),
+                      "chunk_captions": list(texts)}
+        start += S
+      drop = min(start - offset, len(buf))
+      buf, offset = buf[drop:], offset + drop
+  except MediaError as e:
+    raise DataError(f"cannot read video: {e}") from e
+  if start == 0:
+    n = offset + (0 if buf is None else len(buf))
+    raise DataError(f"{path}: video has {n} frames at {spec.fps} fps, fewer than clip_frames {L}")
+
+
+def _open_item(spec: PrepareSpec, folder: str, name: str, caption: str, chunks):
+  """(group, frames per chunk, clip iterator) of one file; the iterator decodes lazily."""
   from magi_jax.media.read import frame_size, read_image
   path = os.path.join(folder, name)
   kind = item_kind(name)
-  try:
-    size = spec.sizes[0]
-    if len(spec.sizes) > 1:
-      size = nearest_bucket(*frame_size(path), spec.sizes)
-    group = group_name(split_of(name, spec.val_fraction), kind, size)
-    if kind == "image":
+  size = spec.sizes[0]
+  if len(spec.sizes) > 1:
+    size = nearest_bucket(*frame_size(path), spec.sizes)
+  group = group_name(split_of(name, spec.val_fraction), kind, size)
+  if kind == "image":
+    try:
+      frames = read_image(path, *size)
+    except MediaError as e:
+      raise DataError(f"cannot read image: {e}") from e
+    return group, 1, iter([(0, {"frames": frames, "chunk_captions": [caption]})])
+  return group, spec.frames_per_chunk, _video_clips(path, size, spec, caption, chunks)
+
+
+class _Reader:
+  """Decodes the files in order on a background thread into a small queue of events:
+  (name, "start", (group, F)), (name, "clip", (start, clip)), (name, "end" | "skip" | "error",
+  reason): decoding overlaps encoding, and at most `depth` clips wait in memory."""
+
+  def __init__(self, spec, folder, names, captions, bad, depth: int = 4):
+    import queue
+    import threading
+    self.q = queue.Queue(maxsize=depth)
+    self.stop = threading.Event()
+    self.thread = threading.Thread(target=self._run, args=(spec, folder, names, captions, bad),
+                                   daemon=True)
+    self.thread.start()
+
+  def _put(self, event) -> bool:
+    import queue
+    while not self.stop.is_set():
       try:
-        frames = read_image(path, *size)
-      except MediaError as e:
-        raise DataError(f"cannot read image: {e}") from e
-      return (group, 1, [(0, {"frames": frames, "chunk_captions": [caption]})]), None
-    cfg = video_folder_config(folder, height=size[0], width=size[1],
-                              clip_frames=spec.clip_frames,
-                              frames_per_chunk=spec.frames_per_chunk, stride=spec.stride,
-                              fps=spec.fps)
-    return (group, spec.frames_per_chunk, list(video_clips(cfg, name, caption, chunks))), None
-  except (DataError, MediaError) as e:
-    return None, str(e)
+        self.q.put(event, timeout=0.2)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _run(self, spec, folder, names, captions, bad):
+    for name in names:
+      if name in bad:
+        if not self._put((name, "skip", bad[name])):
+          return
+        continue
+      try:
+        group, F, clips = _open_item(spec, folder, name, *captions[name])
+        if not self._put((name, "start", (group, F))):
+          return
+        for clip in clips:
+          if not self._put((name, "clip", clip)):
+            return
+        ended = (name, "end", None)
+      except (DataError, MediaError) as e:
+        ended = (name, "error", str(e))
+      except BaseException as e:        # a bug: the consumer re-raises it
+        ended = (name, "crash", e)
+      if not self._put(ended):
+        return
+
+  def events(self, name):
+    """The events of file `name` (the next in order), up to its last."""
+    while True:
+      got, kind, payload = self.q.get()
+      if got != name:
+        raise RuntimeError(f"prepare: reader out of order ({got} for {name})")
+      if kind == "crash":
+        raise payload
+      yield kind, payload
+      if kind in ("end", "skip", "error"):
+        return
+
+  def close(self):
+    self.stop.set()
+    self.thread.join(timeout=10)
 
 
 def prepare_shards(spec: PrepareSpec, vae, text_encoder, *, process_index: int = 0,
@@ -210,45 +294,32 @@ def prepare_shards(spec: PrepareSpec, vae, text_encoder, *, process_index: int =
   if not todo:
     return results
   encoder = DeviceChunkEncoder(vae, devices or jax.local_devices(), chunks_per_device)
-  videos = [(s, name) for s in todo for name in plan[s]]
+  names = [name for s in todo for name in plan[s]]
   bar = None
   if progress:
     from tqdm import tqdm
-    bar = tqdm(total=len(videos), unit="file", desc=f"prepare p{process_index}",
+    bar = tqdm(total=len(names), unit="file", desc=f"prepare p{process_index}",
                dynamic_ncols=True, mininterval=2.0)
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-
-  def submit(i):
-    if i >= len(videos) or videos[i][1] not in captions:
-      return None
-    name = videos[i][1]
-    return pool.submit(_decode, spec, folder, name, *captions[name])
-
+  from array_record.python.array_record_module import ArrayRecordWriter
+  reader = _Reader(spec, folder, names, captions, bad)
   try:
-    pending = submit(0)
-    i = 0
     for s in todo:
       t0 = time.monotonic()
       layout.remove_leftovers(spec.out, s)
       tmp = layout.shard_path(spec.out, s) + f".tmp{os.getpid()}"
-      from array_record.python.array_record_module import ArrayRecordWriter
       writer = ArrayRecordWriter(tmp, "group_size:1")
       marker = {"shard": s, "settings": sid, "videos": list(plan[s]), "skipped": [],
                 "records": 0, "chunk_counts": [], "groups": [], "process": process_index}
       try:
         for name in plan[s]:
-          future, pending = pending, submit(i + 1)
-          i += 1
-          item, reason = (None, bad.get(name)) if future is None else future.result()
-          if item is None:
+          recs, reason = _encode_item(name, reader.events(name), encoder, text_encoder, spec)
+          if reason is not None:
             marker["skipped"].append({"video": name, "reason": reason})
-          else:
-            group, F, clips = item
-            for rec in _encode_item(name, clips, F, encoder, text_encoder, spec):
-              writer.write(records.encode_record(rec))
-              marker["records"] += 1
-              marker["chunk_counts"].append(len(rec["chunk_captions"]))
-              marker["groups"].append(group)
+          for group, rec in recs:             # a file's records land together or not at all
+            writer.write(records.encode_record(rec))
+            marker["records"] += 1
+            marker["chunk_counts"].append(len(rec["chunk_captions"]))
+            marker["groups"].append(group)
           if bar is not None:
             bar.update(1)
       finally:
@@ -264,32 +335,57 @@ def prepare_shards(spec: PrepareSpec, vae, text_encoder, *, process_index: int =
             f"{v['video']} ({v['reason']})" for v in marker["skipped"])
       (bar.write if bar is not None else echo)(msg)
   finally:
-    pool.shutdown(wait=True, cancel_futures=True)
+    reader.close()
     if bar is not None:
       bar.close()
   return sorted(results, key=lambda r: r.marker["shard"])
 
 
-def _encode_item(name, clips, F, encoder, text_encoder, spec: PrepareSpec):
-  """Yields the records of one item's clips (latents and text rows); F frames per chunk."""
-  frames = np.stack([rec["frames"] for _, rec in clips])            # (n, clip_frames, H, W, 3)
-  n, T = frames.shape[:2]
-  z = encoder(frames.reshape((n * (T // F), F) + frames.shape[2:]))  # (n C, z, cw, h, w)
-  z = z.reshape((n, T // F) + z.shape[1:])
-  texts = sorted({t for _, rec in clips for t in rec["chunk_captions"]})
-  emb, mask = text_encoder.encode(texts)
-  emb, mask = np.asarray(emb), np.asarray(mask)
-  if emb.shape[:2] != (len(texts), spec.max_length) or mask.shape != emb.shape[:2]:
-    raise PrepareError(f"the text encoder returned rows {emb.shape} / mask {mask.shape} for "
-                       f"{len(texts)} captions; expected ({len(texts)}, {spec.max_length}, D)")
-  row = {t: k for k, t in enumerate(texts)}
-  for k, (start, rec) in enumerate(clips):
-    caps = list(rec["chunk_captions"])
-    idx = [row[t] for t in caps]
-    # (C, z, cw, h, w) -> (C·cw, h, w, z): time first, as the pipeline packs it.
-    out = {"video": name, "start_frame": int(start), "latents": _time_first(z[k])}
-    out.update(records.clip_text(emb[idx], mask[idx], caps, f"{name}@{start}"))
-    yield out
+def _encode_item(name, events, encoder, text_encoder, spec: PrepareSpec):
+  """([(group, record)], None) for a file's clips, or ([], reason) when it is skipped.
+
+  Clips are encoded in groups of at least the encoder's call size (full device batches); the
+  T5 rows of each distinct caption are computed once per file."""
+  group, F, recs, pending, rows = None, None, [], [], {}
+
+  def flush():
+    if not pending:
+      return
+    frames = np.stack([clip["frames"] for _, clip in pending])  # (n, clip_frames, H, W, 3)
+    n, T = frames.shape[:2]
+    z = encoder(frames.reshape((n * (T // F), F) + frames.shape[2:]))
+    z = z.reshape((n, T // F) + z.shape[1:])                     # (n, C, z, cw, h, w)
+    texts = sorted({t for _, clip in pending for t in clip["chunk_captions"]} - set(rows))
+    if texts:
+      emb, mask = text_encoder.encode(texts)
+      emb, mask = np.asarray(emb), np.asarray(mask)
+      if emb.shape[:2] != (len(texts), spec.max_length) or mask.shape != emb.shape[:2]:
+        raise PrepareError(f"the text encoder returned rows {emb.shape} / mask {mask.shape} "
+                           f"for {len(texts)} captions; expected ({len(texts)}, "
+                           f"{spec.max_length}, D)")
+      rows.update({t: (emb[k], mask[k]) for k, t in enumerate(texts)})
+    for k, (start, clip) in enumerate(pending):
+      caps = list(clip["chunk_captions"])
+      rec = {"video": name, "start_frame": int(start), "latents": _time_first(z[k])}
+      rec.update(records.clip_text(np.stack([rows[t][0] for t in caps]),
+                                   np.stack([rows[t][1] for t in caps]), caps,
+                                   f"{name}@{start}"))
+      recs.append((group, rec))
+    pending.clear()
+
+  for kind, payload in events:
+    if kind in ("skip", "error"):
+      for _ in events:        # drain (nothing follows a skip or an error)
+        pass
+      return [], payload
+    if kind == "start":
+      group, F = payload
+    elif kind == "clip":
+      pending.append(payload)
+      if sum(len(clip["chunk_captions"]) for _, clip in pending) >= encoder.group:
+        flush()
+  flush()
+  return recs, None
 
 
 def _time_first(z: np.ndarray) -> np.ndarray:
