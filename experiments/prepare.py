@@ -26,6 +26,8 @@ _PER_SHARD = flags.DEFINE_integer("videos_per_shard", 8, "videos per shard (the 
 _PER_DEVICE = flags.DEFINE_integer("chunks_per_device", 2, "chunks each device encodes per "
                                    "call (memory against speed; the latents do not change)",
                                    lower_bound=1)
+_TFDS = flags.DEFINE_string("tfds_dir", "", "encode the clips of a built video_folder TFDS "
+                            "dataset (its version directory) instead of data.video_dir")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar with ETA on stderr")
 
 
@@ -44,7 +46,8 @@ def main(argv):
   c = _CONFIG.value
   compile_cache.enable(c.get("compile_cache_dir", ""))
   prepare_from_config(c, _OUT.value, videos_per_shard=_PER_SHARD.value,
-                      chunks_per_device=_PER_DEVICE.value, progress=_PROGRESS.value)
+                      chunks_per_device=_PER_DEVICE.value, tfds_dir=_TFDS.value,
+                      progress=_PROGRESS.value)
 
 
 if __name__ == "__main__":

@@ -186,6 +186,42 @@ def test_config_and_directory_mismatches_are_refused(prepared, folder, tmp_path)
     train_iterator(c, None, str(tmp_path), num_threads=0)
 
 
+def test_a_built_video_folder_dataset_prepares_to_the_same_clips(prepared, folder, tmp_path):
+  """The TFDS dataset `data.kind=video_folder` builds (frames + captions per clip) as the source:
+  the same latents and rows as preparing the folder itself; a dataset of other clips is refused."""
+  import shutil
+  from magi_jax.data.tfds_video_folder import make_builder
+  out1, _, _ = prepared
+  good = tmp_path / "good"
+  good.mkdir()
+  with open(os.path.join(folder, "captions.json")) as f:
+    caps = json.load(f)
+  for name in GOOD:
+    shutil.copy(os.path.join(folder, name), good / name)
+  (good / "captions.json").write_text(json.dumps({n: caps[n] for n in GOOD}))
+  builder = make_builder(tmp_path / "tfds", str(good), height=SIZE, width=SIZE,
+                         clip_frames=FPC, frames_per_chunk=FPC)
+  out = str(tmp_path / "from_tfds")
+  c = prep_config(folder, out)
+  manifest = prepare_from_config(c, videos_per_shard=3, tfds_dir=builder.data_dir,
+                                 echo=lambda s: None, progress=False)
+  assert manifest["settings"]["source"] == "tfds" and manifest["totals"]["clips"] == 7
+  ref = PreparedSource(out1)
+  by_clip = {(r["video"], r["start_frame"]): r for r in map(ref.record, range(len(ref)))}
+  src = PreparedSource(out)
+  for i in range(len(src)):
+    rec = src.record(i)
+    want = by_clip[(rec["video"], rec["start_frame"])]
+    for k in ("latents", "text_emb", "text_len", "chunk_text"):
+      np.testing.assert_array_equal(rec[k], want[k])
+    assert rec["chunk_captions"] == want["chunk_captions"]
+  c.data.stride = 2 * FPC
+  with pytest.raises(PrepareError, match=r"clips differ from the config's data section: stride "
+                                         r"8 there, 16 in the config"):
+    prepare_from_config(c, str(tmp_path / "other"), tfds_dir=builder.data_dir,
+                        echo=lambda s: None, progress=False)
+
+
 def _env(**extra):
   env = {k: v for k, v in os.environ.items() if not k.startswith(("MAGI_", "SLURM_", "TPU_"))}
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),

@@ -50,9 +50,11 @@ def encoder_identity(c, vae, text_encoder) -> dict:
   }
 
 
-def spec_from_config(c, out: str, *, videos_per_shard: int, identity: dict) -> PrepareSpec:
+def spec_from_config(c, out: str, *, videos_per_shard: int, identity: dict,
+                     tfds_dir: str = "") -> PrepareSpec:
   d = c.data
-  return PrepareSpec(folder=_need(c, "data.video_dir", d.video_dir), out=out, height=d.height,
+  folder = "" if tfds_dir else _need(c, "data.video_dir", d.video_dir)
+  return PrepareSpec(folder=folder, tfds_dir=tfds_dir, out=out, height=d.height,
                      width=d.width, clip_frames=d.clip_frames, frames_per_chunk=d.frames_per_chunk,
                      stride=d.stride, videos_per_shard=videos_per_shard,
                      max_length=c.text.max_length,
@@ -61,16 +63,23 @@ def spec_from_config(c, out: str, *, videos_per_shard: int, identity: dict) -> P
 
 
 def prepare_from_config(c, out: str = "", *, videos_per_shard: int = 8,
-                        chunks_per_device: int = 2, echo: Callable[[str], None] = print,
+                        chunks_per_device: int = 2, tfds_dir: str = "",
+                        echo: Callable[[str], None] = print,
                         progress: bool = True) -> dict | None:
   """Runs this process's part of the preparation; returns the manifest on process 0 (None on
-  the others). out: the directory (default `data.prepared_dir`)."""
+  the others). out: the directory (default `data.prepared_dir`); tfds_dir: a built
+  `video_folder` TFDS dataset (its version directory) to encode instead of data.video_dir
+  (its clips; videos_per_shard then counts clips)."""
   out = out or _need(c, "data.prepared_dir (or --out)", c.data.prepared_dir)
   if c.vae.kind == "none":
     raise ConfigError("experiments.prepare encodes latents: config.vae.kind is 'none' (pixel "
                       "space); set vae.kind / vae.path to the VAE the run trains with")
   _need(c, "text.t5_path", c.text.t5_path)
-  if not os.path.isdir(_need(c, "data.video_dir", c.data.video_dir)):
+  if tfds_dir:
+    if not os.path.isdir(tfds_dir):
+      raise ConfigError(f"--tfds_dir={tfds_dir!r} is not a directory (a built video_folder "
+                        "dataset's version directory, e.g. <data_dir>/video_folder/custom_*/1.0.0)")
+  elif not os.path.isdir(_need(c, "data.video_dir", c.data.video_dir)):
     raise ConfigError(f"config.data.video_dir={c.data.video_dir!r} is not a directory (a folder "
                       "of mp4 files and captions.json)")
   if isinstance(videos_per_shard, bool) or videos_per_shard < 1:
@@ -80,7 +89,7 @@ def prepare_from_config(c, out: str = "", *, videos_per_shard: int = 8,
   vae = frozen_vae(c)
   text = load_text_encoder(c.text.t5_path, max_length=c.text.max_length)
   spec = spec_from_config(c, out, videos_per_shard=videos_per_shard,
-                          identity=encoder_identity(c, vae, text))
+                          identity=encoder_identity(c, vae, text), tfds_dir=tfds_dir)
   pi, pc = jax.process_index(), jax.process_count()
   prepare_shards(spec, vae, text, process_index=pi, process_count=pc,
                  chunks_per_device=chunks_per_device, echo=echo, progress=progress)
@@ -94,9 +103,9 @@ def prepare_from_config(c, out: str = "", *, videos_per_shard: int = 8,
 
 def finish(spec: PrepareSpec, echo: Callable[[str], None] = print) -> dict:
   """Process 0: every shard's marker checked, the manifest written."""
-  from magi_jax.data.prepared.job import folder_videos, settings_of
+  from magi_jax.data.prepared.job import settings_of, source_items
   settings = settings_of(spec)
-  captions, bad, stray = folder_videos(os.path.abspath(spec.folder))
+  captions, bad, stray = source_items(spec)
   plan = layout.shard_plan(list(captions) + list(bad), spec.videos_per_shard)
   sid = layout.settings_hash(settings)
   markers, missing = [], []

@@ -57,6 +57,7 @@ class PrepareSpec:
   max_length: int = 800
   buckets: tuple = ()              # ((h, w), ...); () = ((height, width),)
   val_fraction: float = 0.0
+  tfds_dir: str = ""               # instead of `folder`: a built `video_folder` TFDS dataset
   identity: dict = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
@@ -87,9 +88,57 @@ MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
 
 
 def settings_of(spec: PrepareSpec) -> dict:
-  """The spec's settings with the fingerprint of its folder's media files and captions."""
+  """The spec's settings with the fingerprint of its folder's media files and captions (or of
+  its TFDS dataset's files)."""
+  if spec.tfds_dir:
+    return dict(spec.settings(tfds_fingerprint(spec)), source="tfds")
   from magi_jax.data.tfds_video_folder import folder_fingerprint
   return spec.settings(folder_fingerprint(os.path.abspath(spec.folder), MEDIA_EXTENSIONS))
+
+
+def open_tfds(spec: PrepareSpec):
+  """The `train` split of the built `video_folder` dataset at spec.tfds_dir (its version
+  directory, e.g. <data_dir>/video_folder/custom_1a2b3c4d/1.0.0), checked against the spec."""
+  import json
+  import tensorflow_datasets as tfds
+  try:
+    builder = tfds.builder_from_directory(spec.tfds_dir)
+    params = json.loads(builder.info.config_description or "{}")
+  except Exception as e:      # tfds raises many types for a directory that is not a dataset
+    raise PrepareError(f"{spec.tfds_dir}: not a built TFDS dataset directory ({e})") from None
+  if "frames" not in builder.info.features or "chunk_captions" not in builder.info.features:
+    raise PrepareError(f"{spec.tfds_dir}: not a video_folder dataset (no frames / "
+                       "chunk_captions features)")
+  want = {"height": spec.height, "width": spec.width, "fps": spec.fps,
+          "clip_frames": spec.clip_frames, "stride": spec.stride,
+          "frames_per_chunk": spec.frames_per_chunk}
+  diff = [f"{k} {params.get(k)!r} there, {v!r} in the config" for k, v in want.items()
+          if params.get(k) != v]
+  if diff:
+    raise PrepareError(f"{spec.tfds_dir}: the dataset's clips differ from the config's data "
+                       "section: " + "; ".join(diff))
+  if spec.buckets:
+    raise PrepareError("data.buckets: the clips of a TFDS dataset are already cut to one size; "
+                       "prepare from the video folder to bucket them")
+  return builder.as_data_source("train")
+
+
+def tfds_fingerprint(spec: PrepareSpec) -> str:
+  h = hashlib.sha256()
+  for f in sorted(os.listdir(spec.tfds_dir)):
+    path = os.path.join(spec.tfds_dir, f)
+    if os.path.isfile(path):
+      h.update(f"{f}\0{os.path.getsize(path)}\n".encode())
+  return h.hexdigest()
+
+
+def source_items(spec: PrepareSpec) -> tuple[dict, dict, list[str]]:
+  """(items to prepare -> their captions, {item: reason} of items skipped up front, notes on
+  captions without a file): a folder's files (`folder_videos`), or a TFDS dataset's records
+  by index ("00000042"; each record is one clip with its captions)."""
+  if spec.tfds_dir:
+    return {f"{i:08d}": (None, None) for i in range(len(open_tfds(spec)))}, {}, []
+  return folder_videos(os.path.abspath(spec.folder))
 
 
 def item_kind(name: str) -> str:
@@ -202,6 +251,18 @@ def _open_item(spec: PrepareSpec, folder: str, name: str, caption: str, chunks):
   return group, spec.frames_per_chunk, _video_clips(path, size, spec, caption, chunks)
 
 
+def _tfds_item(spec: PrepareSpec, source, name: str):
+  """(group, frames per chunk, one clip) of TFDS record `name` (its index)."""
+  rec = source[int(name)]
+  text = lambda v: v.decode("utf-8") if isinstance(v, (bytes, np.bytes_)) else str(v)
+  video = text(rec["video"])
+  frames = np.asarray(rec["frames"])
+  group = group_name(split_of(video, spec.val_fraction), "video", frames.shape[1:3])
+  clip = {"frames": frames, "chunk_captions": [text(t) for t in rec["chunk_captions"]],
+          "video": video}
+  return group, spec.frames_per_chunk, iter([(int(rec["start_frame"]), clip)])
+
+
 class _Reader:
   """Decodes the files in order on a background thread into a small queue of events:
   (name, "start", (group, F)), (name, "clip", (start, clip)), (name, "end" | "skip" | "error",
@@ -227,13 +288,17 @@ class _Reader:
     return False
 
   def _run(self, spec, folder, names, captions, bad):
+    source = open_tfds(spec) if spec.tfds_dir else None
     for name in names:
       if name in bad:
         if not self._put((name, "skip", bad[name])):
           return
         continue
       try:
-        group, F, clips = _open_item(spec, folder, name, *captions[name])
+        if source is not None:
+          group, F, clips = _tfds_item(spec, source, name)
+        else:
+          group, F, clips = _open_item(spec, folder, name, *captions[name])
         if not self._put((name, "start", (group, F))):
           return
         for clip in clips:
@@ -273,11 +338,11 @@ def prepare_shards(spec: PrepareSpec, vae, text_encoder, *, process_index: int =
   mask (n, L)) with L = spec.max_length (`text.TextEncoder`); devices: the local devices to
   encode on (default: all of this process's).
   """
-  folder = os.path.abspath(spec.folder)
+  folder = "" if spec.tfds_dir else os.path.abspath(spec.folder)
   settings = settings_of(spec)
   sid = layout.settings_hash(settings)
   layout.claim_directory(spec.out, settings)
-  captions, bad, stray = folder_videos(folder)
+  captions, bad, stray = source_items(spec)
   for reason in stray:
     echo(f"prepare: warning: {reason}")
   plan = layout.shard_plan(list(captions) + list(bad), spec.videos_per_shard)
@@ -366,7 +431,8 @@ def _encode_item(name, events, encoder, text_encoder, spec: PrepareSpec):
       rows.update({t: (emb[k], mask[k]) for k, t in enumerate(texts)})
     for k, (start, clip) in enumerate(pending):
       caps = list(clip["chunk_captions"])
-      rec = {"video": name, "start_frame": int(start), "latents": _time_first(z[k])}
+      rec = {"video": clip.get("video", name), "start_frame": int(start),
+             "latents": _time_first(z[k])}
       rec.update(records.clip_text(np.stack([rows[t][0] for t in caps]),
                                    np.stack([rows[t][1] for t in caps]), caps,
                                    f"{name}@{start}"))
