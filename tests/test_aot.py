@@ -1,15 +1,19 @@
 """The capacity planner (magi_jax.aot): the project's programs compiled for TPU topologies.
 
 Tiny preset only, on v5e:1x1 (one chip) and v5e:2x2 (four): the sampler steps, T5 and VAE,
-and the train step compile with fits true and sane per-device figures; an absurd video size
+and the train step (full, and LoRA: adapters only trained, the base frozen) compile with fits
+true and sane per-device figures; an absurd video size
 is refused by the TPU compiler and reported with its message (not raised); bad arguments
 raise AOTError / exit 2 before anything compiles. Needs libtpu (`pip install -e ".[aot]"`).
 """
 
 import importlib.util
 import json
+import math
 
+import jax
 import pytest
+from flax import nnx
 
 if importlib.util.find_spec("libtpu") is None:
   pytest.skip('libtpu is not installed (pip install -e ".[aot]"): the planner compiles for TPU '
@@ -19,9 +23,12 @@ from magi_jax.aot import AOTError, plan  # noqa: E402
 from magi_jax.aot import compile as aot_compile  # noqa: E402
 from magi_jax.aot import topology  # noqa: E402
 from magi_jax.aot.__main__ import main  # noqa: E402
+from magi_jax.aot.report import table  # noqa: E402
 from magi_jax.aot.sizes import size_for_tokens  # noqa: E402
 from magi_jax.aot.steady import default_chunks, steady_calls  # noqa: E402
 from magi_jax.configs import get_preset  # noqa: E402
+from magi_jax.models import Precision, VideoDiT  # noqa: E402
+from magi_jax.train import lora  # noqa: E402
 
 V5E_HBM = 15.75
 
@@ -66,6 +73,53 @@ def test_train_on_four_devices(mesh, desc, chunks, train_one_chip):
   assert r.devices == 4 and r.mesh == desc
   # Weights and AdamW moments are split over fsdp: less state per device than on one chip.
   assert r.args_gib < train_one_chip[0].args_gib
+
+
+def finetune_lora_config():
+  from experiments.configs import finetune_lora
+  return finetune_lora.get_config().lora
+
+
+def adapter_parameters(preset: str, rank: int, alpha: float, targets) -> tuple[int, int]:
+  """(what train.lora's adapters hold, rank x (in + out) per layer and target by hand) for
+  the preset's DiT: two counts that do not go through the planner."""
+  cfg = get_preset(preset)
+  make = lambda: VideoDiT(cfg.model, precision=Precision.bf16(), rngs=nnx.Rngs(0))
+  adapted = nnx.eval_shape(lambda: lora.apply_lora(make(), rank=rank, alpha=alpha,
+                                                   targets=targets, rngs=nnx.Rngs(1)))
+  from_lora = sum(math.prod(x.shape) for x in jax.tree.leaves(lora.lora_state(adapted)))
+  layers = nnx.eval_shape(make).layers
+  by_hand = 0
+  for t in targets:
+    n_layers, d_in, d_out = getattr(layers, t).kernel.shape
+    by_hand += n_layers * rank * (d_in + d_out)
+  return from_lora, by_hand
+
+
+def test_lora_train_step(train_one_chip):
+  """The LoRA fine-tune's step (finetune_lora.py's rank and alpha): it compiles, says it is a
+  LoRA job, holds less per device than full training (bf16 frozen base, fp32 masters and AdamW
+  moments for the adapters only), and trains exactly the adapters train.lora makes; sharded
+  over fsdp on four devices it holds less again."""
+  c = finetune_lora_config()
+  assert tuple(c.targets) == lora.DEFAULT_TARGETS        # the planner's adapters: the config's
+  (r,) = plan(job="train", preset="tiny", topology="v5e:1x1", lora_rank=c.rank,
+              lora_alpha=c.alpha)
+  (full,) = train_one_chip
+  check_fits([r])
+  assert (r.lora_rank, r.lora_alpha, full.lora_rank) == (16, 16.0, 0)
+  assert "LoRA rank 16, alpha 16 on q,k,v,qx,kx,vx,proj,fc1,fc2" in r.notes
+  assert "train (LoRA rank 16, alpha 16) tiny" in table([r])
+  assert r.args_gib < 0.5 * full.args_gib
+  from_lora, by_hand = adapter_parameters("tiny", c.rank, c.alpha, tuple(c.targets))
+  assert r.trainable_params == from_lora == by_hand > 0
+  assert f"{from_lora:,} trainable parameters" in table([r])
+  assert full.trainable_params > r.trainable_params       # tiny: rank 16 is 20% of it
+  (four,) = plan(job="train", preset="tiny", topology="v5e:2x2", mesh="fsdp:4",
+                 lora_rank=c.rank)
+  check_fits([four])
+  assert four.trainable_params == from_lora and four.lora_alpha == 16.0   # alpha: the rank
+  assert four.args_gib < r.args_gib
 
 
 def test_distill_step_on_four_devices(train_one_chip):
@@ -114,6 +168,10 @@ def test_refusal_is_reported_by_the_command(capsys):
     (dict(tokens=8, chunks=2), "not both"),
     (dict(topology="v5e:2x2", mesh="context:4", chunks=6), "6 chunks per row do not split"),
     (dict(job="distill", preset="4.5B_distill"), "the teacher's base preset"),
+    (dict(job="sample", lora_rank=16), "--lora_rank=16 is for --job=train or --job=distill"),
+    (dict(lora_alpha=16.0), "--lora_alpha=16.0 without --lora_rank"),
+    (dict(lora_rank=-1), "non-negative integer"),
+    (dict(lora_rank=4, lora_alpha=float("inf")), "finite number"),
 ])
 def test_argument_errors_before_compiling(request_, match, monkeypatch):
   def no_compile(*a, **k):
@@ -130,6 +188,11 @@ def test_command_exit_2_on_bad_arguments(capsys):
   assert main(["aot", "--job=train", "--preset=tiny"]) == 2
   assert "missing --topology" in capsys.readouterr().err
   assert main(["aot", "--job=fly", "--preset=tiny", "--topology=v5e:1x1"]) == 2
+  capsys.readouterr()
+  assert main(["aot", "--job=sample", "--preset=tiny", "--topology=v5e:1x1",
+               "--lora_rank=16"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: --lora_rank=16 is for --job=train") and err.count("\n") == 1
 
 
 def test_missing_libtpu_names_the_extra(monkeypatch):

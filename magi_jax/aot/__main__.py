@@ -7,6 +7,8 @@ per-device memory (GiB) and whether the TPU compiler accepts them:
       --topology=v5e:1x1
   python -m magi_jax.aot --job=train --preset=4.5B_base --height=480 --width=832 --chunks=4 \
       --topology=v5p:2x2x1 --mesh=fsdp:4 --json
+  python -m magi_jax.aot --job=train --preset=4.5B_base --height=480 --width=832 --chunks=4 \
+      --topology=v5e:2x2 --mesh=fsdp:4 --lora_rank=16 --json      # LoRA fine-tune
 
 --json prints one JSON object per program and line (fields: magi_jax/aot/report.py). Exit
 status 0 when every program fits, 1 when the compiler refuses one, 2 for a bad argument
@@ -53,6 +55,11 @@ flags.DEFINE_enum("t5_dtype", "float32", ["float32", "bfloat16"], "sample: T5 we
                   flag_values=FLAGS)
 flags.DEFINE_enum("dit_weights", "bf16", ["bf16", "int8"], "sample: the DiT's weights (int8: "
                   "per-channel weight-only, magi_jax/models/quant.py)", flag_values=FLAGS)
+flags.DEFINE_integer("lora_rank", 0, "train / distill: > 0 trains LoRA adapters of this rank "
+                     "only (base weights frozen in bf16, AdamW state for the adapters); 0: every "
+                     "weight", flag_values=FLAGS)
+flags.DEFINE_float("lora_alpha", None, "with --lora_rank: the adapters' alpha (default: the "
+                   "rank)", flag_values=FLAGS)
 flags.DEFINE_boolean("json", False, "one JSON object per program per line", flag_values=FLAGS)
 
 REQUIRED = ("job", "preset", "topology")
@@ -91,7 +98,8 @@ def main(argv=None) -> int:
                  mesh=FLAGS.mesh or None, height=FLAGS.height, width=FLAGS.width,
                  chunks=FLAGS.chunks, tokens=FLAGS.tokens, batch=FLAGS.batch,
                  programs=FLAGS.programs or None, ema=FLAGS.ema, t5_dtype=FLAGS.t5_dtype,
-                 dit_weights=FLAGS.dit_weights)
+                 dit_weights=FLAGS.dit_weights, lora_rank=FLAGS.lora_rank,
+                 lora_alpha=FLAGS.lora_alpha)
   echo = lambda s: print(s, file=sys.stderr, flush=True)
   try:
     reports = iter_plan(echo=echo, **request)

@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from magi_jax.aot.job import LoRA
 from magi_jax.configs import MagiConfig
 from magi_jax.models import Precision, VideoDiT
 from magi_jax.models.quant import quantize_int8
@@ -17,15 +18,21 @@ from magi_jax.parallel.rules import ShardingRules, fit_spec, tree_shardings
 
 
 def abstract_dit(cfg: MagiConfig, precision: Precision | None = None,
-                 distill: bool | None = None, int8: bool = False) -> VideoDiT:
+                 distill: bool | None = None, int8: bool = False,
+                 lora: LoRA | None = None) -> VideoDiT:
   """The preset's DiT with ShapeDtypeStruct parameters (bf16 weights by default); `distill`
   overrides the preset's architecture (a distillation job's student); `int8`: the layers'
-  kernels as int8 values and scales (models/quant.py)."""
+  kernels as int8 values and scales (models/quant.py); `lora`: adapters on its targets, added
+  by `train.lora.apply_lora` as the trainer adds them (float32 `nnx.LoRAParam`s next to the
+  base kernels, which keep their paths and dtype)."""
   precision = precision or Precision.bf16()
   distill = cfg.engine.distill if distill is None else distill
 
   def make():
     m = VideoDiT(cfg.model, precision=precision, distill=distill, rngs=nnx.Rngs(0))
+    if lora is not None:
+      from magi_jax.train.lora import apply_lora
+      apply_lora(m, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, rngs=nnx.Rngs(1))
     return quantize_int8(m) if int8 else m
   return nnx.eval_shape(make)
 

@@ -43,7 +43,10 @@ def refusal_message(err: Exception) -> str:
 def compile_program(job, program: Program, echo=None) -> ProgramReport:
   base = dict(job=job.kind, program=program.name, preset=job.preset, topology=job.topology.name,
               mesh=job.mesh_desc, devices=job.topology.num_devices,
-              chips=job.topology.num_chips, notes=program.notes)
+              chips=job.topology.num_chips, notes=program.notes,
+              lora_rank=job.lora.rank if job.lora else 0,
+              lora_alpha=job.lora.alpha if job.lora else None,
+              trainable_params=program.trainable_params)
   hbm = job.topology.chip.usable_gib
   if echo:
     echo(f"compiling {job.kind}/{program.name} for {job.topology.name} (mesh {job.mesh_desc})")

@@ -15,6 +15,17 @@ JOBS = ("sample", "train", "distill")   # distill: the train step of a distillat
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRA:
+  """A LoRA fine-tune's adapters (`train.lora.apply_lora`): only they train."""
+  rank: int
+  alpha: float
+  targets: tuple[str, ...]     # the TransformerLayer's Linear maps that get adapters
+
+  def describe(self) -> str:
+    return f"LoRA rank {self.rank}, alpha {self.alpha:g}"
+
+
+@dataclasses.dataclass(frozen=True)
 class Job:
   kind: str                    # 'sample' | 'train' | 'distill'
   preset: str
@@ -29,3 +40,4 @@ class Job:
   ema: bool = False            # train: keep an EMA of the parameters in the state
   t5_dtype: str = "float32"    # sample: T5 parameter / compute dtype
   dit_weights: str = "bf16"    # sample: the DiT's weights, bf16 | int8 (models/quant.py)
+  lora: LoRA | None = None     # train / distill: train LoRA adapters only (None: every weight)

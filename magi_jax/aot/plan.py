@@ -10,15 +10,20 @@ steady.default_chunks); train --chunks is the chunks per packed row (default: th
 num_frames, 4 for the 96-frame MAGI-1 presets), or --tokens per row (sizes.size_for_tokens);
 on a mesh with context > 1 the chunk count must split over it (sizes.check_context_split).
 Missing --height/--width take the preset's runtime video size.
+
+LoRA (`lora_rank` > 0, train and distill jobs): the step trains adapters of that rank on
+`train.lora.DEFAULT_TARGETS` (the fine-tuning configs' `lora.targets`) with `lora_alpha`
+(default: the rank, so alpha / rank = 1), the base weights frozen; see train_programs.py.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 
 from magi_jax.aot.errors import AOTError
-from magi_jax.aot.job import JOBS, Job
+from magi_jax.aot.job import JOBS, Job, LoRA
 from magi_jax.aot.mesh import build_mesh
 from magi_jax.aot.programs import build_programs, select_families
 from magi_jax.aot.report import ProgramReport
@@ -40,6 +45,7 @@ def resolve(*, job: str, preset: str, topology: str, mesh: str | None = None,
             height: int | None = None, width: int | None = None, chunks: int | None = None,
             batch: int = 1, tokens: int | None = None, programs: str | None = None,
             ema: bool = False, t5_dtype: str = "float32", dit_weights: str = "bf16",
+            lora_rank: int = 0, lora_alpha: float | None = None,
             rules: ShardingRules | None = None) -> Job:
   """Checks every argument and builds the mesh; AOTError naming the flag otherwise."""
   if job not in JOBS:
@@ -65,6 +71,7 @@ def resolve(*, job: str, preset: str, topology: str, mesh: str | None = None,
     raise AOTError("--dit_weights=int8 is for --job=sample (int8 weights are for inference)")
   if t5_dtype not in T5_DTYPES:
     raise AOTError(f"--t5_dtype={t5_dtype!r}: choose one of {', '.join(T5_DTYPES)}")
+  lora = resolve_lora(job, lora_rank, lora_alpha)
   topo = topology if isinstance(topology, Topology) else get_topology(topology)
   device_mesh, desc = build_mesh(mesh, job, topo.devices)
   if job in ("train", "distill"):
@@ -80,7 +87,29 @@ def resolve(*, job: str, preset: str, topology: str, mesh: str | None = None,
     check_context_split(size, context)
   return Job(kind=job, preset=preset, cfg=cfg, topology=topo, mesh=device_mesh, mesh_desc=desc,
              rules=rules or ShardingRules(), size=size, batch=batch, programs=families,
-             ema=ema, t5_dtype=t5_dtype, dit_weights=dit_weights)
+             ema=ema, t5_dtype=t5_dtype, dit_weights=dit_weights, lora=lora)
+
+
+def resolve_lora(job: str, rank, alpha) -> LoRA | None:
+  """The LoRA adapters of a train / distill request (None: every weight trains)."""
+  if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
+    raise AOTError(f"--lora_rank={rank!r}: must be a non-negative integer (0: full training)")
+  if not rank:
+    if alpha is not None:
+      raise AOTError(f"--lora_alpha={alpha!r} without --lora_rank: alpha scales LoRA adapters; "
+                     "give --lora_rank=N (> 0) too")
+    return None
+  if job == "sample":
+    raise AOTError(f"--lora_rank={rank} is for --job=train or --job=distill (the step that "
+                   "trains the adapters); the sampler merges adapters into the base weights "
+                   "(generate/trained.py): plan a LoRA model's sampling with --job=sample alone")
+  if alpha is None:
+    alpha = float(rank)
+  if (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+      or not math.isfinite(float(alpha))):
+    raise AOTError(f"--lora_alpha={alpha!r}: must be a finite number")
+  from magi_jax.train.lora import DEFAULT_TARGETS
+  return LoRA(rank=int(rank), alpha=float(alpha), targets=DEFAULT_TARGETS)
 
 
 def iter_plan(*, echo=None, **request) -> Iterator[ProgramReport]:

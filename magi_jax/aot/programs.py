@@ -30,6 +30,7 @@ class Program:
   kwargs: dict = dataclasses.field(default_factory=dict)    # traced keyword inputs
   static: dict = dataclasses.field(default_factory=dict)    # static keyword arguments
   notes: str = ""              # what the shapes are, in words
+  trainable_params: int | None = None   # train steps: parameters the step updates
 
   def lower(self):
     return self.fn.lower(*self.args, **self.kwargs, **self.static)

@@ -6,6 +6,10 @@ peak, arguments + outputs - aliased + temporaries. When the compiler refuses a
 program, peak_gib is the "total memory required" figure of its message (it counts arguments,
 outputs and temporaries the same way), args_gib is computed from the input shardings, and
 temp_gib is null. GiB = 2^30 bytes; the compiler's own "G" figures are GiB too.
+
+Train and distill steps also report trainable_params (the parameters the step updates: every
+weight, or with --lora_rank only the adapters) and lora_rank / lora_alpha (0 / null: full
+training).
 """
 
 from __future__ import annotations
@@ -36,6 +40,15 @@ class ProgramReport:
   peak_gib: float | None
   error: str | None = None     # the compiler's message when it refuses the program
   notes: str = ""
+  lora_rank: int = 0           # train / distill: > 0 a LoRA fine-tune (adapters only train)
+  lora_alpha: float | None = None
+  trainable_params: int | None = None   # train / distill: parameters the step updates
+
+  def describe_job(self) -> str:
+    """'train', 'train (LoRA rank 16, alpha 16)'."""
+    if not self.lora_rank:
+      return self.job
+    return f"{self.job} (LoRA rank {self.lora_rank}, alpha {self.lora_alpha:g})"
 
   def to_json(self) -> str:
     d = dataclasses.asdict(self)
@@ -56,8 +69,10 @@ def table(reports: list[ProgramReport]) -> str:
   if not reports:
     return "(no programs)"
   r0 = reports[0]
-  head = (f"{r0.job} {r0.preset} on {r0.topology} ({r0.chips} chips, {r0.devices} devices, "
-          f"mesh {r0.mesh}); GiB per device")
+  trainable = ("" if r0.trainable_params is None
+               else f"; {r0.trainable_params:,} trainable parameters")
+  head = (f"{r0.describe_job()} {r0.preset} on {r0.topology} ({r0.chips} chips, {r0.devices} "
+          f"devices, mesh {r0.mesh}){trainable}; GiB per device")
   cells = [[h for h, _, _ in _COLUMNS]]
   for r in reports:
     row = []
