@@ -286,7 +286,8 @@ def big_step_rows(m, *, rows, chunks, chunk_width, latent_hw, text_valid, backen
   tokens_per_chunk = (chunk_width // m.t_patch_size) * (h // m.patch_size) * (w // m.patch_size)
   L, C = m.caption_max_length, m.caption_channels
   kx, ky = jax.random.split(jax.random.key(0))
-  batch = {"latents": jax.random.normal(kx, (rows, m.latent_channels, chunks * chunk_width, h, w)),
+  # prepared latents, time first (B, T, h, w, C), as experiments.prepare stores them
+  batch = {"latents": jax.random.normal(kx, (rows, chunks * chunk_width, h, w, m.latent_channels)),
            "segment_ids": jnp.ones((rows, chunks), jnp.int32),
            "text_emb": jax.random.normal(ky, (rows, chunks, L, C), jnp.bfloat16),
            "text_mask": jnp.broadcast_to((jnp.arange(L) < text_valid).astype(jnp.float32),

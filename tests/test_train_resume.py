@@ -211,7 +211,8 @@ def test_repeated_nans_stop_with_the_last_good_checkpoint(tmp_path, monkeypatch)
 
   def batches():
     for i in range(100):
-      x = rng.normal(size=(2, 3, T, world.height, world.width)).astype(np.float32)
+      # "latents" as the prepared data carries them: (B, T, h, w, C), time first
+      x = rng.normal(size=(2, T, world.height, world.width, 3)).astype(np.float32)
       if i >= 2:
         x[0, 0, 0, 0, 0] = np.nan                              # poisoned from step 3 on
       yield {"latents": x, "segment_ids": np.ones((2, K), np.int32),

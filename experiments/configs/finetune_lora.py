@@ -40,6 +40,7 @@ T5_TINY = "tests/fixtures/text/t5_tiny"     # d_model 64, a real T5 tokenizer
 def get_config(arg=None):
   c = official_video_finetune()
   c.data.kind = "prepared"          # the shards of experiments.prepare
+  c.mesh.data, c.mesh.fsdp = 1, -1   # the frozen base split over every device (docs/finetune.md)
   c.lora.rank = 16
   c.lora.alpha = 16.0
   c.optim.lr = 1e-4
