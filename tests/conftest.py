@@ -86,7 +86,9 @@ SLOW_FIRST = ("test_train_resume.py", "test_distill.py", "test_distributed.py", 
               "test_distill_export.py", "test_train_objective.py", "test_notebook.py",
               "test_error_table.py", "test_sample_command.py", "test_quant.py",
               "test_compile_ahead.py", "test_checkpoint_faults.py", "test_serve.py",
-              "test_dit_behaviour.py", "test_rollout_metrics.py", "test_device_plan.py")
+              "test_dit_behaviour.py", "test_rollout_metrics.py", "test_device_plan.py",
+              "test_prepare.py", "test_finetune_recipe.py", "test_prepare_mix.py",
+              "test_stages.py")
 
 
 # Last: the 8-device sampler, whose XLA:CPU child aborts now and then (tests/test_sampler_mesh.py)
