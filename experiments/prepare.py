@@ -34,13 +34,7 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar with ETA on
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    info = distributed.initialize()   # before anything touches JAX devices
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  if info["process_count"] > 1:
-    print(f"process {info['process_index']} of {info['process_count']} ({info['source']}): "
-          f"{info['local_device_count']} of {info['global_device_count']} devices")
+  distributed.start()   # before anything touches JAX devices
   from magi_jax import compile_cache
   from magi_jax.train.prepare import prepare_from_config
   c = _CONFIG.value

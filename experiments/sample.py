@@ -22,10 +22,7 @@ _CONFIG = cli.config_file_flag("config", "experiments/configs/tiny.py",
 
 def main(argv):
   del argv
-  try:
-    distributed.initialize()   # before anything touches JAX devices
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  distributed.start(announce=False)   # before anything touches JAX devices
   from magi_jax.generate import build_from_config, generate
   from magi_jax.generate.trained import is_run_dir, sample_run
 

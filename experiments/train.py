@@ -31,13 +31,7 @@ def default_workdir(config_path: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    info = distributed.initialize()   # before anything touches JAX devices
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  if info["process_count"] > 1:
-    print(f"process {info['process_index']} of {info['process_count']} ({info['source']}): "
-          f"{info['local_device_count']} of {info['global_device_count']} devices")
+  distributed.start()   # before anything touches JAX devices
   from magi_jax.configs import ConfigError
   from magi_jax.train.checkpoint import CheckpointError
   from magi_jax.train.trainer import TrainingError, train

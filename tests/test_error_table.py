@@ -139,6 +139,8 @@ def _cases(tmp):
            _command("experiments.serve", f"--port={port}").replace(str(port), "<port>"))
   yield ("command", "`experiments.serve --config.checkpoint=<tmp>/run` (a training run)",
          _command("experiments.serve", f"--config.checkpoint={os.path.dirname(run)}"))
+  yield ("command", "`experiments.prepare --num_processes=2` (no coordinator, no process id)",
+         _command("experiments.prepare", "--num_processes=2"))
   yield ("command", "`experiments.prepare` without --out or data.prepared_dir",
          _command("experiments.prepare"))
   yield ("command", "`experiments.prepare --out=<tmp>/p --config.data.video_dir=<tmp>/none`",

@@ -337,6 +337,21 @@ def _enable_cpu_collectives(jax) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
+def start(announce: bool = True) -> dict[str, Any]:
+  """`initialize()` for an absl entry point's `main`: a bad setting becomes `app.UsageError`
+  (one line, exit 2, through magi_jax.cli), and a multi-process start says which process this
+  is and which devices it drives."""
+  from absl import app
+  try:
+    info = initialize()
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if announce and info["process_count"] > 1:
+    print(f"process {info['process_index']} of {info['process_count']} ({info['source']}): "
+          f"{info['local_device_count']} of {info['global_device_count']} devices")
+  return info
+
+
 def initialize(flag_values: Any = None) -> dict[str, Any]:
   """Starts the multi-process runtime once (see the module docstring) and returns
   {process_index, process_count, local_device_count, global_device_count, platform, source}.
