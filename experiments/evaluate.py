@@ -11,7 +11,8 @@ frame strip `<workdir>/eval_strip.png` (the first step count). `--rollout_chunks
 continues `--num_rollouts` single-object episodes to 8 chunks (twice the demo's training
 length) with the first step count and prints the drift table per generated chunk (centre
 error vs the baselines, share of episodes still showing one object of the right colour),
-stored under "rollout" in the JSON.
+stored under "rollout" in the JSON. `--text_scale`, `--prev_scale` and `--window_size` override
+the run's sampler settings for calibration (`--output` keeps such a report apart).
 Expected result for the demo: see experiments/configs/bouncing_tiny.py and
 bouncing_distill.py, and the README.
 """
@@ -29,6 +30,13 @@ _NUM_TEXT = flags.DEFINE_integer("num_text", 32, "caption-only videos for text c
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
 _NO_EMA = flags.DEFINE_bool("no_ema", False, "evaluate the raw weights, not the EMA")
 _TEXT_SCALE = flags.DEFINE_float("text_scale", None, "override the config's guidance scale")
+_PREV_SCALE = flags.DEFINE_float("prev_scale", None, "override the config's guidance on the "
+                                 "previous chunks (sample.prev_scale)")
+_WINDOW = flags.DEFINE_integer("window_size", None, "override the chunks denoised at once "
+                               "(sample.window_size; 1: each chunk finished before the next)",
+                               lower_bound=1)
+_OUTPUT = flags.DEFINE_string("output", "", "the JSON report (default <workdir>/eval.json, "
+                              "eval_seed<N>.json for --eval_seed=N)")
 _EVAL_SEED = flags.DEFINE_integer("eval_seed", 0, "block of held-out episodes to evaluate on "
                                    "(blocks never overlap each other or the training episodes; "
                                    "0 is the one the demo was tuned on)", lower_bound=0)
@@ -60,8 +68,10 @@ def main(argv):
   if c.data.kind != "bouncing":
     raise app.UsageError("experiments.evaluate measures bouncing_shapes runs; this run trained "
                          f"on {c.data.kind!r}")
-  if _TEXT_SCALE.value is not None:
-    c.sample.text_scale = _TEXT_SCALE.value
+  for field, flag in (("text_scale", _TEXT_SCALE), ("prev_scale", _PREV_SCALE),
+                      ("window_size", _WINDOW)):
+    if flag.value is not None:
+      setattr(c.sample, field, flag.value)
   try:
     counts = step_counts(_NUM_STEPS.value, c.sample.num_steps)
   except ValueError as e:
@@ -85,7 +95,7 @@ def main(argv):
     print(f"--- long rollout, {counts[0]} sampler steps ---")
     print(format_rollout(reports["rollout"]))
   name = "eval.json" if _EVAL_SEED.value == 0 else f"eval_seed{_EVAL_SEED.value}.json"
-  with open(os.path.join(_WORKDIR.value, name), "w") as f:
+  with open(_OUTPUT.value or os.path.join(_WORKDIR.value, name), "w") as f:
     json.dump({"step": step, **reports}, f, indent=2)
   c.sample.num_steps = counts[0]
   videos, _ = sample_set(c, model, tok, num=6)
