@@ -166,7 +166,7 @@ def test_trains_on_the_mix_with_a_validation_loss_per_level(prepared, folder, tm
   assert sum("validation at step" in line for line in lines) == 2, lines
 
   from magi_jax.train.validation import held_out_batches
-  a, b = held_out_batches(c, str(work)), held_out_batches(c, str(work))
+  a, b = held_out_batches(c), held_out_batches(c)
   chex.assert_trees_all_equal(a, b)
 
 
@@ -176,4 +176,4 @@ def test_validation_needs_a_held_out_split(folder, tmp_path):
   c = mix_config(folder, "")
   c.validation.every = 10
   with pytest.raises(ConfigError, match="needs a held-out split: train on prepared data"):
-    held_out_batches(c, str(tmp_path))
+    held_out_batches(c)

@@ -20,7 +20,7 @@ import jax
 
 from magi_jax.configs import ConfigError
 from magi_jax.data.prepared import layout
-from magi_jax.data.prepared.job import PrepareSpec, prepare_shards
+from magi_jax.data.prepared.job import PrepareSpec, ShardPlan, plan_shards, prepare_shards
 from magi_jax.data.prepared.layout import PrepareError
 
 
@@ -91,31 +91,32 @@ def prepare_from_config(c, out: str = "", *, videos_per_shard: int = 8,
   spec = spec_from_config(c, out, videos_per_shard=videos_per_shard,
                           identity=encoder_identity(c, vae, text), tfds_dir=tfds_dir)
   pi, pc = jax.process_index(), jax.process_count()
-  prepare_shards(spec, vae, text, process_index=pi, process_count=pc,
-                 chunks_per_device=chunks_per_device, echo=echo, progress=progress)
+  plan = plan_shards(spec)
+  mine = prepare_shards(spec, vae, text, process_index=pi, process_count=pc,
+                        chunks_per_device=chunks_per_device, plan=plan, echo=echo,
+                        progress=progress)
   if pc > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("magi_jax prepare: shards written")
   if pi != 0:
     return None
-  return finish(spec, echo)
+  return finish(spec, plan, mine, echo)
 
 
-def finish(spec: PrepareSpec, echo: Callable[[str], None] = print) -> dict:
-  """Process 0: every shard's marker checked, the manifest written."""
-  from magi_jax.data.prepared.job import settings_of, source_items
-  settings = settings_of(spec)
-  captions, bad, stray = source_items(spec)
-  plan = layout.shard_plan(list(captions) + list(bad), spec.videos_per_shard)
-  sid = layout.settings_hash(settings)
+def finish(spec: PrepareSpec, plan: ShardPlan, checked=(),
+           echo: Callable[[str], None] = print) -> dict:
+  """Process 0: every shard's marker checked, the manifest written. `checked`: markers this
+  process has just verified or written (`prepare_shards`), whose files are not read again."""
+  known = {m["shard"]: m for m in checked}
   markers, missing = [], []
-  for s in range(len(plan)):
-    m = layout.finished_marker(spec.out, s, sid)
+  for s in range(len(plan.shards)):
+    m = known.get(s) or layout.finished_marker(spec.out, s, plan.settings_id)
     (markers.append(m) if m is not None else missing.append(s))
   if missing:
-    raise PrepareError(f"{spec.out}: shard(s) {missing[:8]} of {len(plan)} are missing or "
-                       "damaged (a process did not finish); run the same command again")
-  manifest = layout.write_manifest(spec.out, settings, markers, unmatched_captions=stray)
+    raise PrepareError(f"{spec.out}: shard(s) {missing[:8]} of {len(plan.shards)} are missing "
+                       "or damaged (a process did not finish); run the same command again")
+  stray = plan.stray
+  manifest = layout.write_manifest(spec.out, plan.settings, markers, unmatched_captions=stray)
   t = manifest["totals"]
   echo(f"prepared {spec.out}: {t['clips']} clips ({t['chunks']} chunks) from {t['videos']} "
        f"videos in {t['shards']} shard(s), {t['bytes'] / 2**20:.1f} MiB; skipped "

@@ -123,6 +123,18 @@ def mesh_shardings(state: TrainState, frozen, mesh, rules) -> StepShardings:
                        replicated=rep)
 
 
+def weights_loss(graphdef, obj, compute_dtypes=None):
+  """`(params, frozen, batch, key, step) -> (loss, aux)`: the objective on the model of these
+  weights, each master weight cast to its compute dtype first (None: as stored). The train
+  step differentiates it; the validation loss evaluates it."""
+  def loss_of(params, frozen, batch, key, step):
+    if compute_dtypes is not None:
+      params = jax.tree.map(lambda p, d: p.astype(d), params, compute_dtypes)
+    model = nnx.merge(graphdef, params, frozen)
+    return obj.loss(model, batch, key, step)
+  return loss_of
+
+
 def make_train_step(graphdef, obj: Objective | DistillObjective, tx, schedule, *,
                     compute_dtypes=None, ema_decay: float = 0.0, encode_frames=None,
                     latent_scale: float = SCALE_FACTOR, shardings=None):
@@ -138,12 +150,7 @@ def make_train_step(graphdef, obj: Objective | DistillObjective, tx, schedule, *
   context-parallel attention backends see it.
   """
   sh = shardings or single_device_shardings()
-
-  def loss_of(params, frozen, batch, key, step):
-    if compute_dtypes is not None:
-      params = jax.tree.map(lambda p, d: p.astype(d), params, compute_dtypes)
-    model = nnx.merge(graphdef, params, frozen)
-    return obj.loss(model, batch, key, step)
+  loss_of = weights_loss(graphdef, obj, compute_dtypes)
 
   @functools.partial(jax.jit, donate_argnums=(0,), in_shardings=(sh.state, sh.frozen, sh.batch),
                      out_shardings=(sh.state, sh.replicated))

@@ -181,8 +181,7 @@ def train(c, workdir: str, *, data=None, echo=print, devices=None) -> RunResult:
   if c.get("validation") and c.validation.every:
     from magi_jax.train.validation import Validator
     validate = Validator(c, graphdef, obj, compute_dtypes=dtypes if use_bf16 else None,
-                         shardings=sh, place=lambda b: global_batch(b, sh.batch),
-                         workdir=workdir, echo=echo)
+                         shardings=sh, place=lambda b: global_batch(b, sh.batch), echo=echo)
   step = int(state.step)
   log = MetricsLog(workdir, total_steps=c.total_steps, enabled=c.tensorboard, resume_step=step)
   first_step = step

@@ -20,16 +20,15 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from magi_jax.configs import ConfigError
 from magi_jax.train.metrics import bucket_names
-from magi_jax.train.step import model_batch
+from magi_jax.train.step import model_batch, weights_loss
 
 VAL_SEED = 0x5EED
 
 
-def held_out_batches(c, workdir: str, echo=print) -> list[dict]:
+def held_out_batches(c, echo=print) -> list[dict]:
   """The first validation.batches batches of the prepared "val" split (this process's share)."""
   if c.data.kind != "prepared":
     raise ConfigError(f"validation.every={c.validation.every} needs a held-out split: train on "
@@ -50,15 +49,13 @@ def held_out_batches(c, workdir: str, echo=print) -> list[dict]:
 def make_eval_step(graphdef, obj, *, compute_dtypes=None, latent_scale: float, shardings):
   """(params, frozen, batch, index) -> (loss, aux) of the objective, jitted on the mesh."""
   sh = shardings
+  loss_of = weights_loss(graphdef, obj, compute_dtypes)
 
   @functools.partial(jax.jit, in_shardings=(sh.state.params, sh.frozen, sh.batch, None),
                      out_shardings=sh.replicated)
   def evaluate(params, frozen, batch, index):
-    if compute_dtypes is not None:
-      params = jax.tree.map(lambda p, d: p.astype(d), params, compute_dtypes)
-    model = nnx.merge(graphdef, params, frozen)
     key = jax.random.fold_in(jax.random.key(VAL_SEED), index)
-    return obj.loss(model, model_batch(batch, None, latent_scale), key, 0)
+    return loss_of(params, frozen, model_batch(batch, None, latent_scale), key, 0)
 
   return evaluate
 
@@ -80,9 +77,8 @@ def summarize(results) -> dict:
 class Validator:
   """validate(state, frozen, step) -> the summary, logged; the batches are read once."""
 
-  def __init__(self, c, graphdef, obj, *, compute_dtypes, shardings, place, workdir: str,
-               echo=print):
-    self.batches = [place(b) for b in held_out_batches(c, workdir, echo)]
+  def __init__(self, c, graphdef, obj, *, compute_dtypes, shardings, place, echo=print):
+    self.batches = [place(b) for b in held_out_batches(c, echo)]
     self.evaluate = make_eval_step(graphdef, obj, compute_dtypes=compute_dtypes,
                                    latent_scale=float(c.vae.scale_factor), shardings=shardings)
     self.echo = echo

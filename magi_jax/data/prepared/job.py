@@ -187,10 +187,24 @@ class DeviceChunkEncoder:
     return np.concatenate([np.asarray(o) for o in outs])[:n]
 
 
-@dataclasses.dataclass
-class ShardResult:
-  marker: dict
-  reused: bool
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+  """What a preparation makes, computed once per process: the settings (with the source's
+  fingerprint) and their id, the items with their captions, the items skipped up front and why,
+  notes on captions without a file, and the items of each shard (`layout.shard_plan`)."""
+  settings: dict
+  settings_id: str
+  captions: dict
+  bad: dict
+  stray: list
+  shards: list
+
+
+def plan_shards(spec: PrepareSpec) -> ShardPlan:
+  settings = settings_of(spec)
+  captions, bad, stray = source_items(spec)
+  return ShardPlan(settings, layout.settings_hash(settings), captions, bad, stray,
+                   layout.shard_plan(list(captions) + list(bad), spec.videos_per_shard))
 
 
 def folder_videos(folder: str) -> tuple[dict, dict, list[str]]:
@@ -331,35 +345,35 @@ class _Reader:
 
 def prepare_shards(spec: PrepareSpec, vae, text_encoder, *, process_index: int = 0,
                    process_count: int = 1, devices=None, chunks_per_device: int = 2,
-                   echo: Callable[[str], None] = print, progress: bool = True) -> list[ShardResult]:
-  """Makes this process's unfinished shards of `spec.out`; returns every shard of this process.
+                   plan: ShardPlan | None = None, echo: Callable[[str], None] = print,
+                   progress: bool = True) -> list[dict]:
+  """Makes this process's unfinished shards of `spec.out`; returns the markers of every shard
+  of this process (found intact or just written), by shard.
 
   vae: the frozen VAE (`models.vae`); text_encoder: encode(list[str]) -> (emb (n, L, D),
   mask (n, L)) with L = spec.max_length (`text.TextEncoder`); devices: the local devices to
-  encode on (default: all of this process's).
+  encode on (default: all of this process's); plan: `plan_shards(spec)` (computed when None).
   """
   folder = "" if spec.tfds_dir else os.path.abspath(spec.folder)
-  settings = settings_of(spec)
-  sid = layout.settings_hash(settings)
-  layout.claim_directory(spec.out, settings)
-  captions, bad, stray = source_items(spec)
-  for reason in stray:
+  plan = plan or plan_shards(spec)
+  sid, captions, bad, shards = plan.settings_id, plan.captions, plan.bad, plan.shards
+  layout.claim_directory(spec.out, plan.settings)
+  for reason in plan.stray:
     echo(f"prepare: warning: {reason}")
-  plan = layout.shard_plan(list(captions) + list(bad), spec.videos_per_shard)
-  mine = layout.my_shards(len(plan), process_index, process_count)
+  mine = layout.my_shards(len(shards), process_index, process_count)
   results, todo = [], []
   for s in mine:
     marker = layout.finished_marker(spec.out, s, sid)
     if marker is not None:
-      results.append(ShardResult(marker, True))
+      results.append(marker)
     else:
       todo.append(s)
-  echo(f"prepare: process {process_index} of {process_count}: {len(mine)} of {len(plan)} "
+  echo(f"prepare: process {process_index} of {process_count}: {len(mine)} of {len(shards)} "
        f"shard(s), {len(mine) - len(todo)} already done, {len(todo)} to make")
   if not todo:
     return results
   encoder = DeviceChunkEncoder(vae, devices or jax.local_devices(), chunks_per_device)
-  names = [name for s in todo for name in plan[s]]
+  names = [name for s in todo for name in shards[s]]
   bar = None
   if progress:
     from tqdm import tqdm
@@ -373,10 +387,10 @@ def prepare_shards(spec: PrepareSpec, vae, text_encoder, *, process_index: int =
       layout.remove_leftovers(spec.out, s)
       tmp = layout.shard_path(spec.out, s) + f".tmp{os.getpid()}"
       writer = ArrayRecordWriter(tmp, "group_size:1")
-      marker = {"shard": s, "settings": sid, "videos": list(plan[s]), "skipped": [],
+      marker = {"shard": s, "settings": sid, "videos": list(shards[s]), "skipped": [],
                 "records": 0, "chunk_counts": [], "groups": [], "process": process_index}
       try:
-        for name in plan[s]:
+        for name in shards[s]:
           recs, reason = _encode_item(name, reader.events(name), encoder, text_encoder, spec)
           if reason is not None:
             marker["skipped"].append({"video": name, "reason": reason})
@@ -391,8 +405,8 @@ def prepare_shards(spec: PrepareSpec, vae, text_encoder, *, process_index: int =
         writer.close()
       marker["seconds"] = round(time.monotonic() - t0, 3)
       marker = layout.commit_shard(spec.out, s, tmp, marker)
-      results.append(ShardResult(marker, False))
-      msg = (f"shard {s + 1}/{len(plan)}: {marker['records']} clips, "
+      results.append(marker)
+      msg = (f"shard {s + 1}/{len(shards)}: {marker['records']} clips, "
              f"{sum(marker['chunk_counts'])} chunks, {marker['bytes'] / 2**20:.1f} MiB, "
              f"{marker['seconds']:.1f} s")
       if marker["skipped"]:
@@ -403,7 +417,7 @@ def prepare_shards(spec: PrepareSpec, vae, text_encoder, *, process_index: int =
     reader.close()
     if bar is not None:
       bar.close()
-  return sorted(results, key=lambda r: r.marker["shard"])
+  return sorted(results, key=lambda m: m["shard"])
 
 
 def _encode_item(name, events, encoder, text_encoder, spec: PrepareSpec):

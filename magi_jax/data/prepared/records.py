@@ -96,6 +96,10 @@ class PreparedSource:
     self.max_length = int(self.manifest["settings"]["text"]["max_length"])
     self.chunk_counts = [c for m in shards for c in m["chunk_counts"]]
     self.record_groups = [g for m in shards for g in m["groups"]]
+    groups: dict[str, list[int]] = {}
+    for i, g in enumerate(self.record_groups):
+      groups.setdefault(g, []).append(i)
+    self._groups = dict(sorted(groups.items()))
     self._paths = [layout.shard_path(self.directory, m["shard"]) for m in shards]
     self._source = grain.sources.ArrayRecordDataSource(self._paths)
     if len(self._source) != len(self.chunk_counts):
@@ -116,16 +120,13 @@ class PreparedSource:
 
   def groups(self) -> dict[str, list[int]]:
     """Group name ("<split>/<video|image>/<h>x<w>") -> the indices of its records."""
-    out: dict[str, list[int]] = {}
-    for i, g in enumerate(self.record_groups):
-      out.setdefault(g, []).append(i)
-    return dict(sorted(out.items()))
+    return {g: list(idx) for g, idx in self._groups.items()}
 
   def subset(self, group: str) -> Subset:
-    idx = self.groups().get(group)
+    idx = self._groups.get(group)
     if not idx:
       raise PrepareError(f"{self.directory}: no records in group {group!r}; it has "
-                         f"{sorted(self.groups())}")
+                         f"{sorted(self._groups)}")
     return Subset(self, idx, group)
 
   def __repr__(self):
