@@ -58,9 +58,9 @@ LAYOUTS = np.array([[1, 1, 1, 1, 2, 2, 3, 0],
                     [1, 1, 1, 2, 2, 2, 2, 2]] * 64, np.int32)
 
 
-@pytest.fixture(scope="module")
-def conds():
-  cfg = ConditioningConfig(p_v2v=0.4, p_i2v=0.3, text_dropout=0.2)
+@pytest.fixture(scope="module", params=["sorted", "staggered"])
+def conds(request):
+  cfg = ConditioningConfig(p_v2v=0.4, p_i2v=0.3, text_dropout=0.2, levels=request.param)
   fn = jax.jit(lambda k: sample_conditioning(k, LAYOUTS, CHUNK_WIDTH, cfg))
   return cfg, [jax.device_get(fn(jax.random.key(i))) for i in range(8)]
 
@@ -91,6 +91,51 @@ def test_levels_monotone_clean_chunks_leading_and_nearly_clean(conds):
         assert len(set(c.text_drop[r, chunks][n:].tolist())) <= 1   # dropout per video
     pad = LAYOUTS == 0
     assert not np.any(c.clean[pad]) and not np.any(c.text_drop[pad])
+
+
+def _unshift(t, w):
+  """The grid position u with timesteps.shift(u, w) == t."""
+  return t / (w + (1.0 - w) * t)
+
+
+def test_staggered_levels_are_the_sampler_windows_states():
+  """levels='staggered': the first noisy chunk of a video sits anywhere on the denoising grid
+  (uniform), each later one exactly `stagger` grid units behind it (pure noise once behind the
+  grid's start), and the grid maps to t by the sampler's shift."""
+  w, stagger = 1.0 / 3.0, 0.5
+  cfg = ConditioningConfig(p_v2v=1.0, p_i2v=0.0, levels="staggered", stagger=stagger, t_shift=w)
+  seg = np.array([[1, 1, 1, 1]] * 4096, np.int32)
+  c = jax.device_get(jax.jit(lambda k: sample_conditioning(k, seg, CHUNK_WIDTH, cfg))(
+      jax.random.key(3)))
+  first_grid = []
+  for r in range(seg.shape[0]):
+    n = int(c.clean[r].sum())
+    assert 1 <= n <= 3
+    g = _unshift(c.t[r, n:].astype(np.float64), w)
+    if c.t[r, n] == c.t[r, n - 1]:
+      continue          # capped at the prefix's level (grid > 0.97): never cleaner than it
+    want = np.clip(g[0] - stagger * np.arange(len(g)), 0.0, 1.0)
+    np.testing.assert_allclose(g, want, atol=2e-5)
+    first_grid.append(g[0])
+  hist = np.histogram(first_grid, bins=5, range=(0.0, 1.0))[0] / len(first_grid)
+  np.testing.assert_allclose(hist, 0.2, atol=0.03)            # uniform on the grid
+  # Next to a clean prefix the first noisy chunk is at pure noise (grid < 0.1) in ~10% of
+  # videos; the default sorted draws (the cleanest of up to three logit-normal draws) ~never.
+  assert 0.07 < np.mean(np.asarray(first_grid) < 0.1) < 0.13
+  sorted_c = jax.device_get(sample_conditioning(
+      jax.random.key(3), seg, CHUNK_WIDTH, ConditioningConfig(p_v2v=1.0, p_i2v=0.0)))
+  n = sorted_c.clean.sum(axis=1)
+  first_sorted = sorted_c.t[np.arange(seg.shape[0]), n]
+  assert np.mean(_unshift(first_sorted, 1.0 / 3.0) < 0.1) < 0.02
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("levels", "random", "conditioning.levels must be one of"),
+    ("stagger", 0.0, "conditioning.stagger must be in"),
+    ("stagger", 1.5, "conditioning.stagger must be in")])
+def test_bad_level_settings_are_refused(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    ConditioningConfig(**{field: value})
 
 
 def test_loss_weights_cover_exactly_the_noisy_frames(conds):

@@ -13,9 +13,21 @@ report, arXiv 2505.13211). Per video (segment) of a packed row, with probabiliti
 Clean chunks and the image frame get up to 5% noise (t ~ U[clean_t_min, 1]), no text (the
 null caption rows and the dropped adaLN row, as the sampler's cache-writing pass sees them),
 and no loss; they still get gradients through the keys and values the noisy chunks read.
-Noisy chunks draw their levels from `timesteps.sample_t`, sorted per video so earlier chunks
-are cleaner, and never cleaner than the video's clean chunks. Text dropout (null caption for
-classifier-free guidance) is drawn per video.
+Noisy chunks get their levels in one of two ways (`levels`; the report leaves it open):
+
+* "sorted" (default): independent `timesteps.sample_t` draws, sorted per video so earlier
+  chunks are cleaner;
+* "staggered": the states of the sampler's window (`timesteps.staggered_t`): one position on
+  the denoising grid per video, each later noisy chunk `stagger` grid units behind the one
+  before (1 / window_size is what a window of that size visits), mapped to levels by the
+  shift `t_shift` (1/3 is the sampler's sd3 shift 3). Unlike sorting, the first noisy chunk is
+  as often at pure noise as at any other grid position, which is where a continuation decides
+  where its objects are: measured on the bouncing demo, sorted levels leave that case so rare
+  (the first noisy chunk is the cleanest of up to three draws) that the model ignores the clean
+  prefix at high noise.
+
+Either way noisy chunks are never cleaner than the video's clean chunks. Text dropout (null
+caption for classifier-free guidance) is drawn per video.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from magi_jax.diffusion import timestep_sampling as timesteps
 from magi_jax.diffusion.segments import segment_layout
 
 F32 = jnp.float32
+LEVELS = ("sorted", "staggered")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +53,8 @@ class ConditioningConfig:
   t_mean: float = 0.0
   t_std: float = 0.5
   t_shift: float = 1.0 / 3.0
+  levels: str = "sorted"        # or "staggered" (module docstring)
+  stagger: float = 0.5          # "staggered": grid units between consecutive noisy chunks
 
   def __post_init__(self):
     for name in ("p_v2v", "p_i2v", "text_dropout"):
@@ -53,6 +68,10 @@ class ConditioningConfig:
     if not (self.t_std > 0 and 0 < self.t_shift):
       raise ValueError(f"conditioning.t_std and t_shift must be > 0, got {self.t_std}, "
                        f"{self.t_shift}")
+    if self.levels not in LEVELS:
+      raise ValueError(f"conditioning.levels must be one of {LEVELS}, got {self.levels!r}")
+    if not 0.0 < self.stagger <= 1.0:
+      raise ValueError(f"conditioning.stagger must be in (0, 1], got {self.stagger}")
 
 
 @jax.tree_util.register_dataclass
@@ -86,13 +105,18 @@ def sample_conditioning(key, segment_ids, frames_per_chunk: int,
   n_clean = jnp.where(v2v, 1 + jnp.floor(u_n * (length - 1)).astype(jnp.int32), 0)
   clean = real & (index < n_clean)
 
-  t_noisy = timesteps.sample_t(k_t, (N, K), mean=cfg.t_mean, std=cfg.t_std,
-                               shift_w=cfg.t_shift)
   t_clean = jax.random.uniform(k_clean, (N, K), F32, cfg.clean_t_min, 1.0)
-  # Clean chunks sort first (key + 2), then noisy ones, each group in descending order.
-  key_ = jnp.where(clean, 2.0 + t_clean, t_noisy)
-  t = timesteps.sort_desc_within_segments(key_, seg)
-  t = jnp.where(t >= 2.0, t - 2.0, t)
+  if cfg.levels == "staggered":
+    grid = _per_segment(jax.random.uniform(k_t, (N, K), F32), start)
+    t_noisy = timesteps.staggered_t(grid, index - n_clean, cfg.stagger, shift_w=cfg.t_shift)
+    t = jnp.where(clean, t_clean, t_noisy)
+  else:
+    t_noisy = timesteps.sample_t(k_t, (N, K), mean=cfg.t_mean, std=cfg.t_std,
+                                 shift_w=cfg.t_shift)
+    # Clean chunks sort first (key + 2), then noisy ones, each group in descending order.
+    key_ = jnp.where(clean, 2.0 + t_clean, t_noisy)
+    t = timesteps.sort_desc_within_segments(key_, seg)
+    t = jnp.where(t >= 2.0, t - 2.0, t)
   t = timesteps.cummin_within_segments(t, seg)
   t = jnp.where(real, t, 0.0)
 

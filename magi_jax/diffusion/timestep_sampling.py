@@ -34,6 +34,15 @@ def sample_t(key, shape, *, mean: float = 0.0, std: float = 0.5, shift_w: float 
   return shift(jax.nn.sigmoid(n), shift_w)
 
 
+def staggered_t(grid, order, stagger: float, *, shift_w: float = 1.0 / 3.0):
+  """Levels of a sampler window: noisy chunk `order` (0 = the first noisy chunk of its video)
+  sits at grid position grid - order·stagger, clipped to [0, 1] (a chunk the window has not
+  reached yet is pure noise), and the grid maps to t by the shift (w = 1/3: the sampler's sd3
+  warp with shift 3). grid (N, K) in [0, 1): the first noisy chunk's position, per video."""
+  g = jnp.asarray(grid, F32) - jnp.asarray(order, F32) * F32(stagger)
+  return shift(jnp.clip(g, 0.0, 1.0), shift_w)
+
+
 def sort_desc_within_segments(values, segment_ids):
   """Sorts `values` (N, K) in descending order inside each contiguous segment.
 

@@ -87,7 +87,7 @@ def objective(c) -> Objective | DistillObjective:
   o = c.objective
   cond = ConditioningConfig(p_v2v=o.p_v2v, p_i2v=o.p_i2v, clean_t_min=o.clean_t_min,
                             text_dropout=o.text_dropout, t_mean=o.t_mean, t_std=o.t_std,
-                            t_shift=o.t_shift)
+                            t_shift=o.t_shift, levels=o.levels, stagger=o.stagger)
   base = Objective(chunk_width=o.chunk_width, conditioning=cond, prediction=c.model.prediction,
                    backend=c.model.backend, special=token_head(c))
   if not distilling(c):

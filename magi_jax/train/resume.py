@@ -26,7 +26,8 @@ RESUME_MODES = ("same", "changed")
 ADDED_FIELDS = {"data.prepared_dir": "", "data.buckets": [], "data.image_ratio": 0.0,
                 "data.val_fraction": 0.0, "validation.every": 0, "validation.batches": 4,
                 "init.use_ema": True, "text.special_tokens": "",
-                "text.special_token_flags": "hq,duration"}
+                "text.special_token_flags": "hq,duration",
+                "objective.levels": "sorted", "objective.stagger": 0.5}
 SHOWN = 5                  # differing fields named in the message
 
 
