@@ -1,17 +1,20 @@
 """The built-in demo: a tiny MAGI model learns the bouncing-shapes world on a CPU.
 
-Command (README main job; 12-13 minutes on a 2-core CPU, no downloads):
+Command (README main job; about 13-14 minutes on a 2-core CPU, no downloads):
   python -m experiments.train --config=experiments/configs/bouncing_tiny.py
 then
-  python -m experiments.evaluate --workdir=runs/bouncing_tiny
+  python -m experiments.evaluate --workdir=runs/bouncing_tiny --eval_seed=1
 
-Expected result (measured 2026-11-24, 12 min 21 s + 1 min 48 s): the loss falls from ~0.39 at
-step 100 to ~0.015 at step 1,300; runs/bouncing_tiny/samples/ holds mp4/GIF samples (truth |
-continuation side by side, and caption-only videos) and a PNG frame strip,
-runs/bouncing_tiny/loss.png the loss curve. The evaluation prints text control 100% (target
->= 90%), continuation ball-centre error 6.59 px per frame against 7.09 px for
-copy-last-frame (target: below it) and a bright-pixel ratio of 1.37 (target within 50% of the
-truth): all three targets PASS.
+Expected result (measured 2026-12-05 with this config's weights; 12 min 41 s of training at
+~0.25 s/step): the loss falls from ~0.41 at step 100 to ~0.041 at step 2,600 (staggered levels
+train more of the high-noise steps, so the figure is not comparable with sorted-level runs);
+runs/bouncing_tiny/samples/ holds mp4/GIF samples (truth | continuation side by side, and
+caption-only videos) and a PNG frame strip, runs/bouncing_tiny/loss.png the loss curve. On
+held-out block 1 the evaluation prints text control 100%, continuation ball-centre error
+4.07 px per frame against 5.73 px for copy-last-frame (0.71x) and 7.80 px for constant
+velocity, pixel MSE 0.022 (blank 0.018) and a bright-pixel ratio of 1.42: the printed
+targets (below copy-last, within 50%) PASS; issue 15's stricter ones (<= 0.7x, MSE below
+blank, within 25%) are not reached yet (README, "The demo").
 
 `:smoke` runs 6 steps of a 1-layer model with a checkpoint every 2 steps (CI uses it).
 
@@ -37,7 +40,7 @@ from experiments.configs.train_common import train_config
 
 def get_config(arg=None):
   c = train_config()
-  c.total_steps = 1300
+  c.total_steps = 2600
   c.log_every = 100
   c.checkpoint_every = 500
   # No EMA: at 1,300 steps an average of the weights still lags the trained model (measured
@@ -64,7 +67,14 @@ def get_config(arg=None):
   # steps and its samples keep a haze of noise; the sampler's grid is unchanged.
   c.objective.t_std = 1.0
   c.objective.p_v2v = 0.5            # continuation is what the demo measures
-  c.objective.t_shift = 1.0
+  # Levels at the sampler window's states (conditioning.py, issue 15): with the sorted draws
+  # the first noisy chunk after a clean prefix is almost never at high noise, and the model
+  # learned to ignore the prefix there (teacher-forced clean prediction at t = 0 of the chunk
+  # after a clean one, 32 held-out episodes: 7.8 px centre error sorted, 1.6 px staggered at
+  # 2,600 steps; copy-last 3.0). The shift 1/3 is the sampler's sd3 shift 3.
+  c.objective.levels = "staggered"
+  c.objective.stagger = 0.5          # 1 / sample.window_size
+  c.objective.t_shift = 1.0 / 3.0
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 100
   c.optim.schedule = "cosine"
@@ -79,7 +89,9 @@ def get_config(arg=None):
   # object whole and moving with the prefix. Measured on 32 held-out continuations (raw weights,
   # window 2): scale 1 -> 9.7 px centre error, 2 -> 7.7, 3 -> 6.9, 4 -> 6.6 (copy-last 7.1);
   # the bright-pixel ratio rises with it (1.1, 1.34, 1.37), inside the 50% band up to 4.
-  c.sample.prev_scale = 4.0
+  # With staggered levels (2,600 steps, block 1): scale 1 -> 4.70 px / bright 1.05, 2 -> 4.07 /
+  # 1.42, 4 -> 4.29 / 1.47 (copy-last 5.73).
+  c.sample.prev_scale = 2.0
   c.sample.prefix_chunks = 1
 
   if arg == "smoke":
