@@ -26,12 +26,13 @@ The world and model (chosen for the 15-minute CPU budget):
 * model: the MAGI DiT architecture (block-causal chunks, per-chunk adaLN gates, parallel
   self + cross attention, learned 3D RoPE), 4 layers, width 128, 4x4 pixel patches of two
   frames (two token frames per chunk: a 24x24x16 video is 288 tokens, the budget of a
-  2-core CPU at ~0.5 s per step of 8 rows); it predicts the clean sample (converted to a
-  velocity for the sampler), which leaves a clean background where velocity prediction at
-  this size leaves residual noise;
-* training mix: every packed video has 2-4 chunks, half of them continuations (V2V);
+  2-core CPU at ~0.25 s per step of 8 rows, measured 2026-12-05); it predicts the clean
+  sample (converted to a velocity for the sampler), which leaves a clean background where
+  velocity prediction at this size leaves residual noise;
+* training mix: every packed video has 2-4 chunks, half of them continuations (V2V); noise
+  levels at the sampler window's states (objective.levels = "staggered");
 * text: a word-level encoder trained with the model (demo choice; real data uses T5 rows).
-* sampling: continuations with guidance 4 on the previous chunks and text scale 1,
+* sampling: continuations with guidance 2 on the previous chunks and text scale 1,
   caption-only videos with text scale 3; no EMA (see the settings below for the measurements).
 """
 
