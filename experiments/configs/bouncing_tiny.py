@@ -63,9 +63,10 @@ def get_config(arg=None):
   c.data.bin_chunks = 4
   c.data.min_chunks = 2             # every packed video has >= 2 chunks to continue
   c.objective.chunk_width = 4
-  # Levels: logit-normal(0, 1) without the shift. The official law (0, 0.5, w = 1/3) puts
-  # 0.13% of chunks above t = 0.6, so a model this small never learns the last denoising
-  # steps and its samples keep a haze of noise; the sampler's grid is unchanged.
+  # t_std only shapes levels="sorted" (staggered levels below draw a uniform grid position and
+  # ignore t_mean / t_std). Sorted history: the official law (0, 0.5, w = 1/3) puts 0.13% of
+  # chunks above t = 0.6, so a model this small never learned the last denoising steps (a haze
+  # of noise); the sorted-level demo used logit-normal(0, 1) without the shift.
   c.objective.t_std = 1.0
   c.objective.p_v2v = 0.5            # continuation is what the demo measures
   # Levels at the sampler window's states (conditioning.py, issue 15): with the sorted draws

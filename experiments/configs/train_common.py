@@ -131,7 +131,7 @@ def train_config():
   c.objective.t_mean = 0.0
   c.objective.t_std = 0.5
   c.objective.t_shift = 1.0 / 3.0
-  c.objective.levels = "sorted"    # or "staggered": the sampler window's states (conditioning.py)
+  c.objective.levels = "sorted"    # or "staggered" (window states; ignores t_mean / t_std)
   c.objective.stagger = 0.5        # "staggered": grid units between noisy chunks (1 / window)
 
   c.optim = ml_collections.ConfigDict()

@@ -53,7 +53,7 @@ class ConditioningConfig:
   t_mean: float = 0.0
   t_std: float = 0.5
   t_shift: float = 1.0 / 3.0
-  levels: str = "sorted"        # or "staggered" (module docstring)
+  levels: str = "sorted"        # or "staggered" (module docstring; it ignores t_mean, t_std)
   stagger: float = 0.5          # "staggered": grid units between consecutive noisy chunks
 
   def __post_init__(self):
