@@ -1,12 +1,13 @@
 """Does a trained bouncing-shapes model use its clean prefix? The teacher-forced probe of issue 15.
 
-For held-out episodes of one evaluation block, the DiT gets chunk 0 clean (as training and the
-sampler's cache present it: t = 1, no text) and chunk 1 noised to level t, with chunk 1's
-caption, through the training forward (`objective.velocity_of_row`); its clean prediction of
-chunk 1 is scored against the truth next to copy-last-frame and constant velocity, and once more
-with another episode's prefix (a model that ignores its prefix scores the same there). The
-centre uses threshold 20 so that a faint, uncertain blob still has a centre (the evaluator's
-threshold 80 scores a faint prediction as blank).
+For held-out episodes of one evaluation block, the DiT gets chunks 0 .. K-1 clean (as training
+and the sampler's cache present them: t = 1, no text; K = `--chunk`, 1 by default) and chunk K
+noised to level t, with chunk K's caption, through the training forward
+(`objective.velocity_of_row`); its clean prediction of chunk K is scored against the truth next
+to copy-last-frame and constant velocity, and once more with another episode's prefix (a model
+that ignores its prefix scores the same there). The centre uses threshold 20 so that a faint,
+uncertain blob still has a centre (the evaluator's threshold 80 scores a faint prediction as
+blank).
 
   python benchmarks/prefix_probe.py --workdir=runs/bouncing_tiny --eval_seed=1
 
@@ -25,7 +26,9 @@ from absl import app, flags
 _WORKDIR = flags.DEFINE_string("workdir", "runs/bouncing_tiny", "trained bouncing run")
 _BLOCK = flags.DEFINE_integer("eval_seed", 1, "held-out block", lower_bound=0)
 _NUM = flags.DEFINE_integer("num_episodes", 32, "episodes", lower_bound=2)
-_LEVELS = flags.DEFINE_list("levels", ["0", "0.1", "0.2", "0.3"], "levels t of chunk 1")
+_LEVELS = flags.DEFINE_list("levels", ["0", "0.1", "0.2", "0.3"], "levels t of the chunk")
+_CHUNK = flags.DEFINE_integer("chunk", 1, "the predicted chunk K (chunks before it are clean "
+                              "truth)", lower_bound=1)
 THRESHOLD = 20.0
 
 
@@ -42,35 +45,39 @@ def main(argv):
   if c.model.prediction != "clean":
     raise app.UsageError("the probe reads a clean-sample prediction; this run predicts "
                          f"{c.model.prediction!r}")
-  F, n = c.objective.chunk_width, _NUM.value
+  F, n, K = c.objective.chunk_width, _NUM.value, _CHUNK.value
+  if (K + 1) * F > int(c.data.world["num_frames"]):
+    raise app.UsageError(f"--chunk={K}: the run's episodes have "
+                         f"{int(c.data.world['num_frames']) // F} chunks")
   obj = Objective(chunk_width=F, prediction="clean", backend=c.model.backend)
   eps = [held_out(c, i, _BLOCK.value) for i in range(n)]
-  x1 = jnp.concatenate([frames_to_latent(e.frames[:2 * F]) for e in eps])
-  ids, mask = tok([e.chunk_captions[k] for e in eps for k in range(2)])
+  x1 = jnp.concatenate([frames_to_latent(e.frames[:(K + 1) * F]) for e in eps])
+  ids, mask = tok([e.chunk_captions[k] for e in eps for k in range(K + 1)])
   L = ids.shape[-1]
-  text = {"segment_ids": jnp.ones((n, 2), jnp.int32),
-          "text_tokens": jnp.asarray(ids).reshape(n, 2, L),
-          "text_mask": jnp.asarray(mask).reshape(n, 2, L)}
-  pair = jnp.array([[True, False]] * n)
+  text = {"segment_ids": jnp.ones((n, K + 1), jnp.int32),
+          "text_tokens": jnp.asarray(ids).reshape(n, K + 1, L),
+          "text_mask": jnp.asarray(mask).reshape(n, K + 1, L)}
+  pair = jnp.array([[True] * K + [False]] * n)
 
   @jax.jit
   def predict(x1, level):
-    t = jnp.stack([jnp.ones(n), jnp.full((n,), level)], 1)
+    t = jnp.concatenate([jnp.ones((n, K)), jnp.full((n, 1), level)], 1)
     cond = Conditioning(t=t, clean=pair, text_drop=pair, frame_t=jnp.repeat(t, F, 1),
                         frame_weight=jnp.repeat((~pair).astype(jnp.float32), F, 1))
     x0 = jax.random.normal(jax.random.key(0), x1.shape)
     return velocity_of_row(model, {"x1": x1, **text}, cond, x0, obj)[0]
 
   def score(out):
-    got = [bm.centre_error(latent_to_frames(out[i:i + 1])[F:], e.frames[F:2 * F],
+    got = [bm.centre_error(latent_to_frames(out[i:i + 1])[K * F:], e.frames[K * F:(K + 1) * F],
                            threshold=THRESHOLD).mean() for i, e in enumerate(eps)]
     return float(np.mean(got))
 
-  copy = np.mean([bm.centre_error(bm.copy_last_frame(e.frames[:F], F), e.frames[F:2 * F],
-                                  threshold=THRESHOLD).mean() for e in eps])
-  swapped = jnp.concatenate([jnp.roll(x1[:, :, :F], 1, axis=0), x1[:, :, F:]], axis=2)
+  copy = np.mean([bm.centre_error(bm.copy_last_frame(e.frames[:K * F], F),
+                                  e.frames[K * F:(K + 1) * F], threshold=THRESHOLD).mean()
+                  for e in eps])
+  swapped = jnp.concatenate([jnp.roll(x1[:, :, :K * F], 1, axis=0), x1[:, :, K * F:]], axis=2)
   print(f"{_WORKDIR.value} step {step}, block {_BLOCK.value}, {n} episodes; centre error of "
-        f"chunk 1 (px, threshold {THRESHOLD:g}); copy-last {copy:.2f}")
+        f"chunk {K} (px, threshold {THRESHOLD:g}); copy-last {copy:.2f}")
   print("| t | model | model / copy-last | another episode's prefix |")
   print("|---:|---:|---:|---:|")
   for s in _LEVELS.value:

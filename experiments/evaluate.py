@@ -2,17 +2,18 @@
 
 Loads the run's latest checkpoint (EMA weights when the run kept them) and measures, with the
 autoregressive MAGI sampler on held-out episodes, the continuation (V2V) errors against
-copy-last-frame / constant-velocity / blank baselines and text control (T2V), and the
-sampler's cost (network evaluations and wall time per chunk). A distilled run samples with one
-guidance pass (cfg_number 1); `--num_steps=8,16` evaluates it at each step count in turn. Prints
-the reports, writes `<workdir>/eval.json` (one report per step count, keyed "<n>_steps";
-`eval_seed<N>.json` for `--eval_seed=N`, another block of held-out episodes) and a
-frame strip `<workdir>/eval_strip.png` (the first step count). `--rollout_chunks=8` also
-continues `--num_rollouts` single-object episodes to 8 chunks (twice the demo's training
-length) with the first step count and prints the drift table per generated chunk (centre
-error vs the baselines, share of episodes still showing one object of the right colour),
-stored under "rollout" in the JSON. `--text_scale`, `--prev_scale` and `--window_size` override
-the run's sampler settings for calibration (`--output` keeps such a report apart).
+copy-last-frame / constant-velocity / blank baselines and text control (T2V), and the sampler's
+cost (network evaluations and wall time per chunk). A distilled run samples with one guidance
+pass (cfg_number 1); `--num_steps=8,16` evaluates it at each step count in turn. Prints the
+reports, writes `<workdir>/eval.json` (one report per step count, keyed "<n>_steps";
+`eval_seed<N>.json` for `--eval_seed=N`, another block of held-out episodes) and a frame strip
+`<workdir>/eval_strip.png` (the first step count). `--rollout_chunks=8` also continues
+`--num_rollouts` single-object episodes to 8 chunks (twice the demo's training length) with the
+first step count and prints the drift table per generated chunk (centre error vs the baselines,
+share of episodes still showing one object of the right colour), stored under "rollout" in the
+JSON. `--text_scale`, `--prev_scale`, `--window_size` and `--kv_chunks` (the chunks each chunk
+attends to) override the run's sampler settings for calibration (`--output` keeps such a report
+apart).
 Expected result for the demo: see experiments/configs/bouncing_tiny.py and
 bouncing_distill.py, and the README.
 """
@@ -35,6 +36,9 @@ _PREV_SCALE = flags.DEFINE_float("prev_scale", None, "override the config's guid
 _WINDOW = flags.DEFINE_integer("window_size", None, "override the chunks denoised at once "
                                "(sample.window_size; 1: each chunk finished before the next)",
                                lower_bound=1)
+_KV_CHUNKS = flags.DEFINE_integer("kv_chunks", None, "override the chunks each chunk attends to, "
+                                  "itself included (sample.kv_chunks; 0 = all earlier)",
+                                  lower_bound=0)
 _OUTPUT = flags.DEFINE_string("output", "", "the JSON report (default <workdir>/eval.json, "
                               "eval_seed<N>.json for --eval_seed=N)")
 _EVAL_SEED = flags.DEFINE_integer("eval_seed", 0, "block of held-out episodes to evaluate on "
@@ -69,7 +73,7 @@ def main(argv):
     raise app.UsageError("experiments.evaluate measures bouncing_shapes runs; this run trained "
                          f"on {c.data.kind!r}")
   for field, flag in (("text_scale", _TEXT_SCALE), ("prev_scale", _PREV_SCALE),
-                      ("window_size", _WINDOW)):
+                      ("window_size", _WINDOW), ("kv_chunks", _KV_CHUNKS)):
     if flag.value is not None:
       setattr(c.sample, field, flag.value)
   try:

@@ -171,6 +171,7 @@ def train_config():
   c.sample.text_scale = 3.0         # classifier-free guidance of caption-only (T2V) samples
   c.sample.v2v_text_scale = 1.0     # ... and of continuations (1 = no text guidance)
   c.sample.prev_scale = 1.0
+  c.sample.kv_chunks = 0            # chunks each chunk attends to, itself included (0 = all)
   c.sample.prefix_chunks = 1
   c.sample.fps = 8
   c.sample.formats = ("mp4", "gif")

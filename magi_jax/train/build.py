@@ -126,7 +126,8 @@ def sharding_rules(c):
 def sample_settings(c) -> SampleSettings:
   s = c.sample
   return SampleSettings(num_steps=s.num_steps, window_size=s.window_size,
-                        text_scale=s.text_scale, prev_scale=s.prev_scale)
+                        text_scale=s.text_scale, prev_scale=s.prev_scale,
+                        kv_chunks=s.get("kv_chunks", 0))      # runs saved before the field: 0
 
 
 def build_model(c, tokenizer, *, with_teacher: bool = True, echo=None) -> TrainModel:

@@ -31,16 +31,30 @@ class SampleSettings:
   text_scale: float = 3.0           # classifier-free guidance on the caption
   prev_scale: float = 1.0           # guidance on the previous chunks (1 = none)
   clean_t: float = 0.9999
+  # Chunks each chunk attends to, itself included (MAGI's clean_chunk_kvrange and
+  # noise2clean_kvrange, one width for every step); 0 = every earlier chunk. A width no larger
+  # than the training videos' chunk count keeps a long rollout's attention at the chunk
+  # distances the model was trained on.
+  kv_chunks: int = 0
+
+  def __post_init__(self):
+    if isinstance(self.kv_chunks, bool) or not isinstance(self.kv_chunks, int) \
+        or self.kv_chunks < 0:
+      raise ValueError(f"sample.kv_chunks must be an int >= 0 (0 = every earlier chunk), got "
+                       f"{self.kv_chunks!r}")
 
 
 def sampler_config(model, chunk_width: int, s: SampleSettings) -> MagiConfig:
   """The sampling config of a trained model: three guidance passes (cfg 3) for a base model,
   one (cfg 1, step-size embedding, the official nearly-clean blend) for a distilled student;
-  every chunk sees all earlier chunks (training is block-causal over the whole video)."""
+  every chunk sees all earlier chunks (training is block-causal over the whole video), or the
+  last `s.kv_chunks` chunks, itself included."""
   distill = bool(getattr(model, "distill", False))
+  widths = (s.kv_chunks,) if s.kv_chunks else ()
   runtime = _runtime(cfg_number=1 if distill else 3, cfg_t_range=(0.0,),
                      prev_chunk_scales=(s.prev_scale,),
-                     text_scales=(s.text_scale,), noise2clean_kvrange=(), clean_chunk_kvrange=-1,
+                     text_scales=(s.text_scale,), noise2clean_kvrange=widths,
+                     clean_chunk_kvrange=s.kv_chunks or -1,
                      clean_t=s.clean_t, num_steps=s.num_steps, window_size=s.window_size,
                      chunk_width=chunk_width, num_frames=chunk_width, video_size_h=256,
                      video_size_w=256)
