@@ -37,6 +37,7 @@ def main(argv):
   from magi_jax.diffusion.conditioning import Conditioning
   from magi_jax.proj.bouncing import metrics as bm
   from magi_jax.proj.bouncing.evaluation import held_out
+  from magi_jax.proj.bouncing.training import world_config
   from magi_jax.train.objective import Objective, velocity_of_row
   from magi_jax.train.samples import frames_to_latent, latent_to_frames
   from magi_jax.train.trainer import load_trained
@@ -46,9 +47,9 @@ def main(argv):
     raise app.UsageError("the probe reads a clean-sample prediction; this run predicts "
                          f"{c.model.prediction!r}")
   F, n, K = c.objective.chunk_width, _NUM.value, _CHUNK.value
-  if (K + 1) * F > int(c.data.world["num_frames"]):
-    raise app.UsageError(f"--chunk={K}: the run's episodes have "
-                         f"{int(c.data.world['num_frames']) // F} chunks")
+  num_chunks = world_config(c).num_frames // F
+  if K >= num_chunks:
+    raise app.UsageError(f"--chunk={K}: the run's episodes have {num_chunks} chunks")
   obj = Objective(chunk_width=F, prediction="clean", backend=c.model.backend)
   eps = [held_out(c, i, _BLOCK.value) for i in range(n)]
   x1 = jnp.concatenate([frames_to_latent(e.frames[:(K + 1) * F]) for e in eps])
