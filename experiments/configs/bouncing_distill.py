@@ -23,6 +23,9 @@ px (1.04x), 87 ms (1.8x). Table: README "Training".
 The teacher's guidance is the one the demo samples with: 4 on the previous chunks, text 3
 for caption-only videos and 1 for continuations (`v2v_text_scales`).
 
+Batch 8, the distillation recipe measured above (the base run's batch when it was measured;
+the main job trains with batch 2 since 2026-12-07, a choice for its own budget).
+
 `:smoke` distils the 2-step teacher of `bouncing_tiny.py:smoke` (`--config.distill.teacher`)
 for 4 steps over the cycle (1/8, 1/4): both targets, the teacher's and the self-consistency
 one, in CI.
@@ -52,4 +55,6 @@ def get_config(arg=None):
     c.sample.num_steps = 4
   elif arg:
     raise ValueError(f"unknown config variant {arg!r}; use ':smoke' or nothing")
+  else:
+    c.data.batch_size = 8
   return c

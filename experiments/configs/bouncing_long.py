@@ -29,7 +29,9 @@ What differs from bouncing_tiny.py (everything else is the same config):
   is what the demo's budget holds back);
 * 8,000 training episodes instead of 2,000, so that 48,000 packed videos see each episode about
   as often as the main job's 20,800 see its 2,000 times 2.5 (no more repetition per episode);
-* a checkpoint every 1,000 steps.
+* a checkpoint every 1,000 steps (the main job's interval too since 2026-12-07);
+* batch 8, the batch it was measured with (the main job moved to smaller batches and more
+  steps on 2026-12-07; this config keeps its measured recipe).
 
 `:smoke` is bouncing_tiny's smoke variant (CI's few-step run).
 """
@@ -44,6 +46,7 @@ def get_config(arg=None):
     raise ValueError(f"unknown config variant {arg!r}; use ':smoke' or nothing")
   c = bouncing_tiny.get_config()
   c.total_steps = 6000
+  c.data.batch_size = 8
   c.checkpoint_every = 1000
   c.data.train_episodes = 8000
   return c
