@@ -23,15 +23,16 @@ per chunk is 0.84 / 2.35 / 4.38 / 6.44 / 7.91 / 8.40 / 9.38 px (copy-last 3.01 /
 --workdir=runs/bouncing_long --chunk=K`, t = 0) gives 0.73 px on chunk 1 and 0.84 px on chunk 3
 (0.24x / 0.26x copy-last; the main job: 1.57 / 1.67).
 
-What differs from bouncing_tiny.py (everything else is the same config):
-* 6,000 steps instead of 2,600 (doubling the steps from 1,300 to 2,600 took the teacher-forced
-  prediction of the chunk after a clean one from 2.9 px to 1.6 px centre error, so the length
-  is what the demo's budget holds back);
-* 8,000 training episodes instead of 2,000, so that 48,000 packed videos see each episode about
-  as often as the main job's 20,800 see its 2,000 times 2.5 (no more repetition per episode);
-* a checkpoint every 1,000 steps (the main job's interval too since 2026-12-07);
-* batch 8, the batch it was measured with (the main job moved to smaller batches and more
-  steps on 2026-12-07; this config keeps its measured recipe).
+What differs from bouncing_tiny.py (everything else is the same config; both checkpoint every
+1,000 steps):
+* 6,000 steps of batch 8 (48,000 packed videos) instead of the main job's 9,200 of batch 2
+  (18,400): the batch 8 recipe this config was measured with, trained longer than the batch 8
+  main job's 2,600 steps of 2026-12-05 (doubling those steps from 1,300 to 2,600 took the
+  teacher-forced prediction of the chunk after a clean one from 2.9 px to 1.6 px centre error,
+  so the length is what the demo's budget holds back);
+* 8,000 training episodes instead of 2,000, so that its 48,000 packed videos see each episode
+  about as often as the batch 8 main job's 20,800 saw its 2,000 times 2.5 (no more repetition
+  per episode).
 
 `:smoke` is bouncing_tiny's smoke variant (CI's few-step run).
 """
@@ -47,6 +48,5 @@ def get_config(arg=None):
   c = bouncing_tiny.get_config()
   c.total_steps = 6000
   c.data.batch_size = 8
-  c.checkpoint_every = 1000
   c.data.train_episodes = 8000
   return c

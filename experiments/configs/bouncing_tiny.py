@@ -6,9 +6,10 @@ then
   python -m experiments.evaluate --workdir=runs/bouncing_tiny --eval_seed=1
 
 Expected result (measured 2026-12-07 with this config's weights; 17 min 51 s of training at
-~0.115 s/step on a 2-core machine on which the previous recipe, 2,600 steps of batch 8, took
-20 min 14 s): the loss falls from ~0.4 at step 100 to ~0.038 at step 9,200 (staggered levels
-train more of the high-noise steps, so the figure is not comparable with sorted-level runs);
+~0.115 s/step on a 2-core machine of the kind on which the previous recipe, 2,600 steps of
+batch 8, took 20 min 14 s): the loss falls from ~0.4 at step 100 to ~0.038 at step 9,200
+(staggered levels train more of the high-noise steps, so the figure is not comparable with
+sorted-level runs);
 runs/bouncing_tiny/samples/ holds mp4/GIF samples (truth | continuation side by side, and
 caption-only videos) and a PNG frame strip, runs/bouncing_tiny/loss.png the loss curve. On
 held-out block 1 the evaluation prints text control 100%, continuation ball-centre error
@@ -21,7 +22,7 @@ the object is one object of the right colour in every generated chunk in
 only 19% of the episodes (target 90%; 31% with batch 8 x 2,600 steps, 50% with batch 4 x
 4,600), centre error per chunk 1.09 / 3.07 / 5.37 / 7.61 / 8.57 / 8.50 / 10.95 px.
 
-Batch 2 x 9,200 steps (2026-12-07, the same wall time as batch 8 x 2,600 on one machine: the
+Batch 2 x 9,200 steps (2026-12-07, about the wall time of batch 8 x 2,600 on that kind: the
 CPU step costs ~linearly in rows, 0.10 / 0.22 / 0.38-0.41 s for 2 / 4 / 8 rows in
 `benchmarks/train_step.py`'s step): more, smaller updates. Block 1: batch 8 x 2,600 -> 0.71x
 copy-last, MSE 0.022, bright 1.42; batch 4 x 4,600 -> 0.63x, 0.0181, 1.34; batch 2 x 9,200 ->
