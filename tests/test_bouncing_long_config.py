@@ -22,11 +22,8 @@ def test_only_the_documented_fields_differ():
   tiny = _flat(bouncing_tiny.get_config().to_dict())
   assert set(long) == set(tiny)
   changed = {k for k in long if long[k] != tiny[k]}
-  assert changed == {"total_steps", "data.train_episodes", "data.batch_size"}
-  assert long["data.batch_size"] == 8          # the batch its docstring's figures were measured at
-  # more training: rows seen (the main job makes more, smaller updates in its shorter budget)
-  assert (long["total_steps"] * long["data.batch_size"]
-          > tiny["total_steps"] * tiny["data.batch_size"])
+  assert changed == {"total_steps", "data.train_episodes"}
+  assert long["total_steps"] > tiny["total_steps"]       # the same recipe, more updates
   assert long["data.train_episodes"] > tiny["data.train_episodes"]
 
 

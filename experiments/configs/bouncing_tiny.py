@@ -21,6 +21,9 @@ With `--rollout_chunks=8` (32 single-object episodes continued to twice the trai
 the object is one object of the right colour in every generated chunk in
 only 19% of the episodes (target 90%; 31% with batch 8 x 2,600 steps, 50% with batch 4 x
 4,600), centre error per chunk 1.09 / 3.07 / 5.37 / 7.61 / 8.57 / 8.50 / 10.95 px.
+Training on its own context (`objective.own_context`, off here; README "Training on its own
+context", 2026-12-08) lifts that to 61-66% of 64 episodes in 13-minute runs but costs
+continuation precision (0.73x copy-last on block 1), so this config does not use it.
 
 Batch 2 x 9,200 steps (2026-12-07, about the wall time of batch 8 x 2,600 on that kind: the
 CPU step costs ~linearly in rows, 0.10 / 0.22 / 0.38-0.41 s for 2 / 4 / 8 rows in

@@ -133,6 +133,12 @@ def train_config():
   c.objective.t_shift = 1.0 / 3.0
   c.objective.levels = "sorted"    # or "staggered" (window states; ignores t_mean / t_std)
   c.objective.stagger = 0.5        # "staggered": grid units between noisy chunks (1 / window)
+  # Share of V2V videos whose clean chunks the loss pass sees as the model's own estimate
+  # (magi_jax/train/own_context.py; one extra forward pass per step), at a level per video
+  # drawn from U[own_context_t], from step own_context_from on; 0 = off.
+  c.objective.own_context = 0.0
+  c.objective.own_context_t = (0.2, 0.5)
+  c.objective.own_context_from = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4

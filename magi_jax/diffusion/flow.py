@@ -45,6 +45,16 @@ def clean_to_velocity(x1_hat, x_t, t_frames):
   return (x1_hat - x_t) / jnp.maximum(1.0 - t, MIN_ONE_MINUS_T)
 
 
+def clean_estimate(out, x_t, t_frames, prediction: str):
+  """The network's estimate of x1 from its output `out` at x_t: the output itself for
+  "clean", x_t + (1 - t)·v for "velocity"."""
+  check_prediction(prediction)
+  if prediction == "clean":
+    return out.astype(F32)
+  t = jnp.asarray(t_frames, F32)[:, None, :, None, None]
+  return x_t.astype(F32) + (1.0 - t) * out.astype(F32)
+
+
 def per_frame_sq_error(pred, x0, x1, prediction: str):
   """(N, T) mean squared error per frame of the network output against its target."""
   target = x1 if prediction == "clean" else velocity_target(x0, x1)

@@ -22,6 +22,7 @@ from magi_jax.train.project import text_kind
 from magi_jax.diffusion.conditioning import ConditioningConfig
 from magi_jax.train.distill import DistillObjective, Guidance
 from magi_jax.train.objective import Objective, TrainModel
+from magi_jax.train.own_context import OwnContext
 from magi_jax.train.samples import SampleSettings
 
 
@@ -88,10 +89,20 @@ def objective(c) -> Objective | DistillObjective:
   cond = ConditioningConfig(p_v2v=o.p_v2v, p_i2v=o.p_i2v, clean_t_min=o.clean_t_min,
                             text_dropout=o.text_dropout, t_mean=o.t_mean, t_std=o.t_std,
                             t_shift=o.t_shift, levels=o.levels, stagger=o.stagger)
+  try:
+    t_min, t_max = (float(v) for v in o.get("own_context_t", (0.2, 0.5)))
+    own = OwnContext(p=float(o.get("own_context", 0.0)), t_min=t_min, t_max=t_max,
+                     from_step=int(o.get("own_context_from", 0)))
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.objective.own_context / own_context_t / own_context_from: {e}"
+                      ) from None
   base = Objective(chunk_width=o.chunk_width, conditioning=cond, prediction=c.model.prediction,
-                   backend=c.model.backend, special=token_head(c))
+                   backend=c.model.backend, special=token_head(c), own_context=own)
   if not distilling(c):
     return base
+  if own.on:
+    raise ConfigError("config.objective.own_context is a base-training option; distillation "
+                      "trains on the teacher's targets and does not use it (set it to 0)")
   d = c.distill
   try:
     v2v = tuple(d.v2v_text_scales) or None

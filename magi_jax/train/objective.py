@@ -26,6 +26,7 @@ from magi_jax.diffusion import flow
 from magi_jax.diffusion.conditioning import ConditioningConfig, sample_conditioning
 from magi_jax.attention import ChunkMask
 from magi_jax.diffusion.segments import packed_frame_positions, packed_kv_ranges, segment_layout
+from magi_jax.train.own_context import OwnContext, own_context_batch
 
 F32 = jnp.float32
 T_BUCKETS = (0.0, 0.1, 0.3, 0.6, 1.0)     # per-level loss in TensorBoard: [0, .1), [.1, .3), ...
@@ -49,6 +50,7 @@ class Objective:
   prediction: str = "velocity"
   backend: str = "auto"
   special: TokenHead | None = None     # special tokens before precomputed caption rows
+  own_context: OwnContext = OwnContext()   # condition on the model's own estimates (off)
 
   def __post_init__(self):
     flow.check_prediction(self.prediction)
@@ -60,12 +62,11 @@ class Objective:
     if "image_rows" not in batch:
       return self
     cond = dataclasses.replace(self.conditioning, p_v2v=0.0, p_i2v=0.0)
-    return dataclasses.replace(self, chunk_width=1, conditioning=cond)
+    return dataclasses.replace(self, chunk_width=1, conditioning=cond, own_context=OwnContext())
 
   def loss(self, model, batch, key, step):
-    """(loss, aux) of one training step (`step` is unused: every step draws the same way)."""
-    del step
-    return training_loss(model, batch, key, self.for_batch(batch))
+    """(loss, aux) of one training step (`step` only gates `own_context.from_step`)."""
+    return training_loss(model, batch, key, self.for_batch(batch), step)
 
 
 def with_token_head(emb, mask, segment_ids, head: TokenHead):
@@ -123,12 +124,14 @@ def chunk_losses(per_frame, frame_weight, t, chunk_width: int):
   return sums, jnp.sum(onehot, axis=(0, 1))
 
 
-def training_loss(model: TrainModel, batch, key, obj: Objective):
+def training_loss(model: TrainModel, batch, key, obj: Objective, step=None):
   """Returns (loss, aux): the flow-matching loss over the noisy frames of the batch."""
   x1 = batch["x1"]
   k_cond, k_noise = jax.random.split(key)
   cond = sample_conditioning(k_cond, batch["segment_ids"], obj.chunk_width, obj.conditioning)
   x0 = jax.random.normal(k_noise, x1.shape, F32)
+  if obj.own_context.on:      # its own key: the draws above are those of a run without it
+    batch = own_context_batch(model, batch, cond, jax.random.fold_in(key, 2), obj, step)
   return loss_given(model, batch, cond, x0, obj)
 
 

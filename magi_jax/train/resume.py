@@ -27,7 +27,9 @@ ADDED_FIELDS = {"data.prepared_dir": "", "data.buckets": [], "data.image_ratio":
                 "data.val_fraction": 0.0, "validation.every": 0, "validation.batches": 4,
                 "init.use_ema": True, "text.special_tokens": "",
                 "text.special_token_flags": "hq,duration",
-                "objective.levels": "sorted", "objective.stagger": 0.5}
+                "objective.levels": "sorted", "objective.stagger": 0.5,
+                "objective.own_context": 0.0, "objective.own_context_t": [0.2, 0.5],
+                "objective.own_context_from": 0}
 SHOWN = 5                  # differing fields named in the message
 
 
