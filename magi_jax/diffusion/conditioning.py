@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from magi_jax.diffusion import timestep_sampling as timesteps
-from magi_jax.diffusion.segments import segment_layout
+from magi_jax.diffusion.segments import per_segment, segment_layout
 
 F32 = jnp.float32
 LEVELS = ("sorted", "staggered")
@@ -84,11 +84,6 @@ class Conditioning:
   frame_weight: jax.Array  # (N, K·F) float32: 1 where the loss counts
 
 
-def _per_segment(values, start):
-  """Each chunk takes the value drawn at its video's first chunk."""
-  return jnp.take_along_axis(values, start, axis=1)
-
-
 def sample_conditioning(key, segment_ids, frames_per_chunk: int,
                         cfg: ConditioningConfig = ConditioningConfig()) -> Conditioning:
   seg = jnp.asarray(segment_ids, jnp.int32)
@@ -98,16 +93,16 @@ def sample_conditioning(key, segment_ids, frames_per_chunk: int,
   index, start, length = segment_layout(seg)
   k_task, k_n, k_t, k_clean, k_img, k_text = jax.random.split(key, 6)
 
-  u_task = _per_segment(jax.random.uniform(k_task, (N, K)), start)
+  u_task = per_segment(jax.random.uniform(k_task, (N, K)), start)
   v2v = (u_task < cfg.p_v2v) & (length > 1)
   i2v = (u_task >= cfg.p_v2v) & (u_task < cfg.p_v2v + cfg.p_i2v)
-  u_n = _per_segment(jax.random.uniform(k_n, (N, K)), start)
+  u_n = per_segment(jax.random.uniform(k_n, (N, K)), start)
   n_clean = jnp.where(v2v, 1 + jnp.floor(u_n * (length - 1)).astype(jnp.int32), 0)
   clean = real & (index < n_clean)
 
   t_clean = jax.random.uniform(k_clean, (N, K), F32, cfg.clean_t_min, 1.0)
   if cfg.levels == "staggered":
-    grid = _per_segment(jax.random.uniform(k_t, (N, K), F32), start)
+    grid = per_segment(jax.random.uniform(k_t, (N, K), F32), start)
     t_noisy = timesteps.staggered_t(grid, index - n_clean, cfg.stagger, shift_w=cfg.t_shift)
     t = jnp.where(clean, t_clean, t_noisy)
   else:
@@ -128,7 +123,7 @@ def sample_conditioning(key, segment_ids, frames_per_chunk: int,
   ft = jnp.where(image_frame, jnp.repeat(t_img, F, axis=1), ft)
 
   weight = jnp.repeat(real & ~clean, F, axis=1) & ~image_frame
-  drop = _per_segment(jax.random.uniform(k_text, (N, K)), start) < cfg.text_dropout
+  drop = per_segment(jax.random.uniform(k_text, (N, K)), start) < cfg.text_dropout
   text_drop = real & (drop | clean)
   return Conditioning(t=t.astype(F32), clean=clean, text_drop=text_drop, frame_t=ft.astype(F32),
                       frame_weight=weight.astype(F32))

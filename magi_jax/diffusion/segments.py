@@ -38,6 +38,12 @@ def segment_layout(segment_ids):
   return index, start, length
 
 
+def per_segment(values, start):
+  """(N, K) values with each chunk taking the value at its video's first chunk (`start` from
+  `segment_layout`): one draw per video."""
+  return jnp.take_along_axis(values, start, axis=1)
+
+
 def packed_kv_ranges(segment_ids, tokens_per_chunk: int):
   """(N, K, 2) key ranges of packed rows, each row its own key sequence: chunk c of a video that
   starts at chunk s sees [s·tokens_per_chunk, (c + 1)·tokens_per_chunk) (`chunk_kv_ranges`

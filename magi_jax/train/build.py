@@ -90,9 +90,10 @@ def objective(c) -> Objective | DistillObjective:
                             text_dropout=o.text_dropout, t_mean=o.t_mean, t_std=o.t_std,
                             t_shift=o.t_shift, levels=o.levels, stagger=o.stagger)
   try:
-    t_min, t_max = (float(v) for v in o.get("own_context_t", (0.2, 0.5)))
-    own = OwnContext(p=float(o.get("own_context", 0.0)), t_min=t_min, t_max=t_max,
-                     from_step=int(o.get("own_context_from", 0)))
+    off = OwnContext()      # runs saved before the fields: off
+    t_min, t_max = (float(v) for v in o.get("own_context_t", (off.t_min, off.t_max)))
+    own = OwnContext(p=float(o.get("own_context", off.p)), t_min=t_min, t_max=t_max,
+                     from_step=int(o.get("own_context_from", off.from_step)))
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.objective.own_context / own_context_t / own_context_from: {e}"
                       ) from None

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from magi_jax.diffusion import flow
 from magi_jax.diffusion.conditioning import Conditioning
-from magi_jax.diffusion.segments import segment_layout
+from magi_jax.diffusion.segments import per_segment, segment_layout
 
 F32 = jnp.float32
 
@@ -66,14 +66,13 @@ def estimate_conditioning(key, segment_ids, cond: Conditioning, frames_per_chunk
   N, K = seg.shape
   _, start, _ = segment_layout(seg)
   k_sel, k_t = jax.random.split(key)
-  per_video = lambda u: jnp.take_along_axis(u, start, axis=1)
-  chosen = per_video(jax.random.uniform(k_sel, (N, K))) < own.p
-  t_s = per_video(jax.random.uniform(k_t, (N, K), F32, own.t_min, own.t_max))
+  chosen = per_segment(jax.random.uniform(k_sel, (N, K)), start) < own.p
+  t_s = per_segment(jax.random.uniform(k_t, (N, K), F32, own.t_min, own.t_max), start)
   sel = chosen & cond.clean & (seg > 0)
   sel_frames = jnp.repeat(sel, frames_per_chunk, axis=1)
   est = dataclasses.replace(
       cond, t=jnp.where(sel, t_s, cond.t),
-      frame_t=jnp.where(sel_frames, jnp.repeat(t_s, frames_per_chunk, axis=1), cond.frame_t),
+      frame_t=jnp.where(sel_frames, flow.frame_t(t_s, frames_per_chunk), cond.frame_t),
       text_drop=cond.text_drop & ~sel)
   return est, sel_frames
 
